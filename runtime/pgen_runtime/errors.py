@@ -44,3 +44,7 @@ class SequenceError(PgenError, KeyError):
 
 class ModelImportError(PgenError):
     """An ONNX graph cannot be rewritten to the paged cache."""
+
+
+class ConfigError(PgenError, ValueError):
+    """A runtime setting (KV cache manager, preemption policy) holds an invalid value."""
