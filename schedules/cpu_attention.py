@@ -1,0 +1,232 @@
+"""CPU (LLVM) rule for paged attention: decode and extend from one template.
+
+A task owns `q_tile` query rows of one sequence times the `group` query heads that share one KV
+head, so every K/V row it reads from the pool serves the whole GQA group. Keys are visited one
+pool block at a time: scores for the block, an online-softmax update, then P·V. Long contexts are
+split across tasks (flash-decoding) and merged through a float32 workspace.
+
+NOTE: rows past a sequence's length, and slots of unused blocks, may hold anything (tests poison
+them with NaN). The key loop therefore never reads a row outside the union of the task's valid
+ranges, and per-row masks select before anything is accumulated: 0 * NaN would still be NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tvm.script import tirx as T
+
+from pgen_runtime.spec import AttentionSpec
+
+from ._math import fast_exp2
+from .base import Knob, ScheduleRule, TargetInfo
+
+LOG2E = math.log2(math.e)
+NEG = -3.0e38
+
+
+class CpuAttention(ScheduleRule):
+    """Decode (one query row per sequence) or extend (ragged rows, causal) on the CPU."""
+
+    target_kind = "llvm"
+
+    def __init__(self, kernel: str) -> None:
+        assert kernel in ("decode", "extend")
+        self.kernel = kernel
+
+    def knobs(self, spec: AttentionSpec, target: TargetInfo) -> tuple[Knob, ...]:
+        lanes = target.vector_bits // 32
+        vec = tuple(v for v in (4, 8, 16) if v <= max(lanes, 4) and spec.head_dim % v == 0)
+        heads = tuple(h for h in (1, 2, 4, 8, 16, 32) if spec.num_kv_heads % h == 0)
+        # All KV heads of a block are one contiguous run of the pool: reading them in one task
+        # streams whole blocks, which the hardware prefetchers follow across random block ids.
+        knobs = [Knob("vector_lanes", vec, vec[-1]), Knob("kv_heads_per_task", heads, heads[-1])]
+        if self.kernel == "decode":
+            knobs.append(Knob("max_splits", (1, 2, 4, 8, 16), 8))
+        else:
+            knobs.append(Knob("q_tile", (1, 2, 4, 8, 16), 4))
+        return tuple(knobs)
+
+    def check(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]) -> str | None:
+        if spec.head_dim % config["vector_lanes"]:
+            return f"head_dim {spec.head_dim} is not a multiple of vector_lanes {config['vector_lanes']}"
+        if spec.num_kv_heads % config["kv_heads_per_task"]:
+            return f"kv_heads_per_task {config['kv_heads_per_task']} does not divide num_kv_heads"
+        rows = config.get("q_tile", 1) * spec.group_size * config["kv_heads_per_task"]
+        if rows * spec.head_dim * 4 * 2 > 512 * 1024:
+            return "the per-task accumulators would not fit in L2"
+        return None
+
+    def apply(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]):
+        if target.kind != "llvm":
+            return None
+        return _attention(spec, self.kernel == "decode", config)
+
+
+def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
+    hq, hkv, d, bs, g = spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.block_size, spec.group_size
+    vl = config["vector_lanes"]
+    nd = d // vl
+    qt = 1 if decode else config["q_tile"]
+    smax = config["max_splits"] if decode else 1
+    rows = qt * g
+    hpt = config["kv_heads_per_task"]
+    dtype, kv_dtype = spec.dtype, spec.kv_dtype
+    cap = spec.logit_softcap
+    # Scores live in log2 units so the softmax uses exp2. With a soft-cap the scale is applied
+    # inside tanh and log2(e) after it.
+    q_scale = spec.scale if cap is not None else spec.scale * LOG2E
+    has_window = spec.sliding_window is not None
+    # Without a window every earlier key is visible: a bound no position reaches.
+    window_or_inf = spec.sliding_window if has_window else 1 << 30
+    has_cap = cap is not None
+    inv_cap = 1.0 / cap if has_cap else 1.0
+    cap_log2e = cap * LOG2E if has_cap else 1.0
+
+    @T.prim_func(s_tir=True)
+    def attention(
+        q_h: T.handle,
+        pool_h: T.handle,
+        bt_h: T.handle,
+        indptr_h: T.handle,
+        lens_h: T.handle,
+        out_h: T.handle,
+        num_splits: T.int32,
+        max_q_tiles: T.int32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        B = T.int32()
+        NT = T.int32()
+        NB = T.int32()
+        MB = T.int32()
+        Q = T.match_buffer(q_h, (NT, hq, d), dtype)
+        P = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype)
+        BT = T.match_buffer(bt_h, (B, MB), "int32")
+        QI = T.match_buffer(indptr_h, (B + 1,), "int32")
+        L = T.match_buffer(lens_h, (B,), "int32")
+        O = T.match_buffer(out_h, (NT, hq, d), dtype)
+        # Split-KV partials (decode only; extend never splits, so its workspace is one element).
+        WO = T.alloc_buffer((B * hkv * smax * rows * d if decode else 1,), "float32")
+        WM = T.alloc_buffer((B * hkv * smax * rows * 2 if decode else 1,), "float32")
+        for task in T.parallel(B * (hkv // hpt) * max_q_tiles * num_splits):
+            with T.sblock("attn"):
+                T.reads()
+                T.writes()
+                qf = T.sblock_alloc_buffer((hpt * rows, d), "float32")
+                acc = T.sblock_alloc_buffer((hpt * rows, d), "float32")
+                sc = T.sblock_alloc_buffer((hpt * rows, bs), "float32")
+                mrow = T.sblock_alloc_buffer((hpt * rows,), "float32")
+                lrow = T.sblock_alloc_buffer((hpt * rows,), "float32")
+                part = T.sblock_alloc_buffer((vl,), "float32")
+                mx = T.sblock_alloc_buffer((1,), "float32")
+                dot = T.sblock_alloc_buffer((1,), "float32")
+                split = task % num_splits
+                tile = task // num_splits % max_q_tiles
+                h0 = task // (num_splits * max_q_tiles) % (hkv // hpt) * hpt
+                b = task // (num_splits * max_q_tiles * (hkv // hpt))
+                row0 = QI[b]
+                n_new = QI[b + 1] - row0
+                length = L[b]
+                i0 = tile * qt
+                i1 = T.min(n_new, i0 + qt)
+                # Key range of the whole tile: [k_lo, k_hi).
+                k_hi = length - n_new + i1
+                k_lo = T.max(length - n_new + i0 - window_or_inf + 1, 0)
+                nblk = T.ceildiv(k_hi, bs) - k_lo // bs
+                per = T.ceildiv(nblk, num_splits)
+                blk_lo = k_lo // bs + split * per
+                blk_hi = T.min(T.ceildiv(k_hi, bs), blk_lo + per)
+                if i0 < n_new:
+                    for hh, r in T.grid(hpt, rows):
+                        mrow[hh * rows + r] = T.float32(NEG)
+                        lrow[hh * rows + r] = T.float32(0)
+                        for dd in T.vectorized(d):
+                            acc[hh * rows + r, dd] = T.float32(0)
+                            qf[hh * rows + r, dd] = T.if_then_else(
+                                i0 + r // g < i1,
+                                T.cast(Q[T.min(row0 + i0 + r // g, NT - 1), (h0 + hh) * g + r % g, dd], "float32") * q_scale,
+                                T.float32(0),
+                            )
+                    for blk in T.serial(blk_lo, blk_hi):
+                        page = BT[b, blk]
+                        t_lo = T.max(k_lo - blk * bs, 0)
+                        t_hi = T.min(k_hi - blk * bs, bs)
+                        for hh in T.serial(hpt):
+                            for t, r in T.grid(bs, rows):
+                                sc[hh * rows + r, t] = T.float32(NEG)
+                            for t in T.serial(t_lo, t_hi):
+                                for r in T.serial(rows):
+                                    for v in T.vectorized(vl):
+                                        part[v] = T.float32(0)
+                                    for c in T.serial(nd):
+                                        for v in T.vectorized(vl):
+                                            part[v] = part[v] + qf[hh * rows + r, c * vl + v] * T.cast(P[page, 0, h0 + hh, t, c * vl + v], "float32")
+                                    dot[0] = T.float32(0)
+                                    for v in T.unroll(vl):
+                                        dot[0] = dot[0] + part[v]
+                                    pos = length - n_new + i0 + r // g
+                                    if blk * bs + t <= pos and i0 + r // g < i1 and blk * bs + t > pos - window_or_inf:
+                                        if has_cap:
+                                            sc[hh * rows + r, t] = T.tanh(dot[0] * inv_cap) * cap_log2e
+                                        else:
+                                            sc[hh * rows + r, t] = dot[0]
+                            for r in T.serial(rows):
+                                mx[0] = mrow[hh * rows + r]
+                                for t in T.serial(bs):
+                                    mx[0] = T.max(mx[0], sc[hh * rows + r, t])
+                                # NOTE: a masked score stays exactly NEG and gets weight 0 even
+                                # while the row's running max is still NEG (nothing seen yet).
+                                for t in T.vectorized(bs):
+                                    sc[hh * rows + r, t] = T.if_then_else(
+                                        sc[hh * rows + r, t] > T.float32(NEG), fast_exp2(sc[hh * rows + r, t] - mx[0]), T.float32(0)
+                                    )
+                                for dd in T.vectorized(d):
+                                    acc[hh * rows + r, dd] = acc[hh * rows + r, dd] * fast_exp2(mrow[hh * rows + r] - mx[0])
+                                lrow[hh * rows + r] = lrow[hh * rows + r] * fast_exp2(mrow[hh * rows + r] - mx[0])
+                                mrow[hh * rows + r] = mx[0]
+                                for t in T.serial(bs):
+                                    lrow[hh * rows + r] = lrow[hh * rows + r] + sc[hh * rows + r, t]
+                            for t in T.serial(t_lo, t_hi):
+                                for r in T.serial(rows):
+                                    if sc[hh * rows + r, t] > T.float32(0):
+                                        for c in T.serial(nd):
+                                            for v in T.vectorized(vl):
+                                                acc[hh * rows + r, c * vl + v] = acc[hh * rows + r, c * vl + v] + sc[hh * rows + r, t] * T.cast(P[page, 1, h0 + hh, t, c * vl + v], "float32")
+                    for hh, r in T.grid(hpt, rows):
+                        if i0 + r // g < i1:
+                            if num_splits == 1:
+                                for dd in T.vectorized(d):
+                                    O[row0 + i0 + r // g, (h0 + hh) * g + r % g, dd] = T.cast(
+                                        acc[hh * rows + r, dd] / T.max(lrow[hh * rows + r], T.float32(1e-30)), dtype
+                                    )
+                            else:
+                                for dd in T.vectorized(d):
+                                    WO[(((b * hkv + h0 + hh) * smax + split) * rows + r) * d + dd] = acc[hh * rows + r, dd]
+                                WM[(((b * hkv + h0 + hh) * smax + split) * rows + r) * 2] = mrow[hh * rows + r]
+                                WM[(((b * hkv + h0 + hh) * smax + split) * rows + r) * 2 + 1] = lrow[hh * rows + r]
+        for task in T.parallel(B * hq * T.min(num_splits - 1, 1)):
+            with T.sblock("merge"):
+                T.reads()
+                T.writes()
+                res = T.sblock_alloc_buffer((d,), "float32")
+                tot = T.sblock_alloc_buffer((2,), "float32")
+                b = task // hq
+                h = task % hq // g
+                r = task % g
+                tot[0] = T.float32(NEG)
+                tot[1] = T.float32(0)
+                for s in T.serial(num_splits):
+                    tot[0] = T.max(tot[0], WM[(((b * hkv + h) * smax + s) * rows + r) * 2])
+                for dd in T.vectorized(d):
+                    res[dd] = T.float32(0)
+                for s in T.serial(num_splits):
+                    base = ((b * hkv + h) * smax + s) * rows + r
+                    w = fast_exp2(WM[base * 2] - tot[0])
+                    tot[1] = tot[1] + WM[base * 2 + 1] * w
+                    for dd in T.vectorized(d):
+                        res[dd] = res[dd] + WO[base * d + dd] * w
+                for dd in T.vectorized(d):
+                    O[QI[b], h * g + r, dd] = T.cast(res[dd] / T.max(tot[1], T.float32(1e-30)), dtype)
+
+    return attention
