@@ -46,6 +46,7 @@ CUresult cuTensorMapEncodeTiled(void *t, int dt, unsigned r, void *g, const void
 _FATBIN_MAGIC = 0xBA55ED50
 _FATBIN_HEADER = struct.Struct("<IHHQ")  # magic, version, header size, size of what follows
 _ARCH_RE = re.compile(r"sm_\d+a?")
+_SASS_LINE = re.compile(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)")  # opcode
 _env_ready = False
 _compile_lock = threading.Lock()
 
@@ -95,7 +96,8 @@ def _stub_libcuda() -> Path:
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         src, out = Path(tmp) / "stub.c", Path(tmp) / "libcuda.so.1"
         src.write_text(_STUB_SOURCE)
-        cmd = ["gcc", "-shared", "-fPIC", "-O2", "-Wl,-soname,libcuda.so.1", "-o", str(out), str(src)]
+        cmd = ["gcc", "-shared", "-fPIC", "-O2", "-Wl,-soname,libcuda.so.1", "-o", str(out),
+               str(src)]
         try:
             subprocess.run(cmd, check=True, capture_output=True, text=True)
         except (OSError, subprocess.CalledProcessError) as err:
@@ -195,8 +197,8 @@ def build_cuda(mod, archs: tuple[str, ...] = ("sm_80", "sm_90"), *, embed_ptx: b
     device = [m for m in executable.mod.imports if m.kind == "cuda"]
     if not device or not all(m.is_runnable() for m in device) or set(cubins) != set(archs):
         raise BuildError(f"TVM produced no device code for {archs} (source-only CUDA module, or "
-                         f"cubins for {sorted(cubins)}). Fix: call pgen.cuda.ensure_cuda_build_env()"
-                         " first and check that nvcc runs")
+                         f"cubins for {sorted(cubins)}). Fix: call "
+                         "pgen.cuda.ensure_cuda_build_env() first and check that nvcc runs")
     return executable, cubins
 
 
@@ -217,20 +219,22 @@ def find_fatbins(blob: bytes) -> list[bytes]:
     return found
 
 
-def _site_packages_bin(name: str) -> Path | None:
-    # NVIDIA's CUDA 13 wheels (nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm) put tools here.
+def _nvidia_wheel_file(pattern: str) -> Path | None:
+    # NVIDIA's CUDA 13 wheels (nvidia-cuda-cuobjdump, -nvdisasm, -runtime) install into
+    # site-packages/nvidia/cu13/{bin,lib}.
     spec = importlib.util.find_spec("nvidia")
     for root in spec.submodule_search_locations if spec else []:
-        for tool in Path(root).glob(f"cu*/bin/{name}"):
-            return tool
+        for path in Path(root).glob(pattern):
+            return path
     return None
 
 
 def _find_tool(name: str, package: str) -> Path:
     found = shutil.which(name)
-    tool = Path(found) if found else _site_packages_bin(name)
+    tool = Path(found) if found else _nvidia_wheel_file(f"cu*/bin/{name}")
     if tool is None:
-        raise BuildError(f"{name} not found on PATH or in site-packages. Fix: pip install {package}")
+        raise BuildError(f"{name} not found on PATH or in site-packages. "
+                         f"Fix: pip install {package}")
     return tool
 
 
@@ -254,7 +258,8 @@ def _parse_resources(text: str, arch: str) -> dict[tuple[str, str], dict[str, in
         elif m := re.match(r"\s*Function (\S+):", line):
             name = m[1]
         elif name is not None:
-            usage[(arch, name)] = {k: int(v) for k, v in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line)}
+            pairs = re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line)
+            usage[(arch, name)] = {key: int(value) for key, value in pairs}
             name = None
     return usage
 
@@ -267,7 +272,7 @@ def _parse_sass(text: str, arch: str) -> dict[tuple[str, str], list[str]]:
         elif m := re.match(r"\s*Function : (\S+)", line):
             name = m[1]
             opcodes[(arch, name)] = []
-        elif name and (m := re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", line)):
+        elif name and (m := _SASS_LINE.match(line)):
             opcodes[(arch, name)].append(m[1])
     return opcodes
 
@@ -296,7 +301,8 @@ def sass_report(binary: bytes) -> dict[str, list[KernelResources]]:
         report.setdefault(arch, []).append(KernelResources(
             name=name, arch=arch, registers=res.get("REG", 0), shared_bytes=res.get("SHARED", 0),
             local_bytes=res.get("LOCAL", 0), stack_bytes=res.get("STACK", 0),
-            instructions=sum(op != "NOP" for op in ops), local_stores=sum(op.startswith("STL") for op in ops),
+            instructions=sum(op != "NOP" for op in ops),
+            local_stores=sum(op.startswith("STL") for op in ops),
             local_loads=sum(op.startswith("LDL") for op in ops)))
     return report
 
@@ -304,17 +310,18 @@ def sass_report(binary: bytes) -> dict[str, list[KernelResources]]:
 def _tvm_lib_dir() -> Path:
     spec = importlib.util.find_spec("tvm")
     if spec is None or not spec.submodule_search_locations:
-        raise BuildError("the tvm package is not installed. Fix: pip install apache-tvm==0.27.0.post1")
+        raise BuildError("the tvm package is not installed. "
+                         "Fix: pip install apache-tvm==0.27.0.post1")
     return Path(next(iter(spec.submodule_search_locations))) / "lib"
 
 
 def _find_cudart() -> Path:
-    dirs = [r / sub for r in _cuda_roots() for sub in ("lib64", "lib", "targets/x86_64-linux/lib")]
-    spec = importlib.util.find_spec("nvidia")
-    dirs += [p for root in (spec.submodule_search_locations if spec else []) for p in Path(root).glob("cu*/lib")]
-    for folder in dirs:
-        if (folder / CUDART_SONAME).is_file():
-            return (folder / CUDART_SONAME).resolve()
+    subdirs = ("lib64", "lib", "targets/x86_64-linux/lib")
+    for path in [root / sub / CUDART_SONAME for root in _cuda_roots() for sub in subdirs]:
+        if path.is_file():
+            return path.resolve()
+    if wheel := _nvidia_wheel_file(f"cu*/lib/{CUDART_SONAME}"):
+        return wheel.resolve()
     raise BuildError(f"{CUDART_SONAME} not found in the CUDA install or site-packages. "
                      "Fix: install the CUDA 13 toolkit or pip install nvidia-cuda-runtime")
 
