@@ -13,22 +13,24 @@ NOTE: invariants kept after every public call (tests/runtime/test_kv_stateful.py
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence as Seq
+from typing import NamedTuple
 
 from .block_pool import Block, BlockPool
 from .errors import ConfigError, OutOfBlocksError, SequenceError, ShapeError
-from .prefix_cache import hash_block_tokens, hash_full_blocks
+from .prefix_cache import extend_block_hashes, hash_block_tokens
 from .sequence import Sequence, SeqStatus
 
 # Freed ids are remembered (to reject a second free or an append) up to this many, oldest first.
 _FINISHED_MEMORY = 1 << 16
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Plan:
-    """What an allocation would do; computed without changing any state."""
+class _Plan(NamedTuple):
+    """What an allocation would do, computed without changing any state.
+
+    A tuple rather than a frozen dataclass: one is made per sequence per step, and costs a third.
+    """
 
     fresh: bool  # creates (or re-prefills) the sequence: prefix lookup and watermark apply
     token_ids: Seq[int] | None
@@ -253,15 +255,17 @@ class BlockAllocator:
             self._counts["cow_copies"] += 1
         seq.blocks.extend(new)
         seq.num_tokens += num_new_tokens
-        if seq.token_ids is not None and num_new_tokens:
-            seq.token_ids = None if plan.token_ids is None else seq.token_ids + list(plan.token_ids)
+        if seq.token_ids is not None and plan.token_ids is not None:
+            seq.token_ids.extend(plan.token_ids)
+        elif num_new_tokens:
+            seq.token_ids = None
         self._cache_full_blocks(seq, len(seq.block_hashes))
         return pairs
 
     def _cache_full_blocks(self, seq: Sequence, start: int) -> None:
         if not self.enable_prefix_caching or seq.token_ids is None:
             return
-        seq.block_hashes = hash_full_blocks(seq.token_ids, self.block_size, seq.extra_keys, seq.block_hashes)
+        extend_block_hashes(seq.block_hashes, seq.token_ids, self.block_size, seq.extra_keys)
         for block, block_hash in zip(seq.blocks[start:], seq.block_hashes[start:]):
             if block.block_hash is None:
                 self.block_pool.cache(block, block_hash)

@@ -149,13 +149,29 @@ class KVCacheManager(BlockAllocator):
 
     def slot_mapping(self, seq_id: Hashable, num_new_tokens: int) -> np.ndarray:
         """int32 slots (block * block_size + offset) of the last `num_new_tokens` positions."""
-        seq = self._get(seq_id, "slot_mapping", SeqStatus.RUNNING)
-        if not 0 <= num_new_tokens <= seq.num_tokens:
+        return self.slot_mappings([seq_id], [num_new_tokens])
+
+    def slot_mappings(self, seq_ids: Seq[Hashable], num_new_tokens: Seq[int]) -> np.ndarray:
+        """The slot mappings of a step's sequences, concatenated in order, as one int32 array.
+
+        Raises:
+            ShapeError: the lists differ in length, or a count exceeds its sequence's length.
+        """
+        if len(seq_ids) != len(num_new_tokens):
             raise ShapeError(
-                f"slot_mapping: num_new_tokens={num_new_tokens} but sequence {seq_id!r} holds "
-                f"{seq.num_tokens} tokens; call allocate_slots first"
+                f"slot_mappings: {len(seq_ids)} seq_ids but {len(num_new_tokens)} num_new_tokens; "
+                "pass one count per sequence"
             )
-        return slot_ids(seq.block_ids, seq.num_tokens - num_new_tokens, seq.num_tokens, self.block_size)
+        slots: list[int] = []
+        for seq_id, n in zip(seq_ids, num_new_tokens):
+            seq = self._get(seq_id, "slot_mapping", SeqStatus.RUNNING)
+            if not 0 <= n <= seq.num_tokens:
+                raise ShapeError(
+                    f"slot_mapping: num_new_tokens={n} but sequence {seq_id!r} holds "
+                    f"{seq.num_tokens} tokens; call allocate_slots first"
+                )
+            slots += slot_ids(seq.blocks, seq.num_tokens - n, seq.num_tokens, self.block_size)
+        return np.array(slots, dtype=np.int32)
 
     def metrics(self) -> KVMetrics:
         fill: dict[int, int] = {}

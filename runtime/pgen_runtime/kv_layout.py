@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from .block_pool import Block
 from .errors import ShapeError
 from .spec import NULL_BLOCK_ID
 
@@ -27,11 +28,13 @@ def block_table_rows(tables: Sequence[Sequence[int]], width: int | None = None) 
     return rows
 
 
-def slot_ids(block_ids: Sequence[int], start: int, stop: int, block_size: int) -> np.ndarray:
-    """int32 KV slots (block * block_size + offset) of token positions start..stop-1."""
-    positions = np.arange(start, stop, dtype=np.int32)
-    blocks = np.asarray(block_ids, dtype=np.int32)[positions // block_size]
-    return blocks * block_size + positions % block_size
+def slot_ids(blocks: Sequence[Block], start: int, stop: int, block_size: int) -> list[int]:
+    """KV slots (block * block_size + offset) of token positions start..stop-1.
+
+    Plain Python: a decode step asks for one slot per sequence, where numpy's call overhead
+    would cost more than the work.
+    """
+    return [blocks[p // block_size].block_id * block_size + p % block_size for p in range(start, stop)]
 
 
 def check_kv(kv: Any | None, num_blocks: int, block_size: int) -> None:

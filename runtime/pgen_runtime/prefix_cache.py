@@ -29,15 +29,10 @@ def hash_block_tokens(
     return BlockHash(hash((parent_value, tokens, extra_keys)), tokens, extra_keys)
 
 
-def hash_full_blocks(
-    token_ids: Sequence[int],
-    block_size: int,
-    extra_keys: tuple[Hashable, ...] = (),
-    known: list[BlockHash] | None = None,
-) -> list[BlockHash]:
-    """Keys of every full block of `token_ids`, extending the chain `known` (not modified)."""
-    hashes = list(known or ())
+def extend_block_hashes(
+    hashes: list[BlockHash], token_ids: Sequence[int], block_size: int, extra_keys: tuple[Hashable, ...] = ()
+) -> None:
+    """Append to the chain `hashes` the keys of the full blocks of `token_ids` it lacks."""
     for start in range(len(hashes) * block_size, len(token_ids) - block_size + 1, block_size):
         parent = hashes[-1] if hashes else None
         hashes.append(hash_block_tokens(parent, token_ids[start : start + block_size], extra_keys))
-    return hashes
