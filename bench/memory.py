@@ -13,8 +13,9 @@ running sequence per step, preempt the newest sequence when memory runs out):
     wait (memory-bound), and the most sequences running at once;
   - memory saved by sharing: 1 - blocks used / blocks the same tables would use unshared, averaged
     over steps, for parallel sampling (n samples forked from the prompt, each with its own output
-    length) and beam search (every step each beam picks a parent among the current beams with
-    Dirichlet(0.5) weights, as the top-k of a real search concentrates on few beams);
+    length) and beam search (every step each new beam continues a parent drawn uniformly from the
+    current beams; beams then share all but a few recent blocks, so this sits near the 1 - 1/width
+    bound, above a real search whose beams stay apart longer);
   - the manager's own time per decode step at batch 64 (append one token to each sequence, build
     the block tables and the slot mapping), against one decode step of pgen's CPU kernel when
     `pgen.build_kernels` is available.
@@ -39,7 +40,9 @@ BLOCK_SIZE = 16
 PROMPT_MEAN, PROMPT_SIGMA = 161.0, 1.0
 OUTPUT_MEAN, OUTPUT_SIGMA = 338.0, 0.9
 # A Llama-3-8B-like attention layer for the decode-step comparison.
-DECODE_SPEC = AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=BLOCK_SIZE, dtype="float32")
+DECODE_SPEC = AttentionSpec(
+    num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=BLOCK_SIZE, dtype="float32"
+)
 
 
 def make_trace(num_requests: int, seed: int) -> list[tuple[int, int]]:
@@ -94,7 +97,11 @@ def run_paged(trace: list[tuple[int, int]], capacity: int) -> dict[str, float]:
 
 def _summary(utils: list[float], counts: list[int], peak: int) -> dict[str, float]:
     """Means over the memory-bound steps (requests waiting), and the peak batch."""
-    return {"utilization": float(np.mean(utils)), "mean_concurrent": float(np.mean(counts)), "max_concurrent": peak}
+    return {
+        "utilization": float(np.mean(utils)),
+        "mean_concurrent": float(np.mean(counts)),
+        "max_concurrent": peak,
+    }
 
 
 def _decode_step(m: KVCacheManager, running: dict[int, int], waiting: deque) -> None:
@@ -147,7 +154,7 @@ def _reselect_beams(m: KVCacheManager, groups: list, rng: np.random.Generator, n
     """Each new beam continues a parent drawn from the current beams; unchosen beams end."""
     for group in groups:
         beams = group[0]
-        parents = rng.choice(len(beams), len(beams), p=rng.dirichlet([0.5] * len(beams)))
+        parents = rng.integers(0, len(beams), len(beams))
         kept, new = set(), []
         for parent in parents.tolist():
             if parent not in kept:
@@ -218,7 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     trace = make_trace(args.requests, args.seed)
     results = {"seed": args.seed, "requests": args.requests, "capacity_tokens": args.capacity}
-    results["trace"] = {"mean_prompt": float(np.mean([p for p, _ in trace])), "mean_output": float(np.mean([o for _, o in trace]))}
+    prompts, outputs = zip(*trace)
+    results["trace"] = {"mean_prompt": float(np.mean(prompts)), "mean_output": float(np.mean(outputs))}
     results["contiguous"] = run_contiguous(trace, args.capacity)
     results["paged"] = run_paged(trace, args.capacity)
     share_trace = trace[:200]

@@ -162,7 +162,10 @@ class BlockAllocator:
             why = "was already freed" if seq_id in self._finished else "does not exist"
             raise SequenceError(f"{op}: sequence {seq_id!r} {why}; use an id given to allocate_slots")
         if status is not None and seq.status is not status:
-            fix = {SeqStatus.SWAPPED: "swap_in first", SeqStatus.RECOMPUTE: "re-prefill it with allocate_slots"}
+            fix = {
+                SeqStatus.SWAPPED: "swap_in first",
+                SeqStatus.RECOMPUTE: "re-prefill it with allocate_slots",
+            }
             raise SequenceError(
                 f"{op}: sequence {seq_id!r} is {seq.status.value}, not {status.value}; "
                 f"{fix.get(seq.status, 'preempt it first')}"
@@ -178,10 +181,13 @@ class BlockAllocator:
             token_ids = seq.token_ids if token_ids is None else token_ids
             extra_keys = seq.extra_keys
         total = -(-((0 if fresh else seq.num_tokens) + num_new_tokens) // self.block_size)
-        if total > self.block_pool.num_usable:
+        # Admission also keeps the watermark free, so a longer prompt could never be admitted.
+        limit = self.block_pool.num_usable - (self.watermark_blocks if fresh else 0)
+        if total > limit:
             raise OutOfBlocksError(
                 f"sequence {seq_id!r} would need {total} blocks of {self.block_size} tokens but the "
-                f"pool holds {self.block_pool.num_usable}; raise num_blocks or cap the length"
+                f"pool holds {limit} (watermark {self.watermark_blocks if fresh else 0} excluded); "
+                "raise num_blocks or cap the length"
             )
         keys = tuple(extra_keys)
         if fresh:

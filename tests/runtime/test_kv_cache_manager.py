@@ -102,7 +102,7 @@ def test_watermark_holds_back_admission_but_not_growth():
 
 
 def test_request_longer_than_the_pool_raises_and_changes_nothing():
-    m = KVCacheManager(5, BS)
+    m = KVCacheManager(5, BS, watermark=0.0)
     m.allocate_slots("a", 2)
     before = snapshot(m)
     for seq_id, n in (("b", 4 * BS + 1), ("a", 4 * BS - 1)):
@@ -111,6 +111,13 @@ def test_request_longer_than_the_pool_raises_and_changes_nothing():
         with pytest.raises(OutOfBlocksError, match="raise num_blocks"):
             m.allocate_slots(seq_id, n)
     assert snapshot(m) == before
+
+
+def test_a_prompt_that_only_fits_into_the_watermark_can_never_be_admitted():
+    m = KVCacheManager(11, BS, watermark=0.2)  # 10 usable, 2 held back
+    with pytest.raises(OutOfBlocksError, match="pool holds 8 \\(watermark 2 excluded\\)"):
+        m.can_allocate("a", 9 * BS)
+    assert m.allocate_slots("a", 8 * BS) == [] and m.allocate_slots("a", 2 * BS) == []
 
 
 def test_invalid_requests_raise_typed_errors_and_change_nothing():

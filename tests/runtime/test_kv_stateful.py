@@ -72,7 +72,11 @@ class KVCacheMachine(RuleBasedStateMachine):
 
     # ---- rules -----------------------------------------------------------------------------------
 
-    @rule(prefix=st.integers(0, len(PREFIXES) - 1), shared=st.integers(0, 3 * BS), extra=st.integers(1, 2 * BS))
+    @rule(
+        prefix=st.integers(0, len(PREFIXES) - 1),
+        shared=st.integers(0, 3 * BS),
+        extra=st.integers(1, 2 * BS),
+    )
     def new_sequence(self, prefix: int, shared: int, extra: int) -> None:
         seq_id, self.next_id = self.next_id, self.next_id + 1
         prompt = PREFIXES[prefix][:shared] + [seq_id * 100 + i for i in range(extra)]
@@ -145,7 +149,8 @@ class KVCacheMachine(RuleBasedStateMachine):
     @rule(fraction=st.floats(0.5, 1.0))
     def pressure(self, fraction: float) -> None:
         """A token-less sequence takes most free blocks (evicting cached ones), scribbles, ends."""
-        n = int(self.m.block_pool.num_free * fraction) * BS
+        pool = self.m.block_pool
+        n = min(int(pool.num_free * fraction), pool.num_usable - self.m.watermark_blocks) * BS
         seq_id, self.next_id = self.next_id, self.next_id + 1
         if n and self.m.allocate_slots(seq_id, n) is not None:
             for pool in self.kv.pools:
@@ -199,5 +204,5 @@ class KVCacheMachine(RuleBasedStateMachine):
         assert self.m.host_pool.num_free == NUM_HOST_BLOCKS
 
 
-KVCacheMachine.TestCase.settings = settings(max_examples=80, stateful_step_count=40, deadline=None)
+KVCacheMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
 TestKVCacheManagerStateful = KVCacheMachine.TestCase
