@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from pgen_runtime import AttentionSpec, PgenError
+from pgen_runtime import AttentionSpec
 
 # NOTE: the one line to switch when pgen's CPU kernels land. "auto" uses pgen.build_kernels when it
 # imports and builds, else these NumPy kernels; "pgen" requires the real kernels (tests fail
@@ -50,7 +50,7 @@ def make_kernels(spec: AttentionSpec = SPEC) -> Any:
         import pgen
 
         return pgen.build_kernels(spec, target="llvm")
-    except (ImportError, AttributeError, PgenError):
+    except Exception:  # "auto": a compiler side that is absent or broken must not stop these tests
         if KERNELS == "pgen":
             raise
         return NumpyKernels()
