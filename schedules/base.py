@@ -66,3 +66,13 @@ class ScheduleRule:
             config = dict(zip((k.name for k in knobs), values))
             if config != default and self.check(spec, target, config) is None:
                 yield config
+
+
+def elem_bytes(dtype: str) -> int:
+    """Alignment a kernel may assume for a buffer of `dtype`: one element.
+
+    NOTE: TVM assumes 64-byte aligned buffers by default and LLVM then emits aligned vector loads,
+    which fault on a numpy array or a view that is only element-aligned. Kernels promise nothing
+    more than what any DLPack tensor guarantees.
+    """
+    return {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4}[dtype]

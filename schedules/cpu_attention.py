@@ -20,7 +20,7 @@ from tvm.script import tirx as T
 from pgen_runtime.spec import AttentionSpec
 
 from ._math import fast_exp2
-from .base import Knob, ScheduleRule, TargetInfo
+from .base import Knob, ScheduleRule, TargetInfo, elem_bytes
 
 LOG2E = math.log2(math.e)
 NEG = -3.0e38
@@ -100,12 +100,12 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
         NT = T.int32()
         NB = T.int32()
         MB = T.int32()
-        Q = T.match_buffer(q_h, (NT, hq, d), dtype)
-        P = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype)
-        BT = T.match_buffer(bt_h, (B, MB), "int32")
-        QI = T.match_buffer(indptr_h, (B + 1,), "int32")
-        L = T.match_buffer(lens_h, (B,), "int32")
-        O = T.match_buffer(out_h, (NT, hq, d), dtype)
+        Q = T.match_buffer(q_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
+        P = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
+        BT = T.match_buffer(bt_h, (B, MB), "int32", align=4)
+        QI = T.match_buffer(indptr_h, (B + 1,), "int32", align=4)
+        L = T.match_buffer(lens_h, (B,), "int32", align=4)
+        O = T.match_buffer(out_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
         # Split-KV partials (decode only; extend never splits, so its workspace is one element).
         WO = T.alloc_buffer((B * hkv * smax * rows * d if decode else 1,), "float32")
         WM = T.alloc_buffer((B * hkv * smax * rows * 2 if decode else 1,), "float32")

@@ -5,6 +5,13 @@ It needs numpy and apache-tvm-ffi only: never the TVM compiler, never torch.
 
 from __future__ import annotations
 
+import os
+
+# NOTE: TVM's CPU thread pool defaults to half the hardware threads (it assumes SMT) and pins the
+# caller to core 0. pgen's CPU kernels are written for one task per core, so unless the user chose,
+# use every core this process may run on. It must be set before the pool starts (first parallel call).
+os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+
 from .block_pool import Block, BlockPool
 from .errors import (
     BuildError,

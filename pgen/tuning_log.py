@@ -1,0 +1,103 @@
+"""Tuning logs: `tuning_logs/<target-id>/<spec-uri>.json`, their checks, and the best config per kernel.
+
+A log is a reviewable JSON file: format version, target id and device, spec, versions, date, and one
+record per measured candidate (kernel, knobs, workload, times). A log that is corrupt, or made for
+another spec or target, raises `TuneError`; it is never used silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pgen_runtime.errors import TuneError
+from pgen_runtime.spec import AttentionSpec
+
+from .schedules import rule_for
+
+FORMAT = 1
+
+
+def logs_root() -> Path:
+    """$PGEN_TUNING_LOGS, else the repository's tuning_logs/."""
+    env = os.environ.get("PGEN_TUNING_LOGS")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "tuning_logs"
+
+
+def log_path(spec: AttentionSpec, target_id: str, root: Path | None = None) -> Path:
+    return (root or logs_root()) / target_id / f"{spec.uri}.json"
+
+
+def load(path: Path, spec: AttentionSpec | None = None, target_kind: str | None = None) -> dict[str, Any]:
+    """Read and check a log.
+
+    Raises:
+        TuneError: not JSON, wrong format version, missing fields, another spec or target kind,
+            or a record whose knobs the rule does not know.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise TuneError(f"tuning log {path} is unreadable or not JSON ({err}); delete it or re-run pgen tune") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise TuneError(f"tuning log {path} has format {data.get('format') if isinstance(data, dict) else None!r}, "
+                        f"expected {FORMAT}; re-run pgen tune")
+    for key in ("target_id", "target_kind", "spec", "records"):
+        if key not in data:
+            raise TuneError(f"tuning log {path} lacks {key!r}; it is truncated or hand-edited. Re-run pgen tune")
+    logged = AttentionSpec.from_dict(data["spec"], source=f"tuning log {path}")
+    if spec is not None and logged != spec:
+        raise TuneError(f"tuning log {path} is for spec {logged.uri}, not {spec.uri}; tune this spec instead")
+    if target_kind is not None and data["target_kind"] != target_kind:
+        raise TuneError(f"tuning log {path} is for target kind {data['target_kind']}, not {target_kind}")
+    for rec in data["records"]:
+        if not isinstance(rec, dict) or {"kernel", "config", "median_ms"} - rec.keys():
+            raise TuneError(f"tuning log {path} has a malformed record {rec!r}; re-run pgen tune")
+        rule = rule_for(rec["kernel"], data["target_kind"])
+        known = {k.name for k in rule.knobs(logged, _info(data["target_kind"]))}
+        if set(rec["config"]) - known:
+            raise TuneError(f"tuning log {path}: {rec['kernel']} record has knobs {sorted(set(rec['config']) - known)} "
+                            f"that rule {type(rule).__name__} does not have; re-run pgen tune")
+    return data
+
+
+def best(data: dict[str, Any]) -> dict[str, tuple[dict[str, Any], float]]:
+    """Per kernel, the fastest measured config and its median time (failed candidates are inf)."""
+    out: dict[str, tuple[dict[str, Any], float]] = {}
+    for rec in data["records"]:
+        t = rec["median_ms"]
+        if t is None or rec.get("error"):
+            continue
+        if rec["kernel"] not in out or t < out[rec["kernel"]][1]:
+            out[rec["kernel"]] = (rec["config"], t)
+    return out
+
+
+def best_configs(spec: AttentionSpec, target) -> dict[str, tuple[dict[str, Any], str]]:
+    """Per kernel, (config, "tuned:<path>") from this target's log, if one exists."""
+    path = find_log(spec, target)
+    if path is None:
+        return {}
+    data = load(path, spec, target.kind)
+    return {k: (cfg, f"tuned:{path.parent.name}") for k, (cfg, _) in best(data).items()}
+
+
+def find_log(spec: AttentionSpec, target) -> Path | None:
+    """The log for this spec on this target: the host CPU's for llvm; for CUDA, a log of the newest arch."""
+    root = logs_root()
+    if target.kind == "llvm":
+        from .target import host_target_id
+
+        path = log_path(spec, host_target_id(), root)
+        return path if path.is_file() else None
+    arch = target.archs[-1]
+    found = sorted(root.glob(f"cuda-{arch}-*/{spec.uri}.json"))
+    return found[0] if found else None
+
+
+def _info(kind: str):
+    from .schedules.base import TargetInfo
+
+    return TargetInfo(kind, vector_bits=512)

@@ -1,0 +1,253 @@
+"""`PagedKernels`: the six kernels of one spec on one device, with argument checks and plans.
+
+Arrays are numpy arrays or any DLPack tensor (torch, cupy, tvm_ffi); outputs are written into the
+`out` argument. Every call checks shapes, dtypes and devices before a kernel runs. Values (block
+ids, lengths, slots) are checked when the plan is made: `plan_decode` / `plan_extend` read the
+block tables and lengths once per step, and the plan is reused by every layer's `decode` / `extend`
+(FlashInfer's plan/run split). Without a plan a call makes one itself, copying index arrays that
+live on a GPU to the host first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import tvm_ffi
+
+from .errors import ShapeError
+from .spec import NULL_BLOCK_ID, AttentionSpec
+from .tensors import from_numpy, parse_device, to_numpy
+
+# Keep a split at least this many keys long: shorter ones cost more to merge than they save.
+MIN_KEYS_PER_SPLIT = {"cpu": 512, "cuda": 256}
+
+
+@dataclass(frozen=True, slots=True)
+class DecodePlan:
+    num_splits: int
+    batch: int
+    indptr: Any  # [batch + 1] = 0..batch on the kernels' device: decode runs extend's template
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendPlan:
+    max_q_tiles: int
+    batch: int
+    num_tokens: int
+
+
+class PagedKernels:
+    """decode, extend, cache_write, copy_blocks, swap_out and swap_in for one spec and device.
+
+    Args:
+        spec: the spec the kernels were built from.
+        functions: kernel name -> callable taking DLPack tensors (a loaded TVM module's functions).
+        device: "cpu" or "cuda:N".
+        configs: kernel name -> schedule config the kernels were built with (decode's
+            `max_splits`, extend's `q_tile` shape the plans).
+        parallelism: units of parallel work the device runs at once (CPU threads, or CUDA SMs x 2).
+    """
+
+    def __init__(self, spec: AttentionSpec, functions: dict[str, Callable], device: str,
+                 configs: dict[str, dict[str, Any]], parallelism: int | None = None) -> None:
+        self.spec = spec
+        self.device = device
+        self.configs = configs
+        self._fn = functions
+        self._kind = "cuda" if device.startswith("cuda") else "cpu"
+        self._device_type = 2 if self._kind == "cuda" else 1
+        self._aranges: dict[int, Any] = {}
+        self.parallelism = parallelism or (2 * 132 if self._kind == "cuda" else (os.cpu_count() or 1))
+
+    # ---- plans ---------------------------------------------------------------------------
+
+    def plan_decode(self, block_tables, seq_lens, num_blocks: int | None = None) -> DecodePlan:
+        """Check a decode step's tables and lengths once, and choose its split-KV factor."""
+        tables, lens = _host(block_tables, "block_tables"), _host(seq_lens, "seq_lens")
+        self._check_tables(tables, lens, num_blocks)
+        max_splits = self.configs["decode"].get("max_splits", 1)
+        work = len(lens) * self.spec.num_kv_heads
+        if self._kind == "cpu":
+            work //= self.configs["decode"].get("kv_heads_per_task", 1)
+        splits = min(max_splits, max(1, math.ceil(self.parallelism / max(work, 1))))
+        longest = int(lens.max()) if len(lens) else 0
+        splits = max(1, min(splits, longest // MIN_KEYS_PER_SPLIT[self._kind]))
+        return DecodePlan(num_splits=splits, batch=len(lens), indptr=self._arange(len(lens) + 1))
+
+    def plan_extend(self, block_tables, q_indptr, seq_lens, num_blocks: int | None = None) -> ExtendPlan:
+        """Check an extend step's tables, query offsets and lengths once."""
+        tables, lens = _host(block_tables, "block_tables"), _host(seq_lens, "seq_lens")
+        indptr = _host(q_indptr, "q_indptr")
+        self._check_tables(tables, lens, num_blocks)
+        if indptr.shape != (len(lens) + 1,) or indptr[0] != 0 or np.any(np.diff(indptr) < 0):
+            raise ShapeError(f"q_indptr must be [batch+1] = [{len(lens) + 1}] non-decreasing from 0; "
+                             f"got shape {indptr.shape} starting {indptr[:1].tolist()}")
+        new = np.diff(indptr)
+        if np.any(new > lens):
+            b = int(np.argmax(new > lens))
+            raise ShapeError(f"sequence {b} has {int(new[b])} new tokens but seq_lens[{b}]={int(lens[b])}; "
+                             "seq_lens must count the new tokens too")
+        q_tile = self.configs["extend"].get("q_tile", 1)
+        tiles = int(math.ceil(int(new.max()) / q_tile)) if len(new) else 0
+        return ExtendPlan(max_q_tiles=max(tiles, 1), batch=len(lens), num_tokens=int(indptr[-1]))
+
+    # ---- kernels -------------------------------------------------------------------------
+
+    def decode(self, q, kv_pool, block_tables, seq_lens, out, *, plan: DecodePlan | None = None) -> None:
+        """out[b] = attention of q[b] [Hq, D] over the first seq_lens[b] cached tokens."""
+        s = self.spec
+        batch = _dim(block_tables, 0)
+        self._check("q", q, (batch, s.num_q_heads, s.head_dim), s.dtype)
+        self._check("out", out, (batch, s.num_q_heads, s.head_dim), s.dtype)
+        self._check_pool(kv_pool)
+        self._check("block_tables", block_tables, (batch, None), "int32")
+        self._check("seq_lens", seq_lens, (batch,), "int32")
+        plan = plan or self.plan_decode(block_tables, seq_lens, _dim(kv_pool, 0))
+        _same_batch(plan.batch, batch)
+        self._fn["decode"](q, kv_pool, block_tables, plan.indptr, seq_lens, out, plan.num_splits, 1)
+
+    def extend(self, q, kv_pool, block_tables, q_indptr, seq_lens, out, *, plan: ExtendPlan | None = None) -> None:
+        """Ragged new tokens q [T, Hq, D] attend causally to their sequences' paged cache."""
+        s = self.spec
+        batch, tokens = _dim(block_tables, 0), _dim(q, 0)
+        self._check("q", q, (tokens, s.num_q_heads, s.head_dim), s.dtype)
+        self._check("out", out, (tokens, s.num_q_heads, s.head_dim), s.dtype)
+        self._check_pool(kv_pool)
+        self._check("block_tables", block_tables, (batch, None), "int32")
+        self._check("q_indptr", q_indptr, (batch + 1,), "int32")
+        self._check("seq_lens", seq_lens, (batch,), "int32")
+        plan = plan or self.plan_extend(block_tables, q_indptr, seq_lens, _dim(kv_pool, 0))
+        _same_batch(plan.batch, batch)
+        if plan.num_tokens != tokens:
+            raise ShapeError(f"q has {tokens} rows but q_indptr ends at {plan.num_tokens}; they must agree")
+        self._fn["extend"](q, kv_pool, block_tables, q_indptr, seq_lens, out, 1, plan.max_q_tiles)
+
+    def cache_write(self, k, v, kv_pool, slot_mapping) -> None:
+        """Write k, v [T, Hkv, D] to slots block*block_size + offset; a negative slot is skipped."""
+        s = self.spec
+        tokens = _dim(k, 0)
+        self._check("k", k, (tokens, s.num_kv_heads, s.head_dim), s.dtype)
+        self._check("v", v, (tokens, s.num_kv_heads, s.head_dim), s.dtype)
+        self._check_pool(kv_pool)
+        self._check("slot_mapping", slot_mapping, (tokens,), "int32")
+        if _readable(slot_mapping):
+            slots = _host(slot_mapping, "slot_mapping")
+            capacity = _dim(kv_pool, 0) * s.block_size
+            bad = slots >= capacity
+            if np.any(bad):
+                raise ShapeError(f"slot_mapping holds {int(slots[bad][0])} but the pool has {capacity} slots "
+                                 f"({_dim(kv_pool, 0)} blocks x {s.block_size}); use -1 to skip a token")
+            live = slots[slots >= 0]
+            if len(np.unique(live)) != len(live):
+                raise ShapeError("slot_mapping names a slot twice; each token needs its own slot")
+        self._fn["cache_write"](k, v, kv_pool, slot_mapping)
+
+    def copy_blocks(self, kv_pool, pairs) -> None:
+        """pool[dst] = pool[src] for each (src, dst) row of pairs [P, 2] (copy-on-write)."""
+        self._check_pool(kv_pool)
+        self._check("pairs", pairs, (None, 2), "int32")
+        if _readable(pairs):
+            p = _host(pairs, "pairs")
+            self._check_ids(p.reshape(-1), "pairs", _dim(kv_pool, 0))
+            if len(np.unique(p[:, 1])) != len(p) or np.intersect1d(p[:, 0], p[:, 1]).size:
+                raise ShapeError("pairs: every destination must be distinct and no destination may also "
+                                 "be a source; split dependent copies into separate calls")
+        if _dim(pairs, 0):
+            self._fn["copy_blocks"](kv_pool, pairs)
+
+    def swap_out(self, kv_pool, block_ids, host_buf) -> None:
+        """host_buf[i] = pool[block_ids[i]]: gather blocks into one contiguous buffer."""
+        self._swap("swap_out", kv_pool, block_ids, host_buf)
+
+    def swap_in(self, host_buf, block_ids, kv_pool) -> None:
+        """pool[block_ids[i]] = host_buf[i]: scatter a contiguous buffer back into the pool."""
+        self._swap("swap_in", kv_pool, block_ids, host_buf)
+
+    def _arange(self, n: int):
+        if n not in self._aranges:
+            self._aranges[n] = from_numpy(np.arange(n, dtype=np.int32), parse_device(self.device))
+        return self._aranges[n]
+
+    # ---- checks --------------------------------------------------------------------------
+
+    def _swap(self, name: str, kv_pool, block_ids, buf) -> None:
+        s = self.spec
+        n = _dim(block_ids, 0)
+        self._check_pool(kv_pool)
+        self._check("block_ids", block_ids, (n,), "int32")
+        self._check("host_buf", buf, (n, 2, s.num_kv_heads, s.block_size, s.head_dim), s.kv_dtype)
+        if _readable(block_ids):
+            ids = _host(block_ids, "block_ids")
+            self._check_ids(ids, "block_ids", _dim(kv_pool, 0))
+            if name == "swap_in" and len(np.unique(ids)) != len(ids):
+                raise ShapeError("block_ids names a block twice; swap_in needs distinct destination blocks")
+        if n:
+            args = (kv_pool, block_ids, buf) if name == "swap_out" else (buf, block_ids, kv_pool)
+            self._fn[name](*args)
+
+    def _check_pool(self, pool) -> None:
+        s = self.spec
+        self._check("kv_pool", pool, (None, 2, s.num_kv_heads, s.block_size, s.head_dim), s.kv_dtype)
+
+    def _check(self, name: str, array, shape: tuple, dtype: str) -> None:
+        got_shape, got_dtype, device_type = _meta(array, name)
+        want = tuple("*" if d is None else d for d in shape)
+        if len(got_shape) != len(shape) or any(d is not None and d != g for d, g in zip(shape, got_shape)):
+            raise ShapeError(f"{name} has shape {got_shape}; expected {want} (* = any size)")
+        if got_dtype != dtype:
+            raise ShapeError(f"{name} has dtype {got_dtype}; expected {dtype} (cast it, or build for that dtype)")
+        if device_type != self._device_type:
+            raise ShapeError(f"{name} is on device type {device_type} but these kernels run on {self.device}; "
+                             "move it there first")
+
+    def _check_tables(self, tables: np.ndarray, lens: np.ndarray, num_blocks: int | None) -> None:
+        if tables.ndim != 2 or lens.shape != (tables.shape[0],):
+            raise ShapeError(f"block_tables must be [batch, max_blocks] and seq_lens [batch]; got {tables.shape} "
+                             f"and {lens.shape}")
+        capacity = tables.shape[1] * self.spec.block_size
+        if np.any(lens < 1) or np.any(lens > capacity):
+            b = int(np.argmax((lens < 1) | (lens > capacity)))
+            raise ShapeError(f"seq_lens[{b}]={int(lens[b])} is outside 1..{capacity} (the table holds "
+                             f"{tables.shape[1]} blocks of {self.spec.block_size}); grow block_tables")
+        if num_blocks is not None:
+            used = np.arange(tables.shape[1])[None, :] * self.spec.block_size < lens[:, None]
+            self._check_ids(tables[used], "block_tables", num_blocks)
+
+    def _check_ids(self, ids: np.ndarray, name: str, num_blocks: int) -> None:
+        bad = (ids < 0) | (ids >= num_blocks) | (ids == NULL_BLOCK_ID)
+        if np.any(bad):
+            raise ShapeError(f"{name} holds block id {int(ids[bad][0])}; valid ids are 1..{num_blocks - 1} "
+                             f"(0 is the reserved null block)")
+
+
+def _meta(array, name: str) -> tuple[tuple[int, ...], str, int]:
+    if isinstance(array, np.ndarray):
+        return tuple(array.shape), str(array.dtype), 1
+    try:
+        tensor = array if isinstance(array, tvm_ffi.Tensor) else tvm_ffi.from_dlpack(array)
+    except Exception as err:  # any object that is not a DLPack tensor
+        raise ShapeError(f"{name} must be a numpy array or a DLPack tensor; got {type(array).__name__}") from err
+    return tuple(int(d) for d in tensor.shape), str(tensor.dtype), tensor.device.dlpack_device_type()
+
+
+def _dim(array, axis: int) -> int:
+    return int(array.shape[axis])
+
+
+def _readable(array) -> bool:
+    return isinstance(array, np.ndarray) or _meta(array, "array")[2] == 1
+
+
+def _host(array, name: str) -> np.ndarray:
+    if isinstance(array, np.ndarray):
+        return array
+    return to_numpy(array)
+
+
+def _same_batch(planned: int, batch: int) -> None:
+    if planned != batch:
+        raise ShapeError(f"the plan was made for batch {planned} but this call has batch {batch}; plan again")

@@ -1,0 +1,251 @@
+"""CUDA rule for paged attention: decode and extend from one template.
+
+A thread block (CTA) owns `q_tile` query rows of one sequence times the `group` query heads of one
+KV head, and one split of that sequence's key range. Threads are laid out as
+(tx: head_dim / vector lanes) x (ty: query rows) x (tz: key lanes). Each iteration the CTA gathers a
+tile of `tz * tokens_per_lane` keys through the block table into shared memory (16-byte loads where
+the dtype allows), every (ty, tz) pair scores its keys with a reduction across tx, updates its
+online softmax, and accumulates P·V in registers. The tz lanes are merged through shared memory at
+the end; split-KV partials (decode) are merged by a second kernel.
+
+NOTE: the reduction across tx runs unconditionally in every thread, with masks applied after it:
+a warp-level reduction inside a branch some lanes skip would hang or read garbage.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tvm.script import tirx as T
+
+from pgen_runtime.spec import DTYPE_BYTES, AttentionSpec
+
+from .base import Knob, ScheduleRule, TargetInfo, elem_bytes
+
+LOG2E = math.log2(math.e)
+NEG = -3.0e38
+
+
+class CudaAttention(ScheduleRule):
+    """Decode (one query row per sequence, split-KV) or extend (ragged rows, causal) on CUDA."""
+
+    target_kind = "cuda"
+
+    def __init__(self, kernel: str) -> None:
+        assert kernel in ("decode", "extend")
+        self.kernel = kernel
+
+    def knobs(self, spec: AttentionSpec, target: TargetInfo) -> tuple[Knob, ...]:
+        widest = 16 // DTYPE_BYTES[spec.kv_dtype]
+        vec = tuple(v for v in (1, 2, 4, 8) if v <= widest and spec.head_dim % v == 0 and spec.head_dim // v <= 64)
+        knobs = [
+            Knob("vector", vec, vec[-1]),
+            Knob("key_lanes", (1, 2, 4, 8), 4 if self.kernel == "decode" else 2),
+            Knob("tokens_per_lane", (1, 2, 4, 8), 4),
+        ]
+        if self.kernel == "decode":
+            knobs.append(Knob("max_splits", (1, 8, 16, 32, 64), 32))
+        else:
+            knobs.append(Knob("q_tile", (1, 2, 4, 8), 4 if spec.group_size <= 4 else 2))
+        return tuple(knobs)
+
+    def check(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]) -> str | None:
+        if spec.head_dim % config["vector"] or spec.head_dim // config["vector"] > 64:
+            return f"vector {config['vector']} leaves head_dim {spec.head_dim} not in <= 64 lanes"
+        rows = config.get("q_tile", 1) * spec.group_size
+        threads = spec.head_dim // config["vector"] * rows * config["key_lanes"]
+        if threads > target.max_threads_per_block:
+            return f"{threads} threads per block > the target's limit {target.max_threads_per_block}"
+        smem = _shared_bytes(spec, config)
+        if smem > target.max_shared_memory_per_block:
+            return f"{smem} bytes of shared memory > the target's limit {target.max_shared_memory_per_block}"
+        return None
+
+    def apply(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]):
+        if target.kind != "cuda":
+            return None
+        return _attention(spec, self.kernel == "decode", config)
+
+
+def _shared_bytes(spec: AttentionSpec, config: dict[str, Any]) -> int:
+    tile = config["key_lanes"] * config["tokens_per_lane"]
+    rows = config.get("q_tile", 1) * spec.group_size
+    kv = 2 * tile * spec.head_dim * DTYPE_BYTES[spec.kv_dtype]
+    merge = config["key_lanes"] * rows * (spec.head_dim + 2) * 4
+    return kv + merge
+
+
+def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
+    hq, hkv, d, bs, g = spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.block_size, spec.group_size
+    vec = config["vector"]
+    bdx = d // vec
+    qt = 1 if decode else config["q_tile"]
+    rows = qt * g
+    bdz = config["key_lanes"]
+    tpz = config["tokens_per_lane"]
+    tile = bdz * tpz
+    smax = config["max_splits"] if decode else 1
+    load_iters = (tile + rows * bdz - 1) // (rows * bdz)
+    dtype, kv_dtype = spec.dtype, spec.kv_dtype
+    has_cap = spec.logit_softcap is not None
+    q_scale = spec.scale if has_cap else spec.scale * LOG2E
+    inv_cap = 1.0 / spec.logit_softcap if has_cap else 1.0
+    cap_log2e = spec.logit_softcap * LOG2E if has_cap else 1.0
+    window = spec.sliding_window if spec.sliding_window is not None else 1 << 30
+
+    @T.prim_func(s_tir=True)
+    def attention(
+        q_h: T.handle,
+        pool_h: T.handle,
+        bt_h: T.handle,
+        indptr_h: T.handle,
+        lens_h: T.handle,
+        out_h: T.handle,
+        num_splits: T.int32,
+        max_q_tiles: T.int32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        B = T.int32()
+        NT = T.int32()
+        NB = T.int32()
+        MB = T.int32()
+        Q = T.match_buffer(q_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
+        P = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
+        BT = T.match_buffer(bt_h, (B, MB), "int32", align=4)
+        QI = T.match_buffer(indptr_h, (B + 1,), "int32", align=4)
+        L = T.match_buffer(lens_h, (B,), "int32", align=4)
+        O = T.match_buffer(out_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
+        WO = T.alloc_buffer((B * hkv * smax * rows * d if decode else 1,), "float32")
+        WM = T.alloc_buffer((B * hkv * smax * rows * 2 if decode else 1,), "float32")
+        for bx in T.thread_binding(B * max_q_tiles, thread="blockIdx.x"):
+            for by in T.thread_binding(hkv * num_splits, thread="blockIdx.y"):
+                for tz in T.thread_binding(bdz, thread="threadIdx.z"):
+                    for ty in T.thread_binding(rows, thread="threadIdx.y"):
+                        for tx in T.thread_binding(bdx, thread="threadIdx.x"):
+                            with T.sblock("attn"):
+                                T.reads()
+                                T.writes()
+                                ks = T.sblock_alloc_buffer((tile, d), kv_dtype, scope="shared")
+                                vs = T.sblock_alloc_buffer((tile, d), kv_dtype, scope="shared")
+                                mo = T.sblock_alloc_buffer((bdz, rows, d), "float32", scope="shared")
+                                mml = T.sblock_alloc_buffer((bdz, rows, 2), "float32", scope="shared")
+                                ql = T.sblock_alloc_buffer((vec,), "float32", scope="local")
+                                ol = T.sblock_alloc_buffer((vec,), "float32", scope="local")
+                                part = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                red = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                sc = T.sblock_alloc_buffer((tpz,), "float32", scope="local")
+                                st = T.sblock_alloc_buffer((3,), "float32", scope="local")
+                                b = bx // max_q_tiles
+                                i0 = bx % max_q_tiles * qt
+                                h = by // num_splits
+                                split = by % num_splits
+                                row0 = QI[b]
+                                n_new = QI[b + 1] - row0
+                                length = L[b]
+                                i1 = T.min(n_new, i0 + qt)
+                                mine = i0 + ty // g
+                                pos = length - n_new + mine
+                                k_hi = length - n_new + i1
+                                k_lo = T.max(length - n_new + i0 - window + 1, 0)
+                                per = T.ceildiv(T.ceildiv(T.max(k_hi - k_lo, 0), num_splits), tile) * tile
+                                c_lo = k_lo + split * per
+                                c_hi = T.min(k_hi, c_lo + per)
+                                st[0] = T.float32(NEG)
+                                st[1] = T.float32(0)
+                                for v in T.unroll(vec):
+                                    ol[v] = T.float32(0)
+                                    ql[v] = T.cast(Q[T.min(row0 + mine, NT - 1), h * g + ty % g, tx * vec + v], "float32") * q_scale
+                                for it in T.serial(T.ceildiv(T.max(c_hi - c_lo, 0), tile)):
+                                    for j in T.serial(load_iters):
+                                        row = j * (rows * bdz) + tz * rows + ty
+                                        key = c_lo + it * tile + row
+                                        if row < tile:
+                                            if key < c_hi:
+                                                for v in T.vectorized(vec):
+                                                    ks[row, tx * vec + v] = P[BT[b, key // bs], 0, h, key % bs, tx * vec + v]
+                                                for v in T.vectorized(vec):
+                                                    vs[row, tx * vec + v] = P[BT[b, key // bs], 1, h, key % bs, tx * vec + v]
+                                            else:
+                                                for v in T.vectorized(vec):
+                                                    ks[row, tx * vec + v] = T.cast(0, kv_dtype)
+                                                for v in T.vectorized(vec):
+                                                    vs[row, tx * vec + v] = T.cast(0, kv_dtype)
+                                    T.tvm_storage_sync("shared")
+                                    st[2] = st[0]
+                                    for j in T.serial(tpz):
+                                        part[0] = T.float32(0)
+                                        for v in T.unroll(vec):
+                                            part[0] = part[0] + ql[v] * T.cast(ks[tz * tpz + j, tx * vec + v], "float32")
+                                        with T.sblock("score_allreduce"):
+                                            T.reads(part[0])
+                                            T.writes(red[0])
+                                            T.attr(T.comm_reducer(lambda x, y: x + y, [T.float32(0)]), "reduce_scope", T.int32(0))
+                                            T.tvm_thread_allreduce(T.uint32(1), part[0], True, red[0], tx, dtype="void")
+                                        key = c_lo + it * tile + tz * tpz + j
+                                        if key < c_hi and key <= pos and key > pos - window and mine < i1:
+                                            if has_cap:
+                                                sc[j] = T.tanh(red[0] * inv_cap) * cap_log2e
+                                            else:
+                                                sc[j] = red[0]
+                                        else:
+                                            sc[j] = T.float32(NEG)
+                                        st[2] = T.max(st[2], sc[j])
+                                    # Rescale the running state to the new max, then add this tile.
+                                    st[1] = st[1] * T.exp2(st[0] - st[2])
+                                    for v in T.unroll(vec):
+                                        ol[v] = ol[v] * T.exp2(st[0] - st[2])
+                                    st[0] = st[2]
+                                    for j in T.serial(tpz):
+                                        sc[j] = T.if_then_else(sc[j] > T.float32(NEG), T.exp2(sc[j] - st[0]), T.float32(0))
+                                        st[1] = st[1] + sc[j]
+                                        for v in T.unroll(vec):
+                                            ol[v] = ol[v] + sc[j] * T.cast(vs[tz * tpz + j, tx * vec + v], "float32")
+                                    T.tvm_storage_sync("shared")
+                                # Merge the key lanes (tz) through shared memory.
+                                for v in T.unroll(vec):
+                                    mo[tz, ty, tx * vec + v] = ol[v]
+                                mml[tz, ty, 0] = st[0]
+                                mml[tz, ty, 1] = st[1]
+                                T.tvm_storage_sync("shared")
+                                st[2] = T.float32(NEG)
+                                for z in T.serial(bdz):
+                                    st[2] = T.max(st[2], mml[z, ty, 0])
+                                st[1] = T.float32(0)
+                                for v in T.unroll(vec):
+                                    ol[v] = T.float32(0)
+                                for z in T.serial(bdz):
+                                    st[0] = T.exp2(mml[z, ty, 0] - st[2])
+                                    st[1] = st[1] + mml[z, ty, 1] * st[0]
+                                    for v in T.unroll(vec):
+                                        ol[v] = ol[v] + mo[z, ty, tx * vec + v] * st[0]
+                                if tz == 0 and mine < i1:
+                                    if num_splits == 1:
+                                        for v in T.unroll(vec):
+                                            O[row0 + mine, h * g + ty % g, tx * vec + v] = T.cast(ol[v] / T.max(st[1], T.float32(1e-30)), dtype)
+                                    else:
+                                        for v in T.unroll(vec):
+                                            WO[(((b * hkv + h) * smax + split) * rows + ty) * d + tx * vec + v] = ol[v]
+                                        WM[(((b * hkv + h) * smax + split) * rows + ty) * 2] = st[2]
+                                        WM[(((b * hkv + h) * smax + split) * rows + ty) * 2 + 1] = st[1]
+        for bx in T.thread_binding(B * hq * T.min(num_splits - 1, 1), thread="blockIdx.x"):
+            for tx in T.thread_binding(d, thread="threadIdx.x"):
+                with T.sblock("merge"):
+                    T.reads()
+                    T.writes()
+                    acc = T.sblock_alloc_buffer((3,), "float32", scope="local")
+                    b = bx // hq
+                    h = bx % hq // g
+                    r = bx % g
+                    acc[0] = T.float32(NEG)
+                    for s in T.serial(num_splits):
+                        acc[0] = T.max(acc[0], WM[(((b * hkv + h) * smax + s) * rows + r) * 2])
+                    acc[1] = T.float32(0)
+                    acc[2] = T.float32(0)
+                    for s in T.serial(num_splits):
+                        base = ((b * hkv + h) * smax + s) * rows + r
+                        acc[1] = acc[1] + WM[base * 2 + 1] * T.exp2(WM[base * 2] - acc[0])
+                        acc[2] = acc[2] + WO[base * d + tx] * T.exp2(WM[base * 2] - acc[0])
+                    O[QI[b], h * g + r, tx] = T.cast(acc[2] / T.max(acc[1], T.float32(1e-30)), dtype)
+
+    return attention
