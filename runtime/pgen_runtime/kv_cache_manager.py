@@ -33,7 +33,8 @@ class KVCacheManager(BlockAllocator):
         kv: optional device KV: `pools` (per-layer arrays [num_blocks, 2, Hkv, block_size, D]) and
             `kernels` (`copy_blocks`, `swap_out`, `swap_in`); without it only ids are managed.
         policy: how to preempt; defaults to the cheaper of swap and recompute by estimate.
-        block_bytes: bytes of one block over all layers, for the policy when `kv` is not given.
+        block_bytes: bytes of one block over all layers, for the policy when `kv` is not given
+            (without either, swapping looks free and the policy swaps whenever the host has room).
     """
 
     def __init__(
@@ -101,7 +102,15 @@ class KVCacheManager(BlockAllocator):
         return len(self._get(seq_id, "swap_out", SeqStatus.RUNNING).blocks) <= self.host_pool.num_free
 
     def swap_out(self, seq_id: Hashable) -> None:
-        """Move a running sequence's blocks to the host pool through `kernels.swap_out`."""
+        """Move a running sequence's blocks to the host pool through `kernels.swap_out`.
+
+        Blocks it shares with other sequences are copied, not shared, on the host: after
+        `swap_in` the sequence holds private blocks with the same bytes.
+
+        Raises:
+            SequenceError: the sequence is not running.
+            OutOfBlocksError: fewer free host blocks than it holds (`can_swap_out`).
+        """
         seq = self._get(seq_id, "swap_out", SeqStatus.RUNNING)
         seq.host_block_ids = self.host_pool.store(seq.block_ids)
         self.block_pool.free(seq.blocks[::-1])
