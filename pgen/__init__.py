@@ -21,6 +21,13 @@ from pgen_runtime.spec import AttentionSpec, load_spec
 
 __version__ = "0.1.0"
 
+
+def build_kernels(spec: AttentionSpec, target: str = "llvm", device: str | None = None, overrides=None):
+    """Build (or reuse from the cache) and load the six kernels of `spec`; see `pgen.build`."""
+    from .build import build_kernels as build
+
+    return build(spec, target, device, overrides)
+
 __all__ = [
     "AttentionSpec",
     "BuildError",
@@ -32,5 +39,6 @@ __all__ = [
     "ShapeError",
     "SpecError",
     "TuneError",
+    "build_kernels",
     "load_spec",
 ]

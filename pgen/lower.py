@@ -26,18 +26,18 @@ def cache_write(spec: AttentionSpec):
     def func(k_h: T.handle, v_h: T.handle, pool_h: T.handle, slots_h: T.handle):
         NT = T.int32()
         NB = T.int32()
-        K = T.match_buffer(k_h, (NT, hkv, d), dtype, align=elem_bytes(dtype))
-        V = T.match_buffer(v_h, (NT, hkv, d), dtype, align=elem_bytes(dtype))
-        P = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
-        S = T.match_buffer(slots_h, (NT,), "int32", align=4)
+        k = T.match_buffer(k_h, (NT, hkv, d), dtype, align=elem_bytes(dtype))
+        v = T.match_buffer(v_h, (NT, hkv, d), dtype, align=elem_bytes(dtype))
+        kv_pool = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
+        slot_mapping = T.match_buffer(slots_h, (NT,), "int32", align=4)
         for t, c, h, x in T.grid(NT, 2, hkv, d):
             with T.sblock("write"):
                 vt, vc, vh, vx = T.axis.remap("SSSS", [t, c, h, x])
-                T.reads(S[vt], K[vt, vh, vx], V[vt, vh, vx])
-                T.writes(P[S[vt] // bs, vc, vh, S[vt] % bs, vx])
-                if S[vt] >= 0:
-                    P[S[vt] // bs, vc, vh, S[vt] % bs, vx] = T.cast(
-                        T.if_then_else(vc == 0, K[vt, vh, vx], V[vt, vh, vx]), kv_dtype
+                T.reads(slot_mapping[vt], k[vt, vh, vx], v[vt, vh, vx])
+                T.writes(kv_pool[slot_mapping[vt] // bs, vc, vh, slot_mapping[vt] % bs, vx])
+                if slot_mapping[vt] >= 0:
+                    kv_pool[slot_mapping[vt] // bs, vc, vh, slot_mapping[vt] % bs, vx] = T.cast(
+                        T.if_then_else(vc == 0, k[vt, vh, vx], v[vt, vh, vx]), kv_dtype
                     )
 
     return func
@@ -51,17 +51,17 @@ def copy_blocks(spec: AttentionSpec):
     def func(pool_h: T.handle, pairs_h: T.handle):
         NB = T.int32()
         NP = T.int32()
-        P = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
-        PR = T.match_buffer(pairs_h, (NP, 2), "int32", align=4)
+        kv_pool = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
+        pairs = T.match_buffer(pairs_h, (NP, 2), "int32", align=4)
         for p, c, h, t, x in T.grid(NP, 2, hkv, bs, d):
             with T.sblock("copy"):
                 vp, vc, vh, vt, vx = T.axis.remap("SSSSS", [p, c, h, t, x])
                 # NOTE: reads and writes share the pool; declaring only the table as read keeps
                 # the block "complete" for scheduling. The caller guarantees no destination is
                 # also a source, so the iterations are independent.
-                T.reads(PR[vp, 0:2])
-                T.writes(P[PR[vp, 1], vc, vh, vt, vx])
-                P[PR[vp, 1], vc, vh, vt, vx] = P[PR[vp, 0], vc, vh, vt, vx]
+                T.reads(pairs[vp, 0:2])
+                T.writes(kv_pool[pairs[vp, 1], vc, vh, vt, vx])
+                kv_pool[pairs[vp, 1], vc, vh, vt, vx] = kv_pool[pairs[vp, 0], vc, vh, vt, vx]
 
     return func
 
@@ -74,13 +74,13 @@ def swap_out(spec: AttentionSpec):
     def func(pool_h: T.handle, ids_h: T.handle, buf_h: T.handle):
         NB = T.int32()
         N = T.int32()
-        P = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
-        I = T.match_buffer(ids_h, (N,), "int32", align=4)
-        BUF = T.match_buffer(buf_h, (N, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
+        kv_pool = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
+        block_ids = T.match_buffer(ids_h, (N,), "int32", align=4)
+        buf = T.match_buffer(buf_h, (N, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
         for i, c, h, t, x in T.grid(N, 2, hkv, bs, d):
             with T.sblock("gather"):
                 vi, vc, vh, vt, vx = T.axis.remap("SSSSS", [i, c, h, t, x])
-                BUF[vi, vc, vh, vt, vx] = P[I[vi], vc, vh, vt, vx]
+                buf[vi, vc, vh, vt, vx] = kv_pool[block_ids[vi], vc, vh, vt, vx]
 
     return func
 
@@ -93,13 +93,13 @@ def swap_in(spec: AttentionSpec):
     def func(buf_h: T.handle, ids_h: T.handle, pool_h: T.handle):
         NB = T.int32()
         N = T.int32()
-        BUF = T.match_buffer(buf_h, (N, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
-        I = T.match_buffer(ids_h, (N,), "int32", align=4)
-        P = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
+        buf = T.match_buffer(buf_h, (N, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
+        block_ids = T.match_buffer(ids_h, (N,), "int32", align=4)
+        kv_pool = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
         for i, c, h, t, x in T.grid(N, 2, hkv, bs, d):
             with T.sblock("scatter"):
                 vi, vc, vh, vt, vx = T.axis.remap("SSSSS", [i, c, h, t, x])
-                P[I[vi], vc, vh, vt, vx] = BUF[vi, vc, vh, vt, vx]
+                kv_pool[block_ids[vi], vc, vh, vt, vx] = buf[vi, vc, vh, vt, vx]
 
     return func
 

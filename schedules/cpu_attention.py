@@ -100,12 +100,12 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
         NT = T.int32()
         NB = T.int32()
         MB = T.int32()
-        Q = T.match_buffer(q_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
-        P = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
-        BT = T.match_buffer(bt_h, (B, MB), "int32", align=4)
-        QI = T.match_buffer(indptr_h, (B + 1,), "int32", align=4)
-        L = T.match_buffer(lens_h, (B,), "int32", align=4)
-        O = T.match_buffer(out_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
+        q = T.match_buffer(q_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
+        kv_pool = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
+        block_tables = T.match_buffer(bt_h, (B, MB), "int32", align=4)
+        q_indptr = T.match_buffer(indptr_h, (B + 1,), "int32", align=4)
+        seq_lens = T.match_buffer(lens_h, (B,), "int32", align=4)
+        out = T.match_buffer(out_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
         # Split-KV partials (decode only; extend never splits, so its workspace is one element).
         WO = T.alloc_buffer((B * hkv * smax * rows * d if decode else 1,), "float32")
         WM = T.alloc_buffer((B * hkv * smax * rows * 2 if decode else 1,), "float32")
@@ -125,9 +125,9 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                 tile = task // num_splits % max_q_tiles
                 h0 = task // (num_splits * max_q_tiles) % (hkv // hpt) * hpt
                 b = task // (num_splits * max_q_tiles * (hkv // hpt))
-                row0 = QI[b]
-                n_new = QI[b + 1] - row0
-                length = L[b]
+                row0 = q_indptr[b]
+                n_new = q_indptr[b + 1] - row0
+                length = seq_lens[b]
                 i0 = tile * qt
                 i1 = T.min(n_new, i0 + qt)
                 # Key range of the whole tile: [k_lo, k_hi).
@@ -145,11 +145,11 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                             acc[hh * rows + r, dd] = T.float32(0)
                             qf[hh * rows + r, dd] = T.if_then_else(
                                 i0 + r // g < i1,
-                                T.cast(Q[T.min(row0 + i0 + r // g, NT - 1), (h0 + hh) * g + r % g, dd], "float32") * q_scale,
+                                T.cast(q[T.min(row0 + i0 + r // g, NT - 1), (h0 + hh) * g + r % g, dd], "float32") * q_scale,
                                 T.float32(0),
                             )
                     for blk in T.serial(blk_lo, blk_hi):
-                        page = BT[b, blk]
+                        page = block_tables[b, blk]
                         t_lo = T.max(k_lo - blk * bs, 0)
                         t_hi = T.min(k_hi - blk * bs, bs)
                         for hh in T.serial(hpt):
@@ -161,7 +161,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                         part[v] = T.float32(0)
                                     for c in T.serial(nd):
                                         for v in T.vectorized(vl):
-                                            part[v] = part[v] + qf[hh * rows + r, c * vl + v] * T.cast(P[page, 0, h0 + hh, t, c * vl + v], "float32")
+                                            part[v] = part[v] + qf[hh * rows + r, c * vl + v] * T.cast(kv_pool[page, 0, h0 + hh, t, c * vl + v], "float32")
                                     dot[0] = T.float32(0)
                                     for v in T.unroll(vl):
                                         dot[0] = dot[0] + part[v]
@@ -192,12 +192,12 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                     if sc[hh * rows + r, t] > T.float32(0):
                                         for c in T.serial(nd):
                                             for v in T.vectorized(vl):
-                                                acc[hh * rows + r, c * vl + v] = acc[hh * rows + r, c * vl + v] + sc[hh * rows + r, t] * T.cast(P[page, 1, h0 + hh, t, c * vl + v], "float32")
+                                                acc[hh * rows + r, c * vl + v] = acc[hh * rows + r, c * vl + v] + sc[hh * rows + r, t] * T.cast(kv_pool[page, 1, h0 + hh, t, c * vl + v], "float32")
                     for hh, r in T.grid(hpt, rows):
                         if i0 + r // g < i1:
                             if num_splits == 1:
                                 for dd in T.vectorized(d):
-                                    O[row0 + i0 + r // g, (h0 + hh) * g + r % g, dd] = T.cast(
+                                    out[row0 + i0 + r // g, (h0 + hh) * g + r % g, dd] = T.cast(
                                         acc[hh * rows + r, dd] / T.max(lrow[hh * rows + r], T.float32(1e-30)), dtype
                                     )
                             else:
@@ -205,7 +205,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                     WO[(((b * hkv + h0 + hh) * smax + split) * rows + r) * d + dd] = acc[hh * rows + r, dd]
                                 WM[(((b * hkv + h0 + hh) * smax + split) * rows + r) * 2] = mrow[hh * rows + r]
                                 WM[(((b * hkv + h0 + hh) * smax + split) * rows + r) * 2 + 1] = lrow[hh * rows + r]
-        for task in T.parallel(B * hq * T.min(num_splits - 1, 1)):
+        for task in T.parallel(B * hq * T.min(num_splits - 1, 1) if decode else 0):
             with T.sblock("merge"):
                 T.reads()
                 T.writes()
@@ -227,6 +227,6 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                     for dd in T.vectorized(d):
                         res[dd] = res[dd] + WO[base * d + dd] * w
                 for dd in T.vectorized(d):
-                    O[QI[b], h * g + r, dd] = T.cast(res[dd] / T.max(tot[1], T.float32(1e-30)), dtype)
+                    out[q_indptr[b], h * g + r, dd] = T.cast(res[dd] / T.max(tot[1], T.float32(1e-30)), dtype)
 
     return attention

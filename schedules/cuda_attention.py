@@ -110,14 +110,16 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
         NT = T.int32()
         NB = T.int32()
         MB = T.int32()
-        Q = T.match_buffer(q_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
-        P = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
-        BT = T.match_buffer(bt_h, (B, MB), "int32", align=4)
-        QI = T.match_buffer(indptr_h, (B + 1,), "int32", align=4)
-        L = T.match_buffer(lens_h, (B,), "int32", align=4)
-        O = T.match_buffer(out_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
-        WO = T.alloc_buffer((B * hkv * smax * rows * d if decode else 1,), "float32")
-        WM = T.alloc_buffer((B * hkv * smax * rows * 2 if decode else 1,), "float32")
+        q = T.match_buffer(q_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
+        kv_pool = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
+        block_tables = T.match_buffer(bt_h, (B, MB), "int32", align=4)
+        q_indptr = T.match_buffer(indptr_h, (B + 1,), "int32", align=4)
+        seq_lens = T.match_buffer(lens_h, (B,), "int32", align=4)
+        out = T.match_buffer(out_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
+        # Split-KV partials. Extend never splits; its idle merge block still indexes split 0 of
+        # sequence 0, so its workspace is one split of one sequence.
+        WO = T.alloc_buffer((B * hkv * smax * rows * d if decode else rows * d,), "float32")
+        WM = T.alloc_buffer((B * hkv * smax * rows * 2 if decode else rows * 2,), "float32")
         for bx in T.thread_binding(B * max_q_tiles, thread="blockIdx.x"):
             for by in T.thread_binding(hkv * num_splits, thread="blockIdx.y"):
                 for tz in T.thread_binding(bdz, thread="threadIdx.z"):
@@ -140,9 +142,9 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                 i0 = bx % max_q_tiles * qt
                                 h = by // num_splits
                                 split = by % num_splits
-                                row0 = QI[b]
-                                n_new = QI[b + 1] - row0
-                                length = L[b]
+                                row0 = q_indptr[b]
+                                n_new = q_indptr[b + 1] - row0
+                                length = seq_lens[b]
                                 i1 = T.min(n_new, i0 + qt)
                                 mine = i0 + ty // g
                                 pos = length - n_new + mine
@@ -155,7 +157,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                 st[1] = T.float32(0)
                                 for v in T.unroll(vec):
                                     ol[v] = T.float32(0)
-                                    ql[v] = T.cast(Q[T.min(row0 + mine, NT - 1), h * g + ty % g, tx * vec + v], "float32") * q_scale
+                                    ql[v] = T.cast(q[T.min(row0 + mine, NT - 1), h * g + ty % g, tx * vec + v], "float32") * q_scale
                                 for it in T.serial(T.ceildiv(T.max(c_hi - c_lo, 0), tile)):
                                     for j in T.serial(load_iters):
                                         row = j * (rows * bdz) + tz * rows + ty
@@ -163,9 +165,9 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                         if row < tile:
                                             if key < c_hi:
                                                 for v in T.vectorized(vec):
-                                                    ks[row, tx * vec + v] = P[BT[b, key // bs], 0, h, key % bs, tx * vec + v]
+                                                    ks[row, tx * vec + v] = kv_pool[block_tables[b, key // bs], 0, h, key % bs, tx * vec + v]
                                                 for v in T.vectorized(vec):
-                                                    vs[row, tx * vec + v] = P[BT[b, key // bs], 1, h, key % bs, tx * vec + v]
+                                                    vs[row, tx * vec + v] = kv_pool[block_tables[b, key // bs], 1, h, key % bs, tx * vec + v]
                                             else:
                                                 for v in T.vectorized(vec):
                                                     ks[row, tx * vec + v] = T.cast(0, kv_dtype)
@@ -222,13 +224,14 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                 if tz == 0 and mine < i1:
                                     if num_splits == 1:
                                         for v in T.unroll(vec):
-                                            O[row0 + mine, h * g + ty % g, tx * vec + v] = T.cast(ol[v] / T.max(st[1], T.float32(1e-30)), dtype)
+                                            out[row0 + mine, h * g + ty % g, tx * vec + v] = T.cast(ol[v] / T.max(st[1], T.float32(1e-30)), dtype)
                                     else:
                                         for v in T.unroll(vec):
                                             WO[(((b * hkv + h) * smax + split) * rows + ty) * d + tx * vec + v] = ol[v]
                                         WM[(((b * hkv + h) * smax + split) * rows + ty) * 2] = st[2]
                                         WM[(((b * hkv + h) * smax + split) * rows + ty) * 2 + 1] = st[1]
-        for bx in T.thread_binding(B * hq * T.min(num_splits - 1, 1), thread="blockIdx.x"):
+        # NOTE: a grid of zero blocks is a launch error, so without splits one idle block runs.
+        for bx in T.thread_binding(T.if_then_else(num_splits > 1, B * hq, 1), thread="blockIdx.x"):
             for tx in T.thread_binding(d, thread="threadIdx.x"):
                 with T.sblock("merge"):
                     T.reads()
@@ -246,6 +249,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                         base = ((b * hkv + h) * smax + s) * rows + r
                         acc[1] = acc[1] + WM[base * 2 + 1] * T.exp2(WM[base * 2] - acc[0])
                         acc[2] = acc[2] + WO[base * d + tx] * T.exp2(WM[base * 2] - acc[0])
-                    O[QI[b], h * g + r, tx] = T.cast(acc[2] / T.max(acc[1], T.float32(1e-30)), dtype)
+                    if num_splits > 1:
+                        out[q_indptr[b], h * g + r, tx] = T.cast(acc[2] / T.max(acc[1], T.float32(1e-30)), dtype)
 
     return attention

@@ -25,7 +25,9 @@ from .errors import (
     SpecError,
     TuneError,
 )
+from .kernels import DecodePlan, ExtendPlan, PagedKernels
 from .kv_cache_manager import KVCacheManager
+from .package import load_package
 from .preemption import PreemptionPolicy
 from .prefix_cache import BlockHash, hash_block_tokens
 from .sequence import KVMetrics, SeqStatus
@@ -41,6 +43,8 @@ __all__ = [
     "BuildError",
     "ConfigError",
     "DTYPES",
+    "DecodePlan",
+    "ExtendPlan",
     "KVCacheManager",
     "KVMetrics",
     "KV_LAYOUT",
@@ -48,6 +52,7 @@ __all__ = [
     "NULL_BLOCK_ID",
     "OutOfBlocksError",
     "PackageError",
+    "PagedKernels",
     "PgenError",
     "PreemptionPolicy",
     "SeqStatus",
@@ -56,5 +61,6 @@ __all__ = [
     "SpecError",
     "TuneError",
     "hash_block_tokens",
+    "load_package",
     "load_spec",
 ]
