@@ -142,11 +142,31 @@ def build_kernels(spec: AttentionSpec, target: str = "llvm", device: str | None 
 
 
 def _compile(spec: AttentionSpec, target: BuildTarget, choices: dict[str, KernelChoice], out: Path) -> dict:
+    signatures, sass = compile_functions(spec, target, {n: c.config for n, c in choices.items()}, out)
+    return {
+        "spec": spec.to_dict(),
+        "target": target.name,
+        "mcpu": target.mcpu,
+        "choices": {n: {"config": c.config, "source": c.source, "rule": c.rule} for n, c in choices.items()},
+        "signatures": signatures,
+        "sass": sass,
+        "versions": versions(),
+    }
+
+
+def compile_functions(spec: AttentionSpec, target: BuildTarget, configs: dict[str, dict[str, Any]],
+                      out: Path) -> tuple[dict[str, list], dict[str, list]]:
+    """Schedule the named kernels with `configs` and compile them into `out`/kernels.so.
+
+    Returns:
+        (argument signatures per kernel, SASS resources per arch: empty for llvm).
+    """
     funcs = {}
-    for name, choice in choices.items():
-        func = rule_for(name, target.kind).apply(spec, target.info, choice.config)
+    for name, config in configs.items():
+        rule = rule_for(name, target.kind)
+        func = rule.apply(spec, target.info, config)
         if func is None:
-            raise BuildError(f"rule {choice.rule} does not apply to {name} on {target.name}")
+            raise BuildError(f"rule {type(rule).__name__} does not apply to {name} on {target.name}")
         funcs[name] = func.with_attr("global_symbol", name)
     mod = tvm.IRModule(funcs)
     signatures = {name: _signature(func) for name, func in funcs.items()}
@@ -172,15 +192,7 @@ def _compile(spec: AttentionSpec, target: BuildTarget, choices: dict[str, Kernel
         raise
     except Exception as err:  # TVM raises TVMError/RuntimeError/ValueError alike
         raise BuildError(f"compiling {spec.uri} for {target.name} failed: {err}") from err
-    return {
-        "spec": spec.to_dict(),
-        "target": target.name,
-        "mcpu": target.mcpu,
-        "choices": {n: {"config": c.config, "source": c.source, "rule": c.rule} for n, c in choices.items()},
-        "signatures": signatures,
-        "sass": sass,
-        "versions": versions(),
-    }
+    return signatures, sass
 
 
 def _from_meta(spec, target, folder: Path, key: str, choices, cached: bool) -> BuiltLibrary:

@@ -26,8 +26,13 @@ def parse_device(device: str) -> tvm_ffi.Device:
 
 
 def empty(shape, dtype: str, device: tvm_ffi.Device):
-    """An uninitialized tensor on `device`."""
-    alloc = tvm_ffi.get_global_func("runtime.TVMTensorAllocWithScope")
+    """An uninitialized tensor on `device` (a numpy array on the CPU, except for bfloat16)."""
+    if device.dlpack_device_type() == 1 and dtype != "bfloat16":
+        return np.empty(tuple(int(s) for s in shape), dtype)
+    alloc = tvm_ffi.get_global_func("runtime.TVMTensorAllocWithScope", allow_missing=True)
+    if alloc is None:
+        raise ShapeError(f"allocating {dtype} on {device} needs TVM's runtime library: load a package "
+                         "(pgen_runtime.load_package) or build kernels (pgen.build_kernels) first")
     return alloc(tvm_ffi.Shape([int(s) for s in shape]), tvm_ffi.dtype(dtype), device, None)
 
 
@@ -37,9 +42,15 @@ def from_numpy(array: np.ndarray, device: tvm_ffi.Device):
     if device.dlpack_device_type() == 1:
         return array
     out = empty(array.shape, str(array.dtype), device)
-    copy = tvm_ffi.get_global_func("runtime.TVMTensorCopyFromBytes")
-    copy(out, array.ctypes.data_as(ctypes.c_void_p), array.nbytes)
+    copy_from_bytes(out, array)
     return out
+
+
+def copy_from_bytes(tensor, array: np.ndarray) -> None:
+    """Copy the bytes of a contiguous host array into `tensor` (same byte size, any device)."""
+    array = np.ascontiguousarray(array)
+    copy = tvm_ffi.get_global_func("runtime.TVMTensorCopyFromBytes")
+    copy(tensor, array.ctypes.data_as(ctypes.c_void_p), array.nbytes)
 
 
 def to_numpy(tensor, dtype: str | None = None) -> np.ndarray:

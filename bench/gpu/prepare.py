@@ -1,0 +1,61 @@
+"""The GPU check, build-host half: gather into .gpu/ everything bench/gpu/check.py needs on the GPU.
+
+- packages/: fat pgen packages (llvm + sm_80 + sm_90) for Llama-3-8B and Qwen2.5-0.5B shapes,
+  fp16 and bf16;
+- bundles/: offline tuning bundles (every decode/extend candidate) for the Llama-3-8B fp16 spec;
+- runtime/: the pgen_runtime sources (the device has no pgen and no apache-tvm);
+- wheels/: apache-tvm-ffi for the device's Python 3.12.
+
+Then run bench/gpu/run.sh there (one command, well under 10 minutes), bring $OUT back, and ingest
+the tuning results with `pgen tune --ingest OUT/tune_<bundle>.json --bundle .gpu/bundles/<bundle>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TVM_FFI = "apache-tvm-ffi==0.1.14.post0"
+SPECS = ("llama3-8b", "qwen2.5-0.5b")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(REPO / ".gpu"))
+    parser.add_argument("--trials", type=int, default=24, help="tuning candidates per kernel")
+    args = parser.parse_args()
+
+    import pgen
+    from pgen.package import package
+    from pgen.tune import emit_bundle
+
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "packages").mkdir(parents=True)
+    for name in SPECS:
+        base = pgen.load_spec(REPO / "specs" / f"{name}.toml")
+        for dtype in ("float16", "bfloat16"):
+            spec = dataclasses.replace(base, dtype=dtype, kv_dtype=dtype)
+            package(spec, "llvm,cuda:sm_80,sm_90", out / "packages" / f"{name}-{dtype}.pgenpkg",
+                    progress=lambda line: print(line.splitlines()[0], flush=True))
+    llama = pgen.load_spec(REPO / "specs" / "llama3-8b.toml")
+    emit_bundle(llama, "cuda:sm_90", out / "bundles" / f"{llama.uri}", trials=args.trials,
+                progress=lambda line: print(line, flush=True))
+    shutil.copytree(REPO / "runtime" / "pgen_runtime", out / "runtime" / "pgen_runtime",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
+                    "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
+                    "-d", str(out / "wheels"), TVM_FFI], check=True)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"{out}: {size / 2**20:.1f} MiB ready; on the GPU run: bash bench/gpu/run.sh")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

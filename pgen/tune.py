@@ -1,0 +1,229 @@
+"""Autotuning: search a rule's knobs per target, measure, and keep the records in tuning_logs/.
+
+Candidates are the rule's knob space pruned by `check` (the target's limits), default first, then a
+seeded sample. Each is compiled alone into its own library (in parallel processes), then measured:
+in this process for the CPU, or offline for devices that cannot reach this host — `emit_bundle`
+writes every candidate plus the TVM runtime into one folder that `python -m pgen_runtime.measure`
+times on the device, and `ingest` turns its results into the same log an online run writes. A
+candidate that fails to build or run gets no time (infinite) and the run goes on. Runs resume:
+candidates already in the log for the same workload are not measured again.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import datetime
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pgen_runtime.errors import TuneError
+from pgen_runtime.measure import BUNDLE, default_workload, make_inputs, time_kernel
+from pgen_runtime.spec import AttentionSpec
+
+from . import tuning_log
+from .build import compile_functions, versions
+from .schedules import rule_for
+from .target import BuildTarget, host_target_id, parse_targets
+
+TUNABLE = ("decode", "extend")
+# Workers start fresh: forking a process that holds TVM's thread pool and CUDA state is unsafe.
+_SPAWN = multiprocessing.get_context("spawn")
+
+
+def candidates(spec: AttentionSpec, target: BuildTarget, kernel: str, trials: int, seed: int = 0) -> list[dict]:
+    """Up to `trials` valid configs of `kernel`'s rule: the default, then a seeded sample of the rest."""
+    space = list(rule_for(kernel, target.kind).space(spec, target.info))
+    default, rest = space[0], space[1:]
+    random.Random(seed).shuffle(rest)
+    return [default] + rest[: max(trials - 1, 0)]
+
+
+def candidate_key(kernel: str, config: dict, workload: dict) -> str:
+    text = json.dumps([kernel, config, workload], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def tune(spec: AttentionSpec, target: str | BuildTarget = "llvm", kernels: tuple[str, ...] = TUNABLE,
+         trials: int = 8, workloads: dict[str, dict] | None = None, log_root: Path | None = None,
+         jobs: int = 2, progress: Callable[[str], None] | None = None) -> Path:
+    """Tune `kernels` of `spec` on this host's CPU and write (or extend) its tuning log.
+
+    Returns:
+        The log's path.
+    """
+    target = parse_targets(target)[0] if isinstance(target, str) else target
+    if target.kind != "llvm":
+        raise TuneError(f"tuning {target.name} needs its device: use emit_bundle (pgen tune --offline) "
+                        "on this host, run the bundle's measuring script there, then ingest the results")
+    path = tuning_log.log_path(spec, host_target_id(), log_root)
+    log = _open_log(path, spec, target, {"kind": "cpu", "name": host_target_id()})
+    done = {r.get("key") for r in log["records"]}
+    todo = []
+    for kernel in kernels:
+        workload = (workloads or {}).get(kernel) or default_workload(kernel, "cpu")
+        for config in candidates(spec, target, kernel, trials):
+            key = candidate_key(kernel, config, workload)
+            if key not in done:
+                todo.append((kernel, config, workload, key))
+    bar = _Progress(len(todo), progress)
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=_SPAWN) as pool:
+        futures = [(c, pool.submit(_build_candidate, spec, target, c[0], c[1], _scratch() / c[3])) for c in todo]
+        for (kernel, config, workload, key), future in futures:
+            record = {"kernel": kernel, "config": config, "workload": workload, "key": key}
+            try:
+                library = future.result()
+                record.update(_measure_local(spec, kernel, config, workload, library))
+            except Exception as err:  # failed build or run: infinite time, the run goes on
+                record.update(times_ms=[], median_ms=None, error=f"{type(err).__name__}: {err}")
+            log["records"].append(record)
+            _save_log(path, log)
+            bar.step(record)
+    return path
+
+
+def emit_bundle(spec: AttentionSpec, target: str | BuildTarget, out: Path, kernels: tuple[str, ...] = TUNABLE,
+                trials: int = 8, workloads: dict[str, dict] | None = None, jobs: int = 2,
+                progress: Callable[[str], None] | None = None) -> Path:
+    """Build every candidate into one folder that the device measures with only pgen_runtime."""
+    from . import cuda
+
+    target = parse_targets(target)[0] if isinstance(target, str) else target
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "lib" / "tvm").mkdir(parents=True)
+    for lib in cuda.tvm_runtime_lib_paths(cuda=target.kind == "cuda"):
+        shutil.copy2(lib, out / "lib" / "tvm" / lib.name)
+    kind = "cuda" if target.kind == "cuda" else "cpu"
+    workloads = {k: (workloads or {}).get(k) or default_workload(k, kind) for k in kernels}
+    todo = [(k, c) for k in kernels for c in candidates(spec, target, k, trials)]
+    bar = _Progress(len(todo), progress, measured=False)
+    entries = []
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=_SPAWN) as pool:
+        jobs_ = []
+        for kernel, config in todo:
+            key = candidate_key(kernel, config, workloads[kernel])
+            jobs_.append((kernel, config, key, pool.submit(_build_candidate, spec, target, kernel, config, out / "candidates" / key)))
+        for kernel, config, key, future in jobs_:
+            try:
+                future.result()
+                entries.append({"kernel": kernel, "config": config, "key": key,
+                                "library": f"candidates/{key}/kernels.so"})
+                bar.step({"kernel": kernel, "config": config, "median_ms": None})
+            except Exception as err:  # recorded as failed at ingest time
+                entries.append({"kernel": kernel, "config": config, "key": key, "library": None,
+                                "build_error": f"{type(err).__name__}: {err}"})
+                bar.step({"kernel": kernel, "config": config, "error": str(err)})
+    meta = {"bundle_id": hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:12],
+            "spec": spec.to_dict(), "target": target.name, "target_kind": target.kind, "versions": versions(),
+            "workloads": workloads, "candidates": [e for e in entries if e["library"]],
+            "build_failures": [e for e in entries if not e["library"]]}
+    (out / BUNDLE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+    return out
+
+
+def ingest(results_file: Path, bundle: Path | None = None, log_root: Path | None = None) -> Path:
+    """Merge a device's results file (and the bundle's build failures) into that device's tuning log."""
+    try:
+        results = json.loads(Path(results_file).read_text())
+        spec = AttentionSpec.from_dict(results["spec"], source=str(results_file))
+        device, kind = results["device"], results["target_kind"]
+    except (OSError, ValueError, KeyError) as err:
+        raise TuneError(f"results file {results_file} is unreadable or incomplete ({err}); run the measuring "
+                        "script again") from None
+    target_id = device_target_id(device)
+    path = tuning_log.log_path(spec, target_id, log_root)
+    target = BuildTarget(kind, archs=(device.get("arch", ""),) if kind == "cuda" else ())
+    log = _open_log(path, spec, target, device)
+    known = {r.get("key") for r in log["records"]}
+    failures = []
+    if bundle is not None:
+        meta = json.loads((Path(bundle) / BUNDLE).read_text())
+        failures = [{**f, "times_ms": [], "median_ms": None, "error": f["build_error"]} for f in meta["build_failures"]]
+    for rec in results["results"] + failures:
+        if rec["key"] not in known:
+            log["records"].append({k: rec.get(k) for k in ("kernel", "config", "workload", "key", "times_ms",
+                                                          "median_ms", "error")})
+    _save_log(path, log)
+    return path
+
+
+def device_target_id(device: dict[str, Any]) -> str:
+    """tuning_logs/ folder of a device: `cuda-sm_90-nvidia-h200`, or the CPU's id."""
+    if device.get("kind") == "cuda":
+        name = "".join(c if c.isalnum() else "-" for c in device["name"].lower()).strip("-")
+        return f"cuda-{device['arch']}-{name}"
+    return host_target_id()
+
+
+def _build_candidate(spec, target, kernel, config, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    compile_functions(spec, target, {kernel: config}, out)
+    return out / "kernels.so"
+
+
+def _measure_local(spec, kernel, config, workload, library: Path) -> dict[str, Any]:
+    import tvm
+
+    from pgen_runtime.kernels import PagedKernels
+
+    module = tvm.runtime.load_module(str(library))
+    kernels = PagedKernels(spec, {kernel: module[kernel]}, "cpu", {kernel: config})
+    times = time_kernel(kernels, kernel, make_inputs(spec, kernel, workload, "cpu"))
+    return {"times_ms": times, "median_ms": statistics.median(times), "error": None}
+
+
+def _open_log(path: Path, spec: AttentionSpec, target: BuildTarget, device: dict) -> dict[str, Any]:
+    if path.is_file():
+        return tuning_log.load(path, spec, target.kind)
+    return {"format": tuning_log.FORMAT, "target_id": path.parent.name, "target_kind": target.kind,
+            "device": device, "spec": spec.to_dict(), "spec_uri": spec.uri, "versions": versions(),
+            "date": datetime.date.today().isoformat(), "records": []}
+
+
+def _save_log(path: Path, log: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log["date"] = datetime.date.today().isoformat()
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(log, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _scratch() -> Path:
+    from .build import cache_root
+
+    return cache_root().parent / "tune"
+
+
+class _Progress:
+    """One line per candidate: done/total, ETA and the best time so far per kernel."""
+
+    def __init__(self, total: int, sink: Callable[[str], None] | None, measured: bool = True) -> None:
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+        self.sink = sink or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.best: dict[str, float] = {}
+        self.measured = measured
+
+    def step(self, record: dict[str, Any]) -> None:
+        self.done += 1
+        t = record.get("median_ms")
+        if t is not None:
+            self.best[record["kernel"]] = min(t, self.best.get(record["kernel"], float("inf")))
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.done * (self.total - self.done)
+        width = 24
+        filled = int(width * self.done / max(self.total, 1))
+        best = " ".join(f"{k}={v:.3f}ms" for k, v in sorted(self.best.items()))
+        status = f"{t:.3f} ms" if t is not None else ("built" if not self.measured and not record.get("error") else "failed")
+        self.sink(f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} ETA {eta:5.0f}s "
+                  f"{record['kernel']} {json.dumps(record['config'], sort_keys=True)} -> {status}"
+                  + (f" | best {best}" if best else ""))

@@ -1,0 +1,189 @@
+"""Measure kernels on realistic paged inputs; also the offline tuning bundle's measuring script.
+
+`python -m pgen_runtime.measure BUNDLE --device cuda:0 -o results.json` needs only this runtime
+(numpy + apache-tvm-ffi): it loads every candidate library of a bundle written by `pgen tune
+--offline`, times each on the bundle's workload, and writes the results file that `pgen tune
+--ingest` turns into a tuning log. A candidate that fails to load or run gets no time and its
+error, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .kernels import PagedKernels
+from .spec import AttentionSpec
+from .tensors import copy_from_bytes, empty, from_numpy, parse_device
+
+BUNDLE = "bundle.json"
+
+
+def default_workload(kernel: str, device_kind: str) -> dict[str, Any]:
+    """A representative step: long-context decode, chunked-prefill extend (smaller on the CPU)."""
+    if kernel == "decode":
+        return {"seq_lens": [4096] * (8 if device_kind == "cpu" else 32)}
+    if kernel == "extend":
+        return {"seq_lens": [1024] * (2 if device_kind == "cpu" else 8), "new_tokens": [256] * (2 if device_kind == "cpu" else 8)}
+    return {"num_tokens": 4096 if device_kind == "cpu" else 32768}
+
+
+def make_inputs(spec: AttentionSpec, kernel: str, workload: dict[str, Any], device: str, seed: int = 0) -> tuple:
+    """Arguments for one `PagedKernels` call: random data, valid block tables in random order."""
+    rng = np.random.default_rng(seed)
+    dev = parse_device(device)
+    bs = spec.block_size
+    lens = np.asarray(workload.get("seq_lens", [workload.get("num_tokens", 4096)]), np.int32)
+    per_seq = -(-lens // bs)
+    num_blocks = int(per_seq.sum()) + 1
+    order = 1 + rng.permutation(num_blocks - 1)
+    tables = np.zeros((len(lens), int(per_seq.max())), np.int32)
+    start = 0
+    for b, n in enumerate(per_seq):
+        tables[b, :n] = order[start:start + n]
+        start += n
+    pool = _random(rng, (num_blocks, 2, spec.num_kv_heads, bs, spec.head_dim), spec.kv_dtype, dev)
+    put = lambda a: from_numpy(a, dev)  # noqa: E731
+    if kernel == "decode":
+        q = _random(rng, (len(lens), spec.num_q_heads, spec.head_dim), spec.dtype, dev)
+        out = empty((len(lens), spec.num_q_heads, spec.head_dim), spec.dtype, dev)
+        return q, pool, put(tables), put(lens), out
+    if kernel == "extend":
+        new = np.asarray(workload["new_tokens"], np.int32)
+        indptr = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
+        q = _random(rng, (int(indptr[-1]), spec.num_q_heads, spec.head_dim), spec.dtype, dev)
+        out = empty(q.shape, spec.dtype, dev)
+        return q, pool, put(tables), put(indptr), put(lens), out
+    if kernel == "cache_write":
+        slots = np.concatenate([tables[b, np.arange(n) // bs] * bs + np.arange(n) % bs for b, n in enumerate(lens)])
+        k = _random(rng, (len(slots), spec.num_kv_heads, spec.head_dim), spec.dtype, dev)
+        v = _random(rng, (len(slots), spec.num_kv_heads, spec.head_dim), spec.dtype, dev)
+        return k, v, pool, put(slots.astype(np.int32))
+    ids = order[: max(1, (num_blocks - 1) // 2)].astype(np.int32)
+    if kernel == "copy_blocks":
+        half = len(ids) // 2
+        return pool, put(np.stack([ids[:half], ids[half:2 * half]], axis=1).astype(np.int32))
+    buf = empty((len(ids), 2, spec.num_kv_heads, bs, spec.head_dim), spec.kv_dtype, dev)
+    if kernel == "swap_out":
+        return pool, put(ids), buf
+    return buf, put(ids), pool
+
+
+def time_kernel(kernels: PagedKernels, kernel: str, args: tuple, warmup: int = 3, repeats: int = 10,
+                min_seconds: float = 0.02) -> list[float]:
+    """Milliseconds per call, `repeats` times: each the mean of enough calls to last min_seconds."""
+    call = getattr(kernels, kernel)
+    plan = _plan(kernels, kernel, args)
+    run = (lambda: call(*args, plan=plan)) if plan is not None else (lambda: call(*args))
+    sync = _sync(kernels.device)
+    for _ in range(warmup):
+        run()
+    sync()
+    start = time.perf_counter()
+    run()
+    sync()
+    number = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-6)))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(number):
+            run()
+        sync()
+        times.append((time.perf_counter() - start) / number * 1e3)
+    return times
+
+
+def measure_bundle(bundle: str | Path, device: str, progress=print) -> dict[str, Any]:
+    """Time every candidate of an offline tuning bundle on this device."""
+    import tvm_ffi
+
+    from ._tvm_libs import load_tvm_runtime_libs
+
+    root = Path(bundle)
+    meta = json.loads((root / BUNDLE).read_text())
+    spec = AttentionSpec.from_dict(meta["spec"])
+    load_tvm_runtime_libs(root / "lib" / "tvm", cuda=device.startswith("cuda"))
+    results = []
+    inputs: dict[str, tuple] = {}  # one set per kernel: every candidate sees the same data
+    for i, cand in enumerate(meta["candidates"]):
+        record = {k: cand[k] for k in ("kernel", "config", "key")}
+        try:
+            module = tvm_ffi.load_module(str(root / cand["library"]))
+            kernels = PagedKernels(spec, {cand["kernel"]: module[cand["kernel"]]}, device, {cand["kernel"]: cand["config"]})
+            workload = meta["workloads"][cand["kernel"]]
+            if cand["kernel"] not in inputs:
+                inputs[cand["kernel"]] = make_inputs(spec, cand["kernel"], workload, device)
+            times = time_kernel(kernels, cand["kernel"], inputs[cand["kernel"]])
+            record.update(times_ms=times, median_ms=statistics.median(times), error=None, workload=workload)
+        except Exception as err:  # a broken candidate is recorded, never fatal
+            record.update(times_ms=[], median_ms=None, error=f"{type(err).__name__}: {err}")
+        results.append(record)
+        shown = f"{record['median_ms']:.4f} ms" if record["median_ms"] is not None else record["error"][:80]
+        progress(f"[{i + 1}/{len(meta['candidates'])}] {cand['kernel']} {json.dumps(cand['config'], sort_keys=True)}: {shown}")
+    return {"bundle": meta["bundle_id"], "spec": meta["spec"], "target_kind": meta["target_kind"],
+            "device": device_info(device), "results": results}
+
+
+def device_info(device: str) -> dict[str, Any]:
+    """Name and arch of `device`, for the tuning log's target id."""
+    import platform
+
+    import tvm_ffi
+
+    dev = parse_device(device)
+    if dev.dlpack_device_type() == 1:
+        return {"kind": "cpu", "name": platform.processor() or platform.machine(), "machine": platform.machine()}
+    attr = tvm_ffi.get_global_func("runtime.GetDeviceAttr")
+    major, minor = str(attr(2, dev.index, 4)).split(".")
+    return {"kind": "cuda", "name": str(attr(2, dev.index, 5)), "arch": f"sm_{major}{minor}"}
+
+
+def _plan(kernels: PagedKernels, kernel: str, args: tuple):
+    if kernel == "decode":
+        return kernels.plan_decode(args[2], args[3], int(args[1].shape[0]))
+    if kernel == "extend":
+        return kernels.plan_extend(args[2], args[3], args[4], int(args[1].shape[0]))
+    return None
+
+
+def _sync(device: str):
+    if not device.startswith("cuda"):
+        return lambda: None
+    import tvm_ffi
+
+    sync = tvm_ffi.get_global_func("runtime.Device_StreamSync")
+    dev = parse_device(device)
+    return lambda: sync(dev, 0)
+
+
+def _random(rng: np.random.Generator, shape: tuple, dtype: str, dev):
+    data = (rng.standard_normal(shape, dtype=np.float32) * 0.5)
+    if dtype == "bfloat16":
+        bits = (data.view(np.uint32) >> 16).astype(np.uint16)
+        out = empty(shape, "bfloat16", dev)
+        copy_from_bytes(out, bits)
+        return out
+    return from_numpy(data.astype(dtype), dev)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pgen_runtime.measure", description=__doc__.splitlines()[0])
+    parser.add_argument("bundle", help="folder written by pgen tune --offline")
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("-o", "--out", required=True, help="results JSON to bring back for pgen tune --ingest")
+    args = parser.parse_args(argv)
+    results = measure_bundle(args.bundle, args.device, progress=lambda line: print(line, flush=True))
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out}: {len(results['results'])} candidates")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
