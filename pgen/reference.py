@@ -1,6 +1,7 @@
 """Float64 NumPy references for every pgen kernel, gathering K/V through the block table.
 
 Used by `pgen check` (the quick start's main job) and by the tests; there is no other reference.
+"""
 
 from __future__ import annotations
 

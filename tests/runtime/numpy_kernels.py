@@ -17,7 +17,7 @@ from pgen_runtime import AttentionSpec
 # NOTE: the one line to switch when pgen's CPU kernels land. "auto" uses pgen.build_kernels when it
 # imports and builds, else these NumPy kernels; "pgen" requires the real kernels (tests fail
 # without them), which is what the runtime tests must end up running.
-KERNELS = "auto"
+KERNELS = "pgen"
 
 SPEC = AttentionSpec(num_q_heads=2, num_kv_heads=1, head_dim=32, block_size=4, dtype="float32")
 
