@@ -76,14 +76,14 @@ class AttentionSpec:
                 raise SpecError(f"{name}={value!r} is not supported; use one of {', '.join(DTYPES)}")
         if self.scale is None:
             object.__setattr__(self, "scale", 1.0 / math.sqrt(self.head_dim))
-        elif not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):
+        elif not (_is_number(self.scale) and math.isfinite(self.scale) and self.scale > 0):
             raise SpecError(f"scale={self.scale!r} must be a positive finite number (or omitted)")
         object.__setattr__(self, "scale", float(self.scale))
         if self.sliding_window is not None:
             _check_int("sliding_window", self.sliding_window, 1, 1 << 30)
         if self.logit_softcap is not None:
             cap = self.logit_softcap
-            if not (isinstance(cap, (int, float)) and math.isfinite(cap) and cap > 0):
+            if not (_is_number(cap) and math.isfinite(cap) and cap > 0):
                 raise SpecError(f"logit_softcap={cap!r} must be a positive finite number (or omitted)")
             object.__setattr__(self, "logit_softcap", float(cap))
 
@@ -164,6 +164,8 @@ def load_spec(path: str | Path) -> AttentionSpec:
     except tomllib.TOMLDecodeError as err:
         raise SpecError(f"spec file {str(path)!r} is not valid TOML: {err}") from None
     if "attention" in data:
+        if not isinstance(data["attention"], dict):
+            raise SpecError(f"spec file {str(path)!r}: attention must be a table; write the keys under [attention]")
         extra = {k: v for k, v in data.items() if k not in ("attention", "name")}
         if extra:
             raise SpecError(f"spec file {str(path)!r}: keys {sorted(extra)} belong under [attention]")
@@ -173,6 +175,10 @@ def load_spec(path: str | Path) -> AttentionSpec:
         data = body
     data.setdefault("name", path.stem)
     return AttentionSpec.from_dict(data, source=f"spec file {str(path)!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
