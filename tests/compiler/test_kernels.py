@@ -1,0 +1,78 @@
+"""All six CPU kernels against the float64 reference, over the spec grid of the kernels issue.
+
+Inputs are random with random block placement and NaN in every slot no sequence uses, so a kernel
+that reads a padded slot, an unused block or the null block shows NaN in its output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import reference
+from kernel_grid import ALL, lengths
+
+from pgen_runtime import DecodePlan
+
+
+def _extend_tokens(spec) -> list[int]:
+    """New tokens per sequence of `lengths(spec)`: two pure prefills, a block-crossing step, a chunk."""
+    bs = spec.block_size
+    return [1, max(bs - 1, 1), 2, 67]
+
+
+@pytest.mark.parametrize("spec", ALL)
+def test_all_six_kernels_match_the_reference(spec, build_kernels):
+    case = reference.paged_case(spec, lengths(spec), _extend_tokens(spec), seed=spec.head_dim)
+    got = reference.run_kernels(build_kernels(spec), case)
+    reference.assert_kernels_match(spec, got, reference.expected(spec, case))
+
+
+@pytest.mark.parametrize("splits", [2, 3, "max"])
+@pytest.mark.parametrize("spec", ALL)
+def test_split_kv_decode_merges_to_the_same_result(spec, splits, build_kernels):
+    kernels = build_kernels(spec)
+    splits = kernels.configs["decode"]["max_splits"] if splits == "max" else splits
+    case = reference.paged_case(spec, lengths(spec), seed=splits)
+    pool, tables, lens, q = case["pool"], case["block_tables"], case["seq_lens"], case["q_decode"]
+    plan = DecodePlan(num_splits=splits, batch=len(lens), indptr=np.arange(len(lens) + 1, dtype=np.int32))
+    out = np.full_like(q, np.nan)
+    kernels.decode(q, pool, tables, lens, out, plan=plan)
+    reference.assert_attention_close(spec, out, reference.decode(spec, q, pool, tables, lens), "decode")
+    reference.assert_same_bytes(pool, case["pool"], "kv_pool after decode")
+
+
+@pytest.mark.parametrize("spec", ALL)
+def test_plan_splits_long_contexts_when_the_batch_is_small(spec, build_kernels, monkeypatch):
+    kernels = build_kernels(spec)
+    monkeypatch.setattr(kernels, "parallelism", 1024)
+    case = reference.paged_case(spec, [2048 + 1, 5000], seed=7)
+    pool, tables, lens, q = case["pool"], case["block_tables"], case["seq_lens"], case["q_decode"]
+    plan = kernels.plan_decode(tables, lens, len(pool))
+    assert plan.num_splits > 1
+    out = np.full_like(q, np.nan)
+    kernels.decode(q, pool, tables, lens, out, plan=plan)
+    reference.assert_attention_close(spec, out, reference.decode(spec, q, pool, tables, lens), "decode")
+
+
+@pytest.mark.parametrize("spec", ALL)
+def test_chunked_prefill_continues_where_the_last_chunk_stopped(spec, build_kernels):
+    """Prefill one sequence in chunks (the others idle with 0 new tokens) and all at once."""
+    kernels = build_kernels(spec)
+    total = 3 * spec.block_size + 5
+    chunks = [spec.block_size + 3, 1, total - spec.block_size - 4]
+    case = reference.paged_case(spec, [total, 9], [total, 0], seed=3)
+    pool, tables = case["pool"], case["block_tables"]
+    whole = np.full_like(case["q_extend"], np.nan)
+    kernels.extend(case["q_extend"], pool, tables, case["q_indptr"], case["seq_lens"], whole)
+    reference.assert_attention_close(spec, whole, reference.extend(spec, case["q_extend"], pool, tables,
+                                                                   case["q_indptr"], case["seq_lens"]), "prefill")
+    done = 0
+    for n in chunks:
+        lens = np.array([done + n, 9], np.int32)
+        indptr = np.array([0, n, n], np.int32)
+        q = case["q_extend"][done : done + n]
+        out = np.full_like(q, np.nan)
+        kernels.extend(q, pool, tables, indptr, lens, out)
+        reference.assert_attention_close(spec, out, whole[done : done + n].astype(np.float64), f"chunk at {done}")
+        done += n
+    reference.assert_same_bytes(pool, case["pool"], "kv_pool after extend")
