@@ -100,11 +100,11 @@ class PagedKernels:
     def decode(self, q, kv_pool, block_tables, seq_lens, out, *, plan: DecodePlan | None = None) -> None:
         """out[b] = attention of q[b] [Hq, D] over the first seq_lens[b] cached tokens."""
         s = self.spec
-        batch = _dim(block_tables, 0)
+        batch = _dim(block_tables, 0, "block_tables")
+        self._check("block_tables", block_tables, (batch, None), "int32")
         self._check("q", q, (batch, s.num_q_heads, s.head_dim), s.dtype)
         self._check("out", out, (batch, s.num_q_heads, s.head_dim), s.dtype)
         self._check_pool(kv_pool)
-        self._check("block_tables", block_tables, (batch, None), "int32")
         self._check("seq_lens", seq_lens, (batch,), "int32")
         plan = plan or self.plan_decode(block_tables, seq_lens, _dim(kv_pool, 0))
         _same_batch(plan.batch, batch)
@@ -113,11 +113,11 @@ class PagedKernels:
     def extend(self, q, kv_pool, block_tables, q_indptr, seq_lens, out, *, plan: ExtendPlan | None = None) -> None:
         """Ragged new tokens q [T, Hq, D] attend causally to their sequences' paged cache."""
         s = self.spec
-        batch, tokens = _dim(block_tables, 0), _dim(q, 0)
+        batch, tokens = _dim(block_tables, 0, "block_tables"), _dim(q, 0, "q")
+        self._check("block_tables", block_tables, (batch, None), "int32")
         self._check("q", q, (tokens, s.num_q_heads, s.head_dim), s.dtype)
         self._check("out", out, (tokens, s.num_q_heads, s.head_dim), s.dtype)
         self._check_pool(kv_pool)
-        self._check("block_tables", block_tables, (batch, None), "int32")
         self._check("q_indptr", q_indptr, (batch + 1,), "int32")
         self._check("seq_lens", seq_lens, (batch,), "int32")
         plan = plan or self.plan_extend(block_tables, q_indptr, seq_lens, _dim(kv_pool, 0))
@@ -129,7 +129,7 @@ class PagedKernels:
     def cache_write(self, k, v, kv_pool, slot_mapping) -> None:
         """Write k, v [T, Hkv, D] to slots block*block_size + offset; a negative slot is skipped."""
         s = self.spec
-        tokens = _dim(k, 0)
+        tokens = _dim(k, 0, "k")
         self._check("k", k, (tokens, s.num_kv_heads, s.head_dim), s.dtype)
         self._check("v", v, (tokens, s.num_kv_heads, s.head_dim), s.dtype)
         self._check_pool(kv_pool)
@@ -176,7 +176,7 @@ class PagedKernels:
 
     def _swap(self, name: str, kv_pool, block_ids, buf) -> None:
         s = self.spec
-        n = _dim(block_ids, 0)
+        n = _dim(block_ids, 0, "block_ids")
         self._check_pool(kv_pool)
         self._check("block_ids", block_ids, (n,), "int32")
         self._check("host_buf", buf, (n, 2, s.num_kv_heads, s.block_size, s.head_dim), s.kv_dtype)
@@ -234,8 +234,12 @@ def _meta(array, name: str) -> tuple[tuple[int, ...], str, int]:
     return tuple(int(d) for d in tensor.shape), str(tensor.dtype), tensor.device.dlpack_device_type()
 
 
-def _dim(array, axis: int) -> int:
-    return int(array.shape[axis])
+def _dim(array, axis: int, name: str = "array") -> int:
+    shape = getattr(array, "shape", None)
+    if shape is None or len(shape) <= axis:
+        raise ShapeError(f"{name} must be a numpy array or a DLPack tensor with at least {axis + 1} dimension(s); "
+                         f"got {type(array).__name__} of shape {shape}")
+    return int(shape[axis])
 
 
 def _readable(array) -> bool:
