@@ -10,13 +10,15 @@ registry of apache-tvm-ffi. Two of those helpers live outside tvm_ffi:
   CUDA library fails with "a loader of that name is not registered". It needs `libcudart.so.13`
   (shipped next to it, or the system's) and the driver's `libcuda.so.1` (never shipped).
 
-NOTE: never call this in a process that imported `tvm`: a second copy of libtvm_runtime.so from
-another path registers every global function twice.
+NOTE: a second copy of libtvm_runtime.so from another path registers every global function twice,
+which aborts the process. In a process that imported `tvm`, tvm's own copy serves CPU packages, and
+a CUDA package is refused with a PackageError instead.
 """
 
 from __future__ import annotations
 
 import ctypes
+import sys
 from pathlib import Path
 
 import tvm_ffi  # noqa: F401  # loads libtvm_ffi.so, which both libraries link against
@@ -51,6 +53,12 @@ def load_tvm_runtime_libs(lib_dir: str | Path, cuda: bool) -> None:
     Raises:
         PackageError: a library is missing or cannot be loaded; the message names the fix.
     """
+    if "tvm" in sys.modules:
+        if cuda:
+            raise PackageError("this process imported tvm, whose runtime would clash with the package's CUDA "
+                               "runtime; load CUDA packages in a process without tvm, or use "
+                               "pgen.build_kernels(spec, 'cuda:sm_XX') here")
+        return
     lib_dir = Path(lib_dir)
     global_mode = ctypes.RTLD_GLOBAL
     if cuda:
