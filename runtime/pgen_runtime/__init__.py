@@ -27,6 +27,7 @@ from .errors import (
 )
 from .kernels import DecodePlan, ExtendPlan, PagedKernels
 from .kv_cache_manager import KVCacheManager
+from .llm import LLM, RequestOutput, SamplingParams
 from .package import load_package
 from .preemption import PreemptionPolicy
 from .prefix_cache import BlockHash, hash_block_tokens
@@ -48,6 +49,7 @@ __all__ = [
     "KVCacheManager",
     "KVMetrics",
     "KV_LAYOUT",
+    "LLM",
     "ModelImportError",
     "NULL_BLOCK_ID",
     "OutOfBlocksError",
@@ -55,6 +57,8 @@ __all__ = [
     "PagedKernels",
     "PgenError",
     "PreemptionPolicy",
+    "RequestOutput",
+    "SamplingParams",
     "SeqStatus",
     "SequenceError",
     "ShapeError",

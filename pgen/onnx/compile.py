@@ -1,0 +1,127 @@
+"""`compile_model`: ONNX decoder export -> rewritten graph -> Relax -> model library -> package.
+
+The package is a kernel package (`pgen.package` format: kernels, TVM runtime libraries, manifest
+with hashes) plus, per target, `model.so` (the Relax VM executable, weights embedded as constants)
+and a `model` section in the manifest that `pgen_runtime.LLM` reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+from pgen_runtime.errors import ModelImportError, PackageError
+from pgen_runtime.package import MANIFEST, hash_files
+from pgen_runtime.spec import AttentionSpec
+
+from ..build import build_library, choose_configs
+from ..package import _assemble
+from ..target import parse_targets
+from .relax_import import build_executable, import_model
+from .rewrite import Rewritten, rewrite
+
+MODEL_LIBRARY = "model.so"
+
+
+def model_spec(rewritten: Rewritten, block_size: int) -> AttentionSpec:
+    """The one AttentionSpec of every layer.
+
+    Raises:
+        ModelImportError: layers differ in heads, head_dim, scale or dtype, or the spec is invalid.
+    """
+    specs = set()
+    for layer in rewritten.layers:
+        try:
+            specs.add(AttentionSpec(layer.num_q_heads, layer.num_kv_heads, layer.head_dim, block_size,
+                                    layer.dtype, scale=layer.scale, logit_softcap=layer.softcap))
+        except Exception as err:
+            raise ModelImportError(f"layer {layer.index} ({layer.core.op_type} {layer.out!r}): {err}") from err
+    if len(specs) != 1:
+        raise ModelImportError(f"layers need different attention specs {sorted(s.uri for s in specs)}; "
+                               "pgen builds one spec per model")
+    return specs.pop()
+
+
+def compile_model(model_path: str | Path, out: str | Path, target: str = "llvm", block_size: int = 16,
+                  eos_token_id: int | None = None, name: str | None = None, progress=print) -> Path:
+    """Compile an ONNX decoder export (past/present KV) into a package served by `pgen_runtime.LLM`.
+
+    Args:
+        model_path: the .onnx file.
+        out: the package folder to write, NAME.pgenpkg (its parent must exist).
+        target: one target (`llvm`).
+        block_size: tokens per KV block.
+        eos_token_id: stop token; defaults to the model's `eos_token_id` metadata, else none.
+        name: package name (default: the folder's name without suffix).
+        progress: called with one line of text per step.
+
+    Returns:
+        The package path.
+
+    Raises:
+        ModelImportError: the graph cannot be rewritten to the paged cache (names the node).
+        BuildError: compiling the model or the kernels failed. PackageError: cannot write `out`.
+    """
+    model_path, out = Path(model_path), Path(out)
+    (build_target,) = parse_targets(target)
+    if build_target.kind != "llvm":
+        raise ModelImportError(f"target {target!r}: compile-model builds for llvm only so far")
+    source = onnx.load(str(model_path))
+    rewritten = rewrite(source, block_size)
+    spec = model_spec(rewritten, block_size)
+    progress(f"{model_path.name}: {len(rewritten.layers)} layers, spec {spec.uri}, vocab {rewritten.vocab_size}")
+    configs = {n: c.config for n, c in choose_configs(spec, build_target).items()}
+    executable = build_executable(import_model(rewritten.model, spec, build_target, configs), build_target)
+    kernels = build_library(spec, build_target)
+    progress(kernels.summary())
+    meta = {p.key: p.value for p in source.metadata_props}
+    if eos_token_id is None and "eos_token_id" in meta:
+        eos_token_id = int(meta["eos_token_id"])
+    if not out.parent.is_dir():
+        raise PackageError(f"cannot write {out}: {out.parent} does not exist; create it first")
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        manifest = _assemble(spec, [kernels], staging, name or out.name.split(".")[0])
+        target_entry = manifest["targets"][0]
+        library = str(Path(target_entry["library"]).with_name(MODEL_LIBRARY))
+        executable.export_library(str(staging / library))
+        target_entry["model_library"] = library
+        manifest["model"] = _model_section(rewritten, spec, eos_token_id, model_path)
+        manifest["files"] = hash_files(staging)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    progress(f"wrote {out}")
+    return out
+
+
+def _model_section(rewritten: Rewritten, spec: AttentionSpec, eos_token_id: int | None, source: Path) -> dict:
+    graph = rewritten.model.graph
+
+    def io(values):
+        return [{"name": v.name,
+                 "dtype": helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+
+    return {
+        "inputs": io(graph.input),
+        "outputs": io(graph.output),
+        "logits": "logits[b] belongs to row logits_indices[b] of the flattened token batch",
+        "num_layers": len(rewritten.layers),
+        "layers": [spec.to_dict() for _ in rewritten.layers],
+        "vocab_size": rewritten.vocab_size,
+        "eos_token_id": eos_token_id,
+        "has_positions": rewritten.has_positions,
+        "weights": "embedded as constants in model.so",
+        "source": {"file": source.name, "sha256": hashlib.sha256(source.read_bytes()).hexdigest()},
+    }
