@@ -1,0 +1,164 @@
+"""Builds: the disk cache and its key, concurrent builds, target parsing, `pgen build`, CUDA SASS."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import reference
+from kernel_grid import SMOKE_SPECS
+
+from pgen import AttentionSpec, BuildError
+from pgen.build import build_library
+from pgen.cli import main
+from pgen.lower import KERNELS
+from pgen.target import parse_targets
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC = AttentionSpec(num_q_heads=4, num_kv_heads=2, head_dim=32, block_size=8, dtype="float32")
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PGEN_CACHE_DIR", str(cache))
+    return cache / "kernels"
+
+
+def _entries(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock"))
+
+
+def test_second_build_is_cached_and_a_different_config_is_a_different_key(empty_cache):
+    first = build_library(SPEC, "llvm")
+    again = build_library(SPEC, "llvm")
+    assert (first.cached, again.cached) == (False, True)
+    assert (again.key, again.path) == (first.key, first.path) and first.path.is_file()
+    assert first.path.parent.name.startswith(SPEC.uri)
+    assert {c.source for c in first.choices.values()} <= {"default"} | {c.source for c in first.choices.values()
+                                                                         if c.source.startswith("tuned")}
+    other = build_library(SPEC, "llvm", overrides={"decode": {"max_splits": 2}})
+    assert not other.cached and other.key != first.key
+    assert other.choices["decode"].source == "override" and other.choices["decode"].config["max_splits"] == 2
+    assert other.choices["extend"].config == first.choices["extend"].config
+    # Finished builds only: no temporary folders left behind.
+    assert _entries(empty_cache) == sorted([first.path.parent.name, other.path.parent.name])
+    meta = json.loads((first.path.parent / "meta.json").read_text())
+    assert set(meta["signatures"]) == set(KERNELS) and meta["versions"]["tvm"]
+
+
+def test_overridden_kernels_still_match_the_reference(build_kernels):
+    import pgen
+
+    overrides = {"decode": {"max_splits": 2, "vector_lanes": 4}, "extend": {"q_tile": 1, "kv_heads_per_task": 1}}
+    kernels = pgen.build_kernels(SPEC, "llvm", overrides=overrides)
+    assert kernels.configs["extend"]["q_tile"] == 1
+    case = reference.paged_case(SPEC, [1, 7, 9, 1100], [1, 7, 2, 40])
+    reference.assert_kernels_match(SPEC, reference.run_kernels(kernels, case), reference.expected(SPEC, case))
+
+
+def test_a_config_that_cannot_run_is_a_build_error_before_compiling(empty_cache):
+    with pytest.raises(BuildError, match="decode config .*vector_lanes"):
+        build_library(SPEC, "llvm", overrides={"decode": {"vector_lanes": 12}})
+    assert not empty_cache.exists() or _entries(empty_cache) == []
+
+
+def test_concurrent_builds_of_one_key_share_one_result(tmp_path):
+    script = textwrap.dedent(f"""
+        import json
+        from pgen import AttentionSpec
+        from pgen.build import build_library
+        lib = build_library(AttentionSpec(**{SPEC.to_dict()!r}), "llvm")
+        print(json.dumps({{"cached": lib.cached, "path": str(lib.path), "bytes": lib.path.stat().st_size}}))
+    """)
+    env = {**os.environ, "PGEN_CACHE_DIR": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert sorted(r["cached"] for r in results) == [False, True]
+    assert results[0]["path"] == results[1]["path"] and results[0]["bytes"] == results[1]["bytes"]
+    assert len(_entries(tmp_path / "kernels")) == 1
+
+
+@pytest.mark.parametrize("text, names", [
+    ("llvm", ["llvm"]),
+    ("cuda:sm_90,sm_80", ["cuda:sm_80,sm_90"]),
+    ("llvm,cuda:sm_80,sm_90", ["llvm", "cuda:sm_80,sm_90"]),
+    ("cuda:sm_80, sm_90a", ["cuda:sm_80,sm_90a"]),
+])
+def test_parse_targets(text, names):
+    assert [t.name for t in parse_targets(text)] == names
+
+
+@pytest.mark.parametrize("text, match", [
+    ("cuda", "needs archs"),
+    ("", "not known"),
+    ("rocm", "'rocm' is not known"),
+    ("sm_80", "'sm_80' is not known"),
+    ("cuda:80", "'80' is malformed"),
+])
+def test_parse_targets_rejects(text, match):
+    with pytest.raises(BuildError, match=match):
+        parse_targets(text)
+
+
+def test_cli_build_writes_the_library_and_prints_each_kernels_provenance(tmp_path, capsys):
+    assert main(["build", "--spec", str(REPO / "specs" / "qwen2.5-0.5b.toml"), "--target", "llvm",
+                 "-o", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "building q14_kv2_d64_bs16_f16 for llvm" in out
+    for kernel in KERNELS:
+        (line,) = [line for line in out.splitlines() if line.split()[:1] == [kernel]]
+        source, config = line.split(None, 2)[1:]
+        assert source == "default" or source.startswith("tuned:"), line
+        assert json.loads(config), line
+    assert (tmp_path / "llvm" / "kernels.so").stat().st_size > 0
+    assert set(json.loads((tmp_path / "llvm" / "meta.json").read_text())["signatures"]) == set(KERNELS)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["build", "--spec", "absent.toml"], "pgen build: error: spec file 'absent.toml' cannot be read"),
+    (["build", "--spec", str(REPO / "specs" / "llama3-8b.toml"), "--target", "tpu"], "'tpu' is not known"),
+])
+def test_cli_reports_errors_in_one_line(argv, match, capsys):
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
+
+
+# NOTE: known failures of the SASS check (schedules/cuda_attention.py defaults): ptxas spills 1-5
+# registers to the stack (STL/LDL, 8-24 stack bytes) in these fp32 kernels, at 40-64 registers. Strict:
+# the marker must go once the schedule is fixed.
+SPILLS = {
+    "q8_kv8_d64_bs8_f32": "extend_kernel spills on sm_80 and sm_90",
+    "q14_kv2_d96_bs8_f32": "extend_kernel spills on sm_90",
+    "q32_kv8_d128_bs16_f32_win100": "decode_kernel spills on sm_90",
+}
+CUDA_SPECS = [pytest.param(s, id=s.uri, marks=[pytest.mark.xfail(reason=SPILLS[s.uri], strict=True)]
+                           if s.uri in SPILLS else []) for s in SMOKE_SPECS]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("spec", CUDA_SPECS)
+def test_every_smoke_spec_builds_sass_for_sm80_and_sm90_without_spills(spec, cuda_toolchain):
+    lib = build_library(spec, "cuda:sm_80,sm_90")
+    assert sorted(lib.sass) == ["sm_80", "sm_90"]
+    for arch, kernels in lib.sass.items():
+        assert (lib.path.parent / f"kernels.{arch}.cubin").is_file()
+        for kernel in KERNELS:
+            entries = [k for k in kernels if k["name"] == f"{kernel}_kernel" or k["name"].startswith(f"{kernel}_kernel_")]
+            assert entries, f"{arch}: no SASS for {kernel} in {[k['name'] for k in kernels]}"
+        for k in kernels:
+            assert k["local_stores"] == 0 and k["local_loads"] == 0, (arch, k)
+            assert 0 < k["registers"] <= 255 and k["shared_bytes"] <= 48 * 1024, (arch, k)
+    summary = lib.summary()
+    assert "sm_80 decode_kernel" in summary and "spill_st=0" in summary
