@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+import subprocess
+from pathlib import Path
+
 import numpy as np
 
 from pgen.reference import *  # noqa: F401,F403
@@ -127,3 +131,32 @@ def assert_kernels_match(spec: AttentionSpec, got: dict, want: dict) -> None:
         assert_attention_close(spec, got[name], want[name], name)
     for name in ("cache_write", "copy_blocks", "swap_out", "swap_in"):
         assert_same_bytes(got[name], want[name], name)
+
+
+def run_package_in(python: str, package, case: dict, folder) -> tuple[dict, str]:
+    """Run `run_kernels` on a loaded package in a fresh interpreter that may lack pgen and tvm.
+
+    The child gets `case` as a .npz file and the source of `run_kernels` itself, imports only
+    numpy and pgen_runtime, and fails if tvm or pgen ended up imported.
+
+    Returns:
+        (the kernels' outputs, the path of the pgen_runtime the child imported).
+    """
+    folder = Path(folder)
+    np.savez(folder / "case.npz", **case)
+    script = "\n".join([
+        "import sys",
+        "import numpy as np",
+        "import pgen_runtime",
+        inspect.getsource(run_kernels),
+        f"case = dict(np.load({str(folder / 'case.npz')!r}))",
+        f"got = run_kernels(pgen_runtime.load_package({str(package)!r}), case)",
+        f"np.savez({str(folder / 'got.npz')!r}, **got)",
+        "imported = sorted(m for m in sys.modules if m.split('.')[0] in ('tvm', 'pgen'))",
+        "assert not imported, imported",
+        "print(pgen_runtime.__file__)",
+    ])
+    proc = subprocess.run([python, "-c", script], cwd=folder, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with np.load(folder / "got.npz") as got:
+        return dict(got), proc.stdout.strip()
