@@ -1,10 +1,11 @@
-"""Tests of `KVCacheManager`, one operation at a time, with the kernels of numpy_kernels.make_kernels."""
+"""Tests of `KVCacheManager`, one operation at a time, with the kernels of device_kv.make_kernels."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from numpy_kernels import SPEC, NumpyKernels, make_kernels, make_kv
+import reference
+from device_kv import SPEC, make_kernels, make_kv
 
 from pgen_runtime import (
     NULL_BLOCK_ID,
@@ -41,7 +42,7 @@ def test_kernels_match_the_numpy_reference():
     pool = rng.standard_normal((6, 2, 1, BS, 32)).astype(np.float32)
     expected, got = pool.copy(), pool.copy()
     pairs = np.array([[1, 4], [2, 5]], dtype=np.int32)
-    NumpyKernels.copy_blocks(expected, pairs)
+    expected = reference.copy_blocks(expected, pairs)
     make_kernels(SPEC).copy_blocks(got, pairs)
     np.testing.assert_array_equal(got, expected)
     host = np.empty((2, *pool.shape[1:]), np.float32)

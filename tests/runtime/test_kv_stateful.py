@@ -12,7 +12,7 @@ import numpy as np
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from numpy_kernels import SPEC, make_kv
+from device_kv import SPEC, make_kv
 
 from pgen_runtime import NULL_BLOCK_ID, KVCacheManager, SequenceError, SeqStatus
 
