@@ -27,6 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check", help="build the kernels of a spec for the CPU and check them against NumPy")
     p.add_argument("--spec", default=None, help="spec TOML file (default: specs/llama3-8b.toml, fp32)")
 
+    p = sub.add_parser("compile-model", help="compile an ONNX decoder export (past/present KV) into a model package")
+    p.add_argument("model", help="MODEL.onnx")
+    p.add_argument("--target", default="llvm")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--eos-token-id", type=int, default=None, help="default: the model's eos_token_id metadata")
+    p.add_argument("-o", "--out", required=True, help="NAME.pgenpkg")
+
     args = parser.parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
@@ -71,7 +78,15 @@ def _check(args) -> int:
     return 0 if check_spec(args.spec, progress=lambda line: print(line, flush=True)) else 1
 
 
-_COMMANDS = {"build": _build, "package": _package, "check": _check}
+def _compile_model(args) -> int:
+    from .onnx import compile_model
+
+    compile_model(args.model, args.out, target=args.target, block_size=args.block_size,
+                  eos_token_id=args.eos_token_id, progress=lambda line: print(line, flush=True))
+    return 0
+
+
+_COMMANDS = {"build": _build, "package": _package, "check": _check, "compile-model": _compile_model}
 
 if __name__ == "__main__":
     sys.exit(main())

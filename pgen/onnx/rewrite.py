@@ -32,6 +32,7 @@ OP = "PagedAttention"
 PAGED_INPUTS = ("block_tables", "slot_mapping", "q_indptr", "seq_lens")
 # Ops between a past Concat and the attention core that only move or repeat data (GQA repeat_kv).
 _MOVES = {"Reshape", "Transpose", "Expand", "Unsqueeze", "Squeeze", "Identity"}
+_CONTRIB = {"GroupQueryAttention", "MultiHeadAttention", "Attention", "PackedMultiHeadAttention"}
 _DTYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
 
 
@@ -70,7 +71,10 @@ def find_layers(g: Graph) -> list[Layer]:
     """
     layers: list[Layer] = []
     for node in g.graph.node:
-        if node.op_type == "Attention":
+        if node.domain == "com.microsoft" and node.op_type in _CONTRIB:
+            raise fail(node, f"com.microsoft {node.op_type} is not supported yet; export without ORT's fusions "
+                             "(torch.onnx dynamo at opset 18 or 23, or the TorchScript exporter)")
+        if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
             layers.append(_attention_op(g, node, len(layers)))
         elif node.op_type == "Softmax":
             layers.append(_decomposed(g, node, len(layers)))

@@ -1,0 +1,56 @@
+"""Model fixtures: each (family, export variant) is exported, compiled and its reference run once."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from builders import EOS_TOKEN_ID, export  # noqa: E402
+from ort_reference import ort_generate  # noqa: E402
+
+MAX_TOKENS = 32
+
+
+def prompts() -> list[list[int]]:
+    """Four prompts of different lengths (1 to 4 blocks of 16) and two that share a 40-token prefix."""
+    rng = np.random.default_rng(1)
+    pick = lambda n: [int(t) for t in rng.integers(3, 256, n)]  # noqa: E731  # 0..2 are special ids
+    shared = pick(40)
+    return [pick(5), pick(17), pick(33), pick(60), shared + pick(1), shared + pick(2)]
+
+
+@functools.cache
+def _built(family: str, variant: str, root: str) -> tuple[Path, Path]:
+    from pgen.onnx import compile_model
+
+    folder = Path(root)
+    onnx_path = export(family, variant, folder / f"{family}-{variant}.onnx")
+    package = compile_model(onnx_path, folder / f"{family}-{variant}.pgenpkg", progress=lambda line: None)
+    return onnx_path, package
+
+
+@functools.cache
+def _reference(onnx_path: Path) -> list[tuple[list[int], list[np.ndarray]]]:
+    return [ort_generate(onnx_path, p, MAX_TOKENS, EOS_TOKEN_ID) for p in prompts()]
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def built(models_dir):
+    """built(family, variant) -> (onnx path, package path, onnxruntime reference per prompt)."""
+
+    def get(family: str, variant: str):
+        onnx_path, package = _built(family, variant, models_dir)
+        return onnx_path, package, _reference(onnx_path)
+
+    return get
