@@ -215,9 +215,8 @@ def rewrite(model: onnx.ModelProto, block_size: int) -> Rewritten:
     """
     g = Graph(model)
     layers = find_layers(g)
-    for name in ("input_ids",):
-        if name not in g.inputs:
-            raise fail(None, f"the graph has no {name!r} input (it has {sorted(g.inputs)})")
+    if "input_ids" not in g.inputs:
+        raise fail(None, f"the graph has no 'input_ids' input (it has {sorted(g.inputs)})")
     has_positions = "position_ids" in g.inputs
     logits = "logits" if "logits" in g.outputs else g.outputs[0]
     vocab = (g.shape(logits) or [None])[-1]
@@ -227,11 +226,12 @@ def rewrite(model: onnx.ModelProto, block_size: int) -> Rewritten:
     cores = {id(layer.core): layer for layer in layers}
     nodes = [n for name in ("input_ids", "position_ids") if name in g.inputs for n in _unsqueeze(name)]
     renames = {n.input[0]: n.output[0] for n in nodes if n.op_type == "Unsqueeze"}
+    renames[logits] = f"{logits}.all"  # the export's logits [1, T, vocab]; "logits" becomes [B, vocab]
     for node in g.graph.node:
         layer = cores.get(id(node))
         node = _paged_node(layer) if layer is not None else _renamed(node, renames)
         nodes.append(node)
-    nodes += _gather_logits(g, logits)
+    nodes += _gather_logits(g, renames[logits], logits)
 
     dead_inputs = set(g.inputs) - {"input_ids", "position_ids"}
     nodes = [_past_shape(g, n) if n.op_type == "Shape" and n.input[0] in dead_inputs else n for n in nodes]
@@ -296,27 +296,31 @@ def _past_shape(g: Graph, node: onnx.NodeProto) -> onnx.NodeProto:
 
 
 def _renamed(node: onnx.NodeProto, renames: dict[str, str]) -> onnx.NodeProto:
-    if not renames.keys() & set(node.input):
+    if not renames.keys() & {*node.input, *node.output}:
         return node
     new = onnx.NodeProto()
     new.CopyFrom(node)
     new.input[:] = [renames.get(i, i) for i in node.input]
+    new.output[:] = [renames.get(o, o) for o in node.output]
     return new
 
 
-def _gather_logits(g: Graph, logits: str) -> list[onnx.NodeProto]:
-    """Gather the rows of `logits_indices` before the LM head when it is one MatMul, else after it."""
-    head = g.producer.get(logits)
-    rows, axis_src = logits, logits
+def _gather_logits(g: Graph, logits: str, source: str) -> list[onnx.NodeProto]:
+    """Gather the rows of `logits_indices` before the LM head when it is one MatMul, else after it.
+
+    Args:
+        logits: the export's logits [1, T, vocab] as renamed in the rewritten graph.
+        source: its name in the export (for the producer and shapes).
+    """
+    head = g.producer.get(source)
     if head is not None and head.op_type == "MatMul" and len(g.shape(head.input[0]) or []) == 3:
-        axis_src = head.input[0]
-    gathered = f"{axis_src}.rows"
-    nodes = [helper.make_node("Gather", [axis_src, "logits_indices"], [gathered], axis=1, name="pgen_logits_rows")]
-    if axis_src != logits:
-        nodes.append(helper.make_node("MatMul", [gathered, head.input[1]], [f"{logits}.rows"], name="pgen_lm_head"))
+        hidden = f"{head.input[0]}.rows"
         rows = f"{logits}.rows"
+        nodes = [helper.make_node("Gather", [head.input[0], "logits_indices"], [hidden], axis=1, name="pgen_rows"),
+                 helper.make_node("MatMul", [hidden, head.input[1]], [rows], name="pgen_lm_head")]
     else:
-        rows = gathered
+        rows = f"{logits}.rows"
+        nodes = [helper.make_node("Gather", [logits, "logits_indices"], [rows], axis=1, name="pgen_rows")]
     axes = helper.make_node("Constant", [], ["logits.axes"],
                             value=helper.make_tensor("logits.axes", TensorProto.INT64, [1], [0]))
     return [*nodes, axes, helper.make_node("Squeeze", [rows, "logits.axes"], ["logits"], name="pgen_logits")]

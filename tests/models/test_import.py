@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
@@ -122,3 +123,27 @@ def reference_prompt() -> list[int]:
     from conftest import prompts
 
     return prompts()[0]
+
+
+def test_logits_not_from_one_matmul_are_gathered_after_the_head(built, tmp_path):
+    """An export whose logits come from another op (here a final scale) still serves the last rows."""
+    from ort_reference import ort_generate
+
+    from builders import EOS_TOKEN_ID
+    from pgen.onnx import compile_model
+    from pgen_runtime import LLM, SamplingParams
+
+    onnx_path, _, _ = built("llama", "dynamo18")
+    model = onnx.load(str(onnx_path))
+    head = next(n for n in model.graph.node if "logits" in n.output)
+    head.output[:] = ["logits_unscaled"]
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0.5, np.float32), "logit_scale"))
+    model.graph.node.append(helper.make_node("Mul", ["logits_unscaled", "logit_scale"], ["logits"], name="scale"))
+    path = tmp_path / "scaled.onnx"
+    onnx.save(model, path)
+    package = compile_model(path, tmp_path / "scaled.pgenpkg", progress=lambda line: None)
+    prompt = reference_prompt()
+    tokens, logits = ort_generate(path, prompt, 8, EOS_TOKEN_ID)
+    out = LLM(package).generate([prompt], SamplingParams(max_tokens=8, return_logits=True))[0]
+    assert out.token_ids == tokens
+    np.testing.assert_allclose(np.stack(out.logits), np.stack(logits), rtol=1e-4, atol=1e-4)
