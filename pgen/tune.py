@@ -2,9 +2,9 @@
 
 Candidates are the rule's knob space pruned by `check` (the target's limits), default first, then a
 seeded sample. Each is compiled alone into its own library (in parallel processes), then measured:
-in this process for the CPU, or offline for devices that cannot reach this host — `emit_bundle`
-writes every candidate plus the TVM runtime into one folder that `python -m pgen_runtime.measure`
-times on the device, and `ingest` turns its results into the same log an online run writes. A
+in this process for the CPU, on remote devices through TVM's RPC (`pgen.rpc`), or offline for
+devices that cannot reach this host — `emit_bundle` writes every candidate plus the TVM runtime
+into one folder that `python -m pgen_runtime.measure` times on the device, and `ingest` turns its results into the same log an online run writes. A
 candidate that fails to build or run gets no time (infinite) and the run goes on. Runs resume:
 candidates already in the log for the same workload are not measured again.
 """
@@ -16,14 +16,15 @@ import datetime
 import hashlib
 import json
 import multiprocessing
-import os
 import random
 import shutil
 import statistics
 import sys
 import time
+import tomllib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from pgen_runtime.errors import TuneError
 from pgen_runtime.measure import BUNDLE, default_workload, make_inputs, time_kernel
@@ -54,40 +55,155 @@ def candidate_key(kernel: str, config: dict, workload: dict) -> str:
 
 def tune(spec: AttentionSpec, target: str | BuildTarget = "llvm", kernels: tuple[str, ...] = TUNABLE,
          trials: int = 8, workloads: dict[str, dict] | None = None, log_root: Path | None = None,
-         jobs: int = 2, progress: Callable[[str], None] | None = None) -> Path:
-    """Tune `kernels` of `spec` on this host's CPU and write (or extend) its tuning log.
+         jobs: int = 2, progress: Callable[[str], None] | None = None, runner: Runner | None = None) -> Path:
+    """Tune `kernels` of `spec` and write (or extend) the device's tuning log.
+
+    Args:
+        runner: where candidates are timed: this host's CPU (default), or remote devices
+            (`pgen.rpc.RpcRunner`). Builds always run here, `jobs` at a time.
 
     Returns:
         The log's path.
+
+    Raises:
+        TuneError: a CUDA target without a remote runner, or an unusable existing log.
     """
     target = parse_targets(target)[0] if isinstance(target, str) else target
-    if target.kind != "llvm":
-        raise TuneError(f"tuning {target.name} needs its device: use emit_bundle (pgen tune --offline) "
-                        "on this host, run the bundle's measuring script there, then ingest the results")
-    path = tuning_log.log_path(spec, host_target_id(), log_root)
-    log = _open_log(path, spec, target, {"kind": "cpu", "name": host_target_id()})
+    runner = runner or LocalRunner()
+    if target.kind != "llvm" and isinstance(runner, LocalRunner):
+        raise TuneError(f"tuning {target.name} needs its device: use --rpc-tracker, or --offline DIR on this "
+                        "host, run the bundle's measuring script there, then --ingest the results")
+    device = runner.device_info()
+    path = tuning_log.log_path(spec, device_target_id(device), log_root)
+    log = _open_log(path, spec, target, device)
     done = {r.get("key") for r in log["records"]}
     todo = []
     for kernel in kernels:
-        workload = (workloads or {}).get(kernel) or default_workload(kernel, "cpu")
+        workload = (workloads or {}).get(kernel) or default_workload(kernel, "cuda" if target.kind == "cuda" else "cpu")
+        default = rule_for(kernel, target.kind).default(spec, target.info)
         for config in candidates(spec, target, kernel, trials):
             key = candidate_key(kernel, config, workload)
             if key not in done:
-                todo.append((kernel, config, workload, key))
+                todo.append(Candidate(kernel, config, workload, key, config == default))
     bar = _Progress(len(todo), progress)
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=_SPAWN) as pool:
-        futures = [(c, pool.submit(_build_candidate, spec, target, c[0], c[1], _scratch() / c[3])) for c in todo]
-        for (kernel, config, workload, key), future in futures:
-            record = {"kernel": kernel, "config": config, "workload": workload, "key": key}
+
+    def record(cand: Candidate, result: dict[str, Any]) -> None:
+        rec = {"kernel": cand.kernel, "config": cand.config, "workload": cand.workload, "key": cand.key,
+               "default": cand.default, **result}
+        log["records"].append(rec)
+        tuning_log.save(path, log)
+        bar.step(rec)
+
+    # NOTE: a local runner times after every build is done (builds would steal its cores); remote
+    # devices time while later candidates still build here.
+    ready: list[tuple[Candidate, Path]] = []
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=_SPAWN) as builds, \
+            cf.ThreadPoolExecutor(max_workers=runner.workers) as timers:
+        built = {builds.submit(_build_candidate, spec, target, c.kernel, c.config, _scratch() / c.key): c for c in todo}
+        timing = {}
+        for future in cf.as_completed(built):
+            cand = built[future]
             try:
                 library = future.result()
-                record.update(_measure_local(spec, kernel, config, workload, library))
-            except Exception as err:  # failed build or run: infinite time, the run goes on
-                record.update(times_ms=[], median_ms=None, error=f"{type(err).__name__}: {err}")
-            log["records"].append(record)
-            _save_log(path, log)
-            bar.step(record)
+            except Exception as err:  # failed build: infinite time, the run goes on
+                record(cand, _failed(err))
+                continue
+            if runner.overlap:
+                timing[timers.submit(_time, runner, spec, cand, library)] = cand
+            else:
+                ready.append((cand, library))
+        for cand, library in ready:
+            record(cand, _time(runner, spec, cand, library))
+        for future in cf.as_completed(timing):
+            record(timing[future], future.result())
     return path
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One config of one kernel to build and time on one workload; `key` names it in the log."""
+
+    kernel: str
+    config: dict[str, Any]
+    workload: dict[str, Any]
+    key: str
+    default: bool
+
+
+class Runner(Protocol):
+    """Where candidates are timed. `overlap`: time while others build; `workers`: timings at once."""
+
+    workers: int
+    overlap: bool
+
+    def device_info(self) -> dict[str, Any]: ...
+
+    def measure(self, spec: AttentionSpec, cand: Candidate, library: Path) -> dict[str, Any]: ...
+
+
+class LocalRunner:
+    """Times candidates in this process on this host's CPU, one at a time."""
+
+    workers, overlap = 1, False
+
+    def device_info(self) -> dict[str, Any]:
+        return {"kind": "cpu", "name": host_target_id()}
+
+    def measure(self, spec: AttentionSpec, cand: Candidate, library: Path) -> dict[str, Any]:
+        import tvm
+
+        from pgen_runtime.kernels import PagedKernels
+
+        module = tvm.runtime.load_module(str(library))
+        kernels = PagedKernels(spec, {cand.kernel: module[cand.kernel]}, "cpu", {cand.kernel: cand.config})
+        times = time_kernel(kernels, cand.kernel, make_inputs(spec, cand.kernel, cand.workload, "cpu"))
+        return {"times_ms": times, "median_ms": statistics.median(times), "error": None}
+
+
+def _time(runner: Runner, spec: AttentionSpec, cand: Candidate, library: Path) -> dict[str, Any]:
+    try:
+        return runner.measure(spec, cand, library)
+    except Exception as err:  # failed run: infinite time, the run goes on
+        return _failed(err)
+
+
+def _failed(err: Exception) -> dict[str, Any]:
+    return {"times_ms": [], "median_ms": None, "error": f"{type(err).__name__}: {err}"[:2000]}
+
+
+def load_workload(path: str | Path) -> dict[str, Any]:
+    """Read a workload file (JSON or TOML): per kernel `seq_lens` (and `new_tokens` for extend),
+    optionally `lengths` (a length distribution, see `pgen.blocksize`).
+
+    Raises:
+        TuneError: unreadable file, unknown section, or lengths that no kernel can run.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (OSError, ValueError) as err:
+        raise TuneError(f"workload file {path} is unreadable ({err}); write JSON or TOML") from None
+    unknown = set(data) - {*TUNABLE, "lengths"}
+    if unknown:
+        raise TuneError(f"workload file {path} has sections {sorted(unknown)}; use decode, extend and lengths")
+    for kernel in TUNABLE:
+        if kernel in data:
+            _check_workload(path, kernel, data[kernel])
+    return data
+
+
+def _check_workload(path: Path, kernel: str, w: Any) -> None:
+    lens = w.get("seq_lens") if isinstance(w, dict) else None
+    if not isinstance(lens, list) or not lens or not all(isinstance(n, int) and n >= 1 for n in lens):
+        raise TuneError(f"workload file {path}: {kernel}.seq_lens must be a non-empty list of positive ints; "
+                        f"got {lens!r}")
+    if kernel == "extend":
+        new = w.get("new_tokens")
+        if not isinstance(new, list) or len(new) != len(lens) or not all(
+                isinstance(n, int) and 1 <= n <= m for n, m in zip(new, lens)):
+            raise TuneError(f"workload file {path}: extend.new_tokens must list 1..seq_lens[i] new tokens per "
+                            f"sequence ({len(lens)} entries); got {new!r}")
 
 
 def emit_bundle(spec: AttentionSpec, target: str | BuildTarget, out: Path, kernels: tuple[str, ...] = TUNABLE,
@@ -153,7 +269,7 @@ def ingest(results_file: Path, bundle: Path | None = None, log_root: Path | None
         if rec["key"] not in known:
             log["records"].append({k: rec.get(k) for k in ("kernel", "config", "workload", "key", "times_ms",
                                                           "median_ms", "error")})
-    _save_log(path, log)
+    tuning_log.save(path, log)
     return path
 
 
@@ -171,31 +287,12 @@ def _build_candidate(spec, target, kernel, config, out: Path) -> Path:
     return out / "kernels.so"
 
 
-def _measure_local(spec, kernel, config, workload, library: Path) -> dict[str, Any]:
-    import tvm
-
-    from pgen_runtime.kernels import PagedKernels
-
-    module = tvm.runtime.load_module(str(library))
-    kernels = PagedKernels(spec, {kernel: module[kernel]}, "cpu", {kernel: config})
-    times = time_kernel(kernels, kernel, make_inputs(spec, kernel, workload, "cpu"))
-    return {"times_ms": times, "median_ms": statistics.median(times), "error": None}
-
-
 def _open_log(path: Path, spec: AttentionSpec, target: BuildTarget, device: dict) -> dict[str, Any]:
     if path.is_file():
         return tuning_log.load(path, spec, target.kind)
     return {"format": tuning_log.FORMAT, "target_id": path.parent.name, "target_kind": target.kind,
             "device": device, "spec": spec.to_dict(), "spec_uri": spec.uri, "versions": versions(),
             "date": datetime.date.today().isoformat(), "records": []}
-
-
-def _save_log(path: Path, log: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    log["date"] = datetime.date.today().isoformat()
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(log, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def _scratch() -> Path:

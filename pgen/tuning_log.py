@@ -2,12 +2,15 @@
 
 A log is a reviewable JSON file: format version, target id and device, spec, versions, date, and one
 record per measured candidate (kernel, knobs, workload, times). A log that is corrupt, or made for
-another spec or target, raises `TuneError`; it is never used silently.
+another spec or target, raises `TuneError`; it is never used silently. A log may also hold a
+`block_size_study` (see `pgen.blocksize`).
 """
 
 from __future__ import annotations
 
+import datetime
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -52,15 +55,42 @@ def load(path: Path, spec: AttentionSpec | None = None, target_kind: str | None 
         raise TuneError(f"tuning log {path} is for spec {logged.uri}, not {spec.uri}; tune this spec instead")
     if target_kind is not None and data["target_kind"] != target_kind:
         raise TuneError(f"tuning log {path} is for target kind {data['target_kind']}, not {target_kind}")
+    if not isinstance(data["records"], list):
+        raise TuneError(f"tuning log {path}: 'records' must be a list; re-run pgen tune")
     for rec in data["records"]:
-        if not isinstance(rec, dict) or {"kernel", "config", "median_ms"} - rec.keys():
-            raise TuneError(f"tuning log {path} has a malformed record {rec!r}; re-run pgen tune")
-        rule = rule_for(rec["kernel"], data["target_kind"])
-        known = {k.name for k in rule.knobs(logged, _info(data["target_kind"]))}
-        if set(rec["config"]) - known:
-            raise TuneError(f"tuning log {path}: {rec['kernel']} record has knobs {sorted(set(rec['config']) - known)} "
-                            f"that rule {type(rule).__name__} does not have; re-run pgen tune")
+        _check_record(path, rec, logged, data["target_kind"])
     return data
+
+
+def save(path: Path, data: dict[str, Any]) -> None:
+    """Write a log atomically (a reader never sees half a file), stamped with today's date."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data["date"] = datetime.date.today().isoformat()
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _check_record(path: Path, rec: Any, spec: AttentionSpec, target_kind: str) -> None:
+    if not isinstance(rec, dict) or {"kernel", "config", "median_ms"} - rec.keys() or not isinstance(rec["config"], dict):
+        raise TuneError(f"tuning log {path} has a malformed record {str(rec)[:120]}; re-run pgen tune")
+    t = rec["median_ms"]
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf):
+        raise TuneError(f"tuning log {path}: {rec['kernel']} record has median_ms={t!r}; expected a positive "
+                        "number or null (failed). Re-run pgen tune")
+    try:
+        rule = rule_for(rec["kernel"], target_kind)
+    except KeyError:
+        raise TuneError(f"tuning log {path} has a record for unknown kernel {rec['kernel']!r}; re-run pgen tune") from None
+    knobs = {k.name: k for k in rule.knobs(spec, _info(target_kind))}
+    unknown = sorted(set(rec["config"]) - knobs.keys())
+    if unknown:
+        raise TuneError(f"tuning log {path}: {rec['kernel']} record has knobs {unknown} that rule "
+                        f"{type(rule).__name__} does not have; re-run pgen tune")
+    for name, value in rec["config"].items():
+        if value not in knobs[name].choices:
+            raise TuneError(f"tuning log {path}: {rec['kernel']} knob {name}={value!r} is not one of "
+                            f"{list(knobs[name].choices)}; re-run pgen tune")
 
 
 def best(data: dict[str, Any]) -> dict[str, tuple[dict[str, Any], float]]:

@@ -69,13 +69,7 @@ class PagedKernels:
         """Check a decode step's tables and lengths once, and choose its split-KV factor."""
         tables, lens = _host(block_tables, "block_tables"), _host(seq_lens, "seq_lens")
         self._check_tables(tables, lens, num_blocks)
-        max_splits = self.configs["decode"].get("max_splits", 1)
-        work = len(lens) * self.spec.num_kv_heads
-        if self._kind == "cpu":
-            work //= self.configs["decode"].get("kv_heads_per_task", 1)
-        splits = min(max_splits, max(1, math.ceil(self.parallelism / max(work, 1))))
-        longest = int(lens.max()) if len(lens) else 0
-        splits = max(1, min(splits, longest // MIN_KEYS_PER_SPLIT[self._kind]))
+        splits = decode_splits(self.spec, self.configs["decode"], lens, self._kind, self.parallelism)
         return DecodePlan(num_splits=splits, batch=len(lens), indptr=self._arange(len(lens) + 1))
 
     def plan_extend(self, block_tables, q_indptr, seq_lens, num_blocks: int | None = None) -> ExtendPlan:
@@ -91,9 +85,8 @@ class PagedKernels:
             b = int(np.argmax(new > lens))
             raise ShapeError(f"sequence {b} has {int(new[b])} new tokens but seq_lens[{b}]={int(lens[b])}; "
                              "seq_lens must count the new tokens too")
-        q_tile = self.configs["extend"].get("q_tile", 1)
-        tiles = int(math.ceil(int(new.max()) / q_tile)) if len(new) else 0
-        return ExtendPlan(max_q_tiles=max(tiles, 1), batch=len(lens), num_tokens=int(indptr[-1]))
+        return ExtendPlan(max_q_tiles=extend_q_tiles(self.configs["extend"], new), batch=len(lens),
+                          num_tokens=int(indptr[-1]))
 
     # ---- kernels -------------------------------------------------------------------------
 
@@ -222,6 +215,26 @@ class PagedKernels:
         if np.any(bad):
             raise ShapeError(f"{name} holds block id {int(ids[bad][0])}; valid ids are 1..{num_blocks - 1} "
                              f"(0 is the reserved null block)")
+
+
+def decode_splits(spec: AttentionSpec, config: dict[str, Any], seq_lens: np.ndarray, kind: str,
+                  parallelism: int) -> int:
+    """Split-KV factor of a decode step: enough tasks to fill `parallelism`, each split long enough.
+
+    Pure (host arrays only), so a tuner can plan a call it runs on another machine.
+    """
+    work = len(seq_lens) * spec.num_kv_heads
+    if kind == "cpu":
+        work //= config.get("kv_heads_per_task", 1)
+    splits = min(config.get("max_splits", 1), max(1, math.ceil(parallelism / max(work, 1))))
+    longest = int(seq_lens.max()) if len(seq_lens) else 0
+    return max(1, min(splits, longest // MIN_KEYS_PER_SPLIT[kind]))
+
+
+def extend_q_tiles(config: dict[str, Any], new_tokens: np.ndarray) -> int:
+    """Query tiles of the longest new-token run of an extend step (at least one)."""
+    tiles = math.ceil(int(new_tokens.max()) / config.get("q_tile", 1)) if len(new_tokens) else 0
+    return max(int(tiles), 1)
 
 
 def _meta(array, name: str) -> tuple[tuple[int, ...], str, int]:

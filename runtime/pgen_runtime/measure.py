@@ -37,8 +37,16 @@ def default_workload(kernel: str, device_kind: str) -> dict[str, Any]:
 
 def make_inputs(spec: AttentionSpec, kernel: str, workload: dict[str, Any], device: str, seed: int = 0) -> tuple:
     """Arguments for one `PagedKernels` call: random data, valid block tables in random order."""
-    rng = np.random.default_rng(seed)
     dev = parse_device(device)
+    return tuple(_place(array, dtype, dev) for array, dtype in make_arrays(spec, kernel, workload, seed))
+
+
+def make_arrays(spec: AttentionSpec, kernel: str, workload: dict[str, Any], seed: int = 0) -> tuple:
+    """`make_inputs` as host arrays: (numpy array, dtype) pairs, bfloat16 as its uint16 bits.
+
+    A tuner places them on any device itself (a remote one through TVM's RPC).
+    """
+    rng = np.random.default_rng(seed)
     bs = spec.block_size
     lens = np.asarray(workload.get("seq_lens", [workload.get("num_tokens", 4096)]), np.int32)
     per_seq = -(-lens // bs)
@@ -49,31 +57,30 @@ def make_inputs(spec: AttentionSpec, kernel: str, workload: dict[str, Any], devi
     for b, n in enumerate(per_seq):
         tables[b, :n] = order[start:start + n]
         start += n
-    pool = _random(rng, (num_blocks, 2, spec.num_kv_heads, bs, spec.head_dim), spec.kv_dtype, dev)
-    put = lambda a: from_numpy(a, dev)  # noqa: E731
+    pool = _random(rng, (num_blocks, 2, spec.num_kv_heads, bs, spec.head_dim), spec.kv_dtype)
+    index = lambda a: (np.ascontiguousarray(a, np.int32), "int32")  # noqa: E731
+    zeros = lambda shape, dtype: (np.zeros(shape, "uint16" if dtype == "bfloat16" else dtype), dtype)  # noqa: E731
     if kernel == "decode":
-        q = _random(rng, (len(lens), spec.num_q_heads, spec.head_dim), spec.dtype, dev)
-        out = empty((len(lens), spec.num_q_heads, spec.head_dim), spec.dtype, dev)
-        return q, pool, put(tables), put(lens), out
+        q = _random(rng, (len(lens), spec.num_q_heads, spec.head_dim), spec.dtype)
+        return q, pool, index(tables), index(lens), zeros(q[0].shape, spec.dtype)
     if kernel == "extend":
         new = np.asarray(workload["new_tokens"], np.int32)
-        indptr = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
-        q = _random(rng, (int(indptr[-1]), spec.num_q_heads, spec.head_dim), spec.dtype, dev)
-        out = empty(q.shape, spec.dtype, dev)
-        return q, pool, put(tables), put(indptr), put(lens), out
+        indptr = np.concatenate([[0], np.cumsum(new)])
+        q = _random(rng, (int(indptr[-1]), spec.num_q_heads, spec.head_dim), spec.dtype)
+        return q, pool, index(tables), index(indptr), index(lens), zeros(q[0].shape, spec.dtype)
     if kernel == "cache_write":
         slots = np.concatenate([tables[b, np.arange(n) // bs] * bs + np.arange(n) % bs for b, n in enumerate(lens)])
-        k = _random(rng, (len(slots), spec.num_kv_heads, spec.head_dim), spec.dtype, dev)
-        v = _random(rng, (len(slots), spec.num_kv_heads, spec.head_dim), spec.dtype, dev)
-        return k, v, pool, put(slots.astype(np.int32))
-    ids = order[: max(1, (num_blocks - 1) // 2)].astype(np.int32)
+        k = _random(rng, (len(slots), spec.num_kv_heads, spec.head_dim), spec.dtype)
+        v = _random(rng, (len(slots), spec.num_kv_heads, spec.head_dim), spec.dtype)
+        return k, v, pool, index(slots)
+    ids = order[: max(1, (num_blocks - 1) // 2)]
     if kernel == "copy_blocks":
         half = len(ids) // 2
-        return pool, put(np.stack([ids[:half], ids[half:2 * half]], axis=1).astype(np.int32))
-    buf = empty((len(ids), 2, spec.num_kv_heads, bs, spec.head_dim), spec.kv_dtype, dev)
+        return pool, index(np.stack([ids[:half], ids[half:2 * half]], axis=1))
+    buf = zeros((len(ids), 2, spec.num_kv_heads, bs, spec.head_dim), spec.kv_dtype)
     if kernel == "swap_out":
-        return pool, put(ids), buf
-    return buf, put(ids), pool
+        return pool, index(ids), buf
+    return buf, index(ids), pool
 
 
 def time_kernel(kernels: PagedKernels, kernel: str, args: tuple, warmup: int = 3, repeats: int = 10,
@@ -163,14 +170,19 @@ def _sync(device: str):
     return lambda: sync(dev, 0)
 
 
-def _random(rng: np.random.Generator, shape: tuple, dtype: str, dev):
+def _random(rng: np.random.Generator, shape: tuple, dtype: str) -> tuple[np.ndarray, str]:
     data = (rng.standard_normal(shape, dtype=np.float32) * 0.5)
     if dtype == "bfloat16":
-        bits = (data.view(np.uint32) >> 16).astype(np.uint16)
-        out = empty(shape, "bfloat16", dev)
-        copy_from_bytes(out, bits)
+        return (data.view(np.uint32) >> 16).astype(np.uint16), dtype
+    return data.astype(dtype), dtype
+
+
+def _place(array: np.ndarray, dtype: str, dev):
+    if dtype == "bfloat16":
+        out = empty(array.shape, dtype, dev)
+        copy_from_bytes(out, array)
         return out
-    return from_numpy(data.astype(dtype), dev)
+    return from_numpy(array, dev)
 
 
 def main(argv: list[str] | None = None) -> int:
