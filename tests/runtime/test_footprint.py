@@ -21,7 +21,7 @@ from pgen import AttentionSpec
 from pgen.package import package
 
 REPO = Path(__file__).resolve().parents[2]
-SPEC = AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float32")
+SPEC = AttentionSpec(num_q_heads=14, num_kv_heads=2, head_dim=64, block_size=16, dtype="float16")  # Qwen2.5-0.5B
 
 
 def _size(paths) -> int:
@@ -66,7 +66,7 @@ def test_runtime_venv_has_no_compiler_and_runs_a_package(runtime_venv, tmp_path)
     assert found.strip() == "[]", f"the runtime venv can import {found}"
     site = _site(python)
 
-    pkg = package(SPEC, "llvm", tmp_path / "llama.pgenpkg", progress=lambda line: None)
+    pkg = package(SPEC, "llvm", tmp_path / "qwen.pgenpkg", progress=lambda line: None)
     case = reference.paged_case(SPEC, [1, 15, 17, 2100], [1, 15, 2, 67], seed=5)
     got, runtime_file = reference.run_package_in(str(python), pkg, case, tmp_path)
     assert Path(runtime_file).is_relative_to(site), runtime_file
