@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pgen_runtime.errors import PgenError
+from pgen_runtime.errors import PgenError, TuneError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +33,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--eos-token-id", type=int, default=None, help="default: the model's eos_token_id metadata")
     p.add_argument("-o", "--out", required=True, help="NAME.pgenpkg")
+
+    p = sub.add_parser("tune", help="search the kernels' knobs on a device and write its tuning log")
+    p.add_argument("--spec", help="spec TOML file (see specs/); not needed with --ingest")
+    p.add_argument("--target", default="llvm", help="llvm, or cuda:sm_90 (with --rpc-tracker or --offline)")
+    p.add_argument("--kernels", default="decode,extend", help="comma list of decode, extend")
+    p.add_argument("--trials", type=int, default=8, help="candidates per kernel, the default included")
+    p.add_argument("--workload", help="JSON/TOML: per kernel seq_lens (+ new_tokens), optional [lengths]")
+    p.add_argument("--jobs", type=int, default=2, help="candidates built at once")
+    p.add_argument("--logs", help="tuning_logs root (default: $PGEN_TUNING_LOGS or the repository's)")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="time on the servers of this TVM RPC tracker")
+    p.add_argument("--rpc-key", help="the key the RPC servers registered with")
+    p.add_argument("--offline", metavar="DIR", help="write a measuring bundle for a device that cannot reach here")
+    p.add_argument("--ingest", metavar="RESULTS", help="merge the results a bundle's measuring script wrote")
+    p.add_argument("--bundle", metavar="DIR", help="the bundle the --ingest results came from (build failures)")
+    p.add_argument("--block-sizes", help="co-tune the block size over these, e.g. 8,16,32,64")
+
+    p = sub.add_parser("report", help="render tuning logs as one HTML page with charts")
+    p.add_argument("logs", nargs="+", help="tuning log JSON files")
+    p.add_argument("-o", "--out", required=True, help="report.html")
 
     args = parser.parse_args(argv)
     try:
@@ -86,7 +105,58 @@ def _compile_model(args) -> int:
     return 0
 
 
-_COMMANDS = {"build": _build, "package": _package, "check": _check, "compile-model": _compile_model}
+def _tune(args) -> int:
+    from . import load_spec, tune
+    from .target import parse_targets
+
+    printer = lambda line: print(line, flush=True)  # noqa: E731
+    logs = Path(args.logs) if args.logs else None
+    if args.ingest:
+        path = tune.ingest(Path(args.ingest), Path(args.bundle) if args.bundle else None, logs)
+        print(f"wrote {path}\n{tune.summary(path)}")
+        return 0
+    if not args.spec:
+        raise TuneError("pgen tune needs --spec FILE (or --ingest RESULTS to merge a device's results)")
+    spec = load_spec(args.spec)
+    (target,) = parse_targets(args.target)
+    kernels = tune.parse_kernels(args.kernels)
+    workload = tune.load_workload(args.workload) if args.workload else {}
+    if args.offline:
+        out = tune.emit_bundle(spec, target, Path(args.offline), kernels, args.trials, workload, args.jobs, printer)
+        print(f"wrote {out}: copy it to the device, run\n  python -m pgen_runtime.measure {out.name} "
+              f"--device {'cuda:0' if target.kind == 'cuda' else 'cpu'} -o results.json\n"
+              f"then: pgen tune --ingest results.json --bundle {out}")
+        return 0
+    runner = None
+    if args.rpc_tracker or args.rpc_key:
+        if not (args.rpc_tracker and args.rpc_key):
+            raise TuneError("remote tuning needs both --rpc-tracker HOST:PORT and --rpc-key KEY")
+        from .rpc import RpcRunner
+
+        runner = RpcRunner(args.rpc_tracker, args.rpc_key, "cuda" if target.kind == "cuda" else "cpu")
+    if args.block_sizes:
+        from . import blocksize
+
+        sizes = tune.parse_ints("--block-sizes", args.block_sizes)
+        result = blocksize.study(spec, sizes, workload, target, kernels, args.trials, logs, args.jobs, printer, runner)
+        print(blocksize.table(result))
+        print(f"recommended block_size = {result['recommended']} (lowest score = kernel x memory); "
+              f"stored in {result['log']}")
+        return 0
+    path = tune.tune(spec, target, kernels, args.trials, workload, logs, args.jobs, printer, runner)
+    print(f"wrote {path}\n{tune.summary(path)}")
+    return 0
+
+
+def _report(args) -> int:
+    from .report import render
+
+    print(f"wrote {render([Path(p) for p in args.logs], Path(args.out))}")
+    return 0
+
+
+_COMMANDS = {"build": _build, "package": _package, "check": _check, "compile-model": _compile_model,
+             "tune": _tune, "report": _report}
 
 if __name__ == "__main__":
     sys.exit(main())

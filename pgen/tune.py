@@ -16,10 +16,12 @@ import datetime
 import hashlib
 import json
 import multiprocessing
+import os
 import random
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 import tomllib
 from dataclasses import dataclass
@@ -75,7 +77,7 @@ def tune(spec: AttentionSpec, target: str | BuildTarget = "llvm", kernels: tuple
                         "host, run the bundle's measuring script there, then --ingest the results")
     device = runner.device_info()
     path = tuning_log.log_path(spec, device_target_id(device), log_root)
-    log = _open_log(path, spec, target, device)
+    log = open_log(path, spec, target, device)
     done = {r.get("key") for r in log["records"]}
     todo = []
     for kernel in kernels:
@@ -99,7 +101,8 @@ def tune(spec: AttentionSpec, target: str | BuildTarget = "llvm", kernels: tuple
     ready: list[tuple[Candidate, Path]] = []
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=_SPAWN) as builds, \
             cf.ThreadPoolExecutor(max_workers=runner.workers) as timers:
-        built = {builds.submit(_build_candidate, spec, target, c.kernel, c.config, _scratch() / c.key): c for c in todo}
+        built = {builds.submit(_build_candidate, spec, target, c.kernel, c.config,
+                               _scratch(spec, target) / c.key): c for c in todo}
         timing = {}
         for future in cf.as_completed(built):
             cand = built[future]
@@ -206,6 +209,34 @@ def _check_workload(path: Path, kernel: str, w: Any) -> None:
                             f"sequence ({len(lens)} entries); got {new!r}")
 
 
+def summary(path: Path) -> str:
+    """Per kernel of a log: best vs default time and the best config."""
+    lines = []
+    for kernel, c in tuning_log.compare(tuning_log.load(path)).items():
+        best, default = c["best"], c["default"]
+        vs = f" vs default {default['median_ms']:.4f} ms (tuned/default {c['ratio']:.2f})" if default else ""
+        lines.append(f"  {kernel:<7} best {best['median_ms']:.4f} ms{vs} {json.dumps(best['config'], sort_keys=True)} "
+                     f"[{c['measured']} measured, {c['failed']} failed]")
+    return "\n".join(lines)
+
+
+def parse_kernels(text: str) -> tuple[str, ...]:
+    """`decode,extend` -> ("decode", "extend"); raises TuneError for a kernel without knobs."""
+    kernels = tuple(k for k in text.replace(" ", "").split(",") if k)
+    bad = [k for k in kernels if k not in TUNABLE]
+    if bad or not kernels:
+        raise TuneError(f"--kernels {text!r}: tunable kernels are {', '.join(TUNABLE)}")
+    return kernels
+
+
+def parse_ints(name: str, text: str) -> list[int]:
+    """`8,16,32` -> [8, 16, 32]; raises TuneError naming `name`."""
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise TuneError(f"{name} {text!r} must be a comma list of integers, e.g. 8,16,32,64") from None
+
+
 def emit_bundle(spec: AttentionSpec, target: str | BuildTarget, out: Path, kernels: tuple[str, ...] = TUNABLE,
                 trials: int = 8, workloads: dict[str, dict] | None = None, jobs: int = 2,
                 progress: Callable[[str], None] | None = None) -> Path:
@@ -259,7 +290,7 @@ def ingest(results_file: Path, bundle: Path | None = None, log_root: Path | None
     target_id = device_target_id(device)
     path = tuning_log.log_path(spec, target_id, log_root)
     target = BuildTarget(kind, archs=(device.get("arch", ""),) if kind == "cuda" else ())
-    log = _open_log(path, spec, target, device)
+    log = open_log(path, spec, target, device)
     known = {r.get("key") for r in log["records"]}
     failures = []
     if bundle is not None:
@@ -283,11 +314,16 @@ def device_target_id(device: dict[str, Any]) -> str:
 
 def _build_candidate(spec, target, kernel, config, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    compile_functions(spec, target, {kernel: config}, out)
+    # Build beside and rename: a process may still map the previous library at this path.
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        compile_functions(spec, target, {kernel: config}, Path(tmp))
+        for file in Path(tmp).iterdir():
+            os.replace(file, out / file.name)
     return out / "kernels.so"
 
 
-def _open_log(path: Path, spec: AttentionSpec, target: BuildTarget, device: dict) -> dict[str, Any]:
+def open_log(path: Path, spec: AttentionSpec, target: BuildTarget, device: dict) -> dict[str, Any]:
+    """The checked log at `path`, or a new empty one for `device`."""
     if path.is_file():
         return tuning_log.load(path, spec, target.kind)
     return {"format": tuning_log.FORMAT, "target_id": path.parent.name, "target_kind": target.kind,
@@ -295,10 +331,12 @@ def _open_log(path: Path, spec: AttentionSpec, target: BuildTarget, device: dict
             "date": datetime.date.today().isoformat(), "records": []}
 
 
-def _scratch() -> Path:
+def _scratch(spec: AttentionSpec, target: BuildTarget) -> Path:
+    """Candidate libraries of one spec and target. NOTE: one path per library: a process that
+    loads a path twice gets the first library back (dlopen caches by path)."""
     from .build import cache_root
 
-    return cache_root().parent / "tune"
+    return cache_root().parent / "tune" / spec.uri / target.name.replace(":", "-").replace(",", "-")
 
 
 class _Progress:

@@ -131,3 +131,31 @@ def _info(kind: str):
     from .schedules.base import TargetInfo
 
     return TargetInfo(kind, vector_bits=512)
+
+
+def compare(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per kernel: the best record, the default's record on the same workload (or None), their ratio."""
+    out = {}
+    for kernel, (config, t) in best(data).items():
+        best_rec = next(r for r in data["records"] if r["kernel"] == kernel and r["config"] == config
+                        and r["median_ms"] == t)
+        default = next((r for r in data["records"] if r["kernel"] == kernel and is_default(data, r)
+                        and r.get("workload") == best_rec.get("workload") and r["median_ms"] is not None), None)
+        out[kernel] = {"best": best_rec, "default": default,
+                       "ratio": t / default["median_ms"] if default else None,
+                       "measured": sum(r["kernel"] == kernel for r in data["records"]),
+                       "failed": sum(r["kernel"] == kernel and r["median_ms"] is None for r in data["records"])}
+    return out
+
+
+def is_default(data: dict[str, Any], rec: dict[str, Any]) -> bool:
+    """Whether a record holds its rule's default config (logs before the `default` flag: recomputed)."""
+    if "default" in rec:
+        return bool(rec["default"])
+    from .target import BuildTarget, host_cpu_name
+
+    kind = data["target_kind"]
+    target = BuildTarget(kind, archs=(data["device"].get("arch", "sm_80"),)) if kind == "cuda" else \
+        BuildTarget(kind, mcpu=host_cpu_name())
+    spec = AttentionSpec.from_dict(data["spec"])
+    return rec["config"] == rule_for(rec["kernel"], kind).default(spec, target.info)
