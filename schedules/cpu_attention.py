@@ -64,6 +64,11 @@ class CpuAttention(ScheduleRule):
         return _attention(spec, self.kernel == "decode", config)
 
 
+def _row_tile(rows: int) -> int:
+    """Query rows processed together: the largest divisor of `rows` up to 8."""
+    return max(r for r in range(1, min(rows, 8) + 1) if rows % r == 0)
+
+
 def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     hq, hkv, d, bs, g = spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.block_size, spec.group_size
     vl = config["vector_lanes"]
@@ -72,6 +77,10 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     smax = config["max_splits"] if decode else 1
     rows = qt * g
     hpt = config["kv_heads_per_task"]
+    rtile = config.get("row_tile") or _row_tile(rows)
+    # P·V register tile: rtile rows x cgrp vectors, plus one vector of V, within 32 registers.
+    cgrp = max(c for c in range(1, nd + 1) if nd % c == 0 and rtile * c <= 24)
+    half = (vl // 2, max(vl // 4, 1), max(vl // 8, 1))  # lane counts of the tree sum's levels
     dtype, kv_dtype = spec.dtype, spec.kv_dtype
     cap = spec.logit_softcap
     # Scores live in log2 units so the softmax uses exp2. With a soft-cap the scale is applied
@@ -115,12 +124,8 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                 T.writes()
                 qf = T.sblock_alloc_buffer((hpt * rows, d), "float32")
                 acc = T.sblock_alloc_buffer((hpt * rows, d), "float32")
-                sc = T.sblock_alloc_buffer((hpt * rows, bs), "float32")
                 mrow = T.sblock_alloc_buffer((hpt * rows,), "float32")
                 lrow = T.sblock_alloc_buffer((hpt * rows,), "float32")
-                part = T.sblock_alloc_buffer((vl,), "float32")
-                mx = T.sblock_alloc_buffer((1,), "float32")
-                dot = T.sblock_alloc_buffer((1,), "float32")
                 split = task % num_splits
                 tile = task // num_splits % max_q_tiles
                 h0 = task // (num_splits * max_q_tiles) % (hkv // hpt) * hpt
@@ -149,50 +154,78 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                 T.float32(0),
                             )
                     for blk in T.serial(blk_lo, blk_hi):
-                        page = block_tables[b, blk]
-                        t_lo = T.max(k_lo - blk * bs, 0)
-                        t_hi = T.min(k_hi - blk * bs, bs)
-                        for hh in T.serial(hpt):
-                            for t, r in T.grid(bs, rows):
-                                sc[hh * rows + r, t] = T.float32(NEG)
-                            for t in T.serial(t_lo, t_hi):
-                                for r in T.serial(rows):
-                                    for v in T.vectorized(vl):
-                                        part[v] = T.float32(0)
-                                    for c in T.serial(nd):
+                        for hh, rt in T.grid(hpt, rows // rtile):
+                            # NOTE: `rtile` query rows at a time against one KV head's block, with
+                            # all scratch in this nested block: scratch that small lives on the
+                            # stack, where LLVM proves it aliases nothing, and fully unrolled
+                            # indices let it keep the score partials and the P·V tile in registers.
+                            with T.sblock("rows"):
+                                T.reads()
+                                T.writes()
+                                s = T.sblock_alloc_buffer((rtile, bs), "float32")
+                                part = T.sblock_alloc_buffer((rtile, vl), "float32")
+                                tree = T.sblock_alloc_buffer((rtile, vl), "float32")
+                                tile = T.sblock_alloc_buffer((rtile, cgrp * vl), "float32")
+                                sca = T.sblock_alloc_buffer((rtile, 2), "float32")
+                                page = block_tables[b, blk]
+                                t_lo = T.max(k_lo - blk * bs, 0)
+                                t_hi = T.min(k_hi - blk * bs, bs)
+                                R = hh * rows + rt * rtile
+                                for r, t in T.grid(rtile, bs):
+                                    s[r, t] = T.float32(NEG)
+                                for t in T.serial(t_lo, t_hi):
+                                    for r in T.unroll(rtile):
                                         for v in T.vectorized(vl):
-                                            part[v] = part[v] + qf[hh * rows + r, c * vl + v] * T.cast(kv_pool[page, 0, h0 + hh, t, c * vl + v], "float32")
-                                    dot[0] = T.float32(0)
-                                    for v in T.unroll(vl):
-                                        dot[0] = dot[0] + part[v]
-                                    pos = length - n_new + i0 + r // g
-                                    if blk * bs + t <= pos and i0 + r // g < i1 and blk * bs + t > pos - window_or_inf:
-                                        if has_cap:
-                                            sc[hh * rows + r, t] = T.tanh(dot[0] * inv_cap) * cap_log2e
-                                        else:
-                                            sc[hh * rows + r, t] = dot[0]
-                            for r in T.serial(rows):
-                                mx[0] = mrow[hh * rows + r]
-                                for t in T.serial(bs):
-                                    mx[0] = T.max(mx[0], sc[hh * rows + r, t])
-                                # NOTE: a masked score stays exactly NEG and gets weight 0 even
-                                # while the row's running max is still NEG (nothing seen yet).
-                                for t in T.vectorized(bs):
-                                    sc[hh * rows + r, t] = T.if_then_else(
-                                        sc[hh * rows + r, t] > T.float32(NEG), fast_exp2(sc[hh * rows + r, t] - mx[0]), T.float32(0)
-                                    )
-                                for dd in T.vectorized(d):
-                                    acc[hh * rows + r, dd] = acc[hh * rows + r, dd] * fast_exp2(mrow[hh * rows + r] - mx[0])
-                                lrow[hh * rows + r] = lrow[hh * rows + r] * fast_exp2(mrow[hh * rows + r] - mx[0])
-                                mrow[hh * rows + r] = mx[0]
-                                for t in T.serial(bs):
-                                    lrow[hh * rows + r] = lrow[hh * rows + r] + sc[hh * rows + r, t]
-                            for t in T.serial(t_lo, t_hi):
-                                for r in T.serial(rows):
-                                    if sc[hh * rows + r, t] > T.float32(0):
-                                        for c in T.serial(nd):
+                                            part[r, v] = T.float32(0)
+                                    for c in T.serial(nd):
+                                        for r in T.unroll(rtile):
                                             for v in T.vectorized(vl):
-                                                acc[hh * rows + r, c * vl + v] = acc[hh * rows + r, c * vl + v] + sc[hh * rows + r, t] * T.cast(kv_pool[page, 1, h0 + hh, t, c * vl + v], "float32")
+                                                part[r, v] = part[r, v] + qf[R + r, c * vl + v] * T.cast(kv_pool[page, 0, h0 + hh, t, c * vl + v], "float32")
+                                    for r in T.unroll(rtile):
+                                        # Pairwise (tree) sum of the lanes: a short dependency chain.
+                                        for v in T.vectorized(vl // 2):
+                                            tree[r, v] = part[r, v] + part[r, v + vl // 2]
+                                        for v in T.vectorized(half[1]):
+                                            tree[r, v] = tree[r, v] + T.if_then_else(vl >= 8, tree[r, v + half[1]], T.float32(0))
+                                        for v in T.vectorized(half[2]):
+                                            tree[r, v] = tree[r, v] + T.if_then_else(vl >= 16, tree[r, v + half[2]], T.float32(0))
+                                        tree[r, 0] = tree[r, 0] + tree[r, 1]
+                                        pos = length - n_new + i0 + (rt * rtile + r) // g
+                                        if blk * bs + t <= pos and i0 + (rt * rtile + r) // g < i1 and blk * bs + t > pos - window_or_inf:
+                                            if has_cap:
+                                                s[r, t] = T.tanh(tree[r, 0] * inv_cap) * cap_log2e
+                                            else:
+                                                s[r, t] = tree[r, 0]
+                                # Online softmax per row: new max, rescale factor, weights.
+                                for r in T.serial(rtile):
+                                    sca[r, 0] = mrow[R + r]
+                                    for t in T.serial(bs):
+                                        sca[r, 0] = T.max(sca[r, 0], s[r, t])
+                                    sca[r, 1] = fast_exp2(mrow[R + r] - sca[r, 0])
+                                    mrow[R + r] = sca[r, 0]
+                                    # NOTE: a masked score stays exactly NEG and gets weight 0 even
+                                    # while the row's running max is still NEG (nothing seen yet).
+                                    for t in T.vectorized(bs):
+                                        s[r, t] = T.if_then_else(s[r, t] > T.float32(NEG), fast_exp2(s[r, t] - sca[r, 0]), T.float32(0))
+                                    lrow[R + r] = lrow[R + r] * sca[r, 1]
+                                    for t in T.serial(bs):
+                                        lrow[R + r] = lrow[R + r] + s[r, t]
+                                # P·V in register tiles of rtile rows x cgrp vectors; rows in
+                                # [t_lo, t_hi) hold data (never NaN), so a weight of 0 is safe.
+                                for cg in T.serial(nd // cgrp):
+                                    for r in T.unroll(rtile):
+                                        for c in T.unroll(cgrp):
+                                            for v in T.vectorized(vl):
+                                                tile[r, c * vl + v] = acc[R + r, (cg * cgrp + c) * vl + v] * sca[r, 1]
+                                    for t in T.serial(t_lo, t_hi):
+                                        for c in T.unroll(cgrp):
+                                            for r in T.unroll(rtile):
+                                                for v in T.vectorized(vl):
+                                                    tile[r, c * vl + v] = tile[r, c * vl + v] + s[r, t] * T.cast(kv_pool[page, 1, h0 + hh, t, (cg * cgrp + c) * vl + v], "float32")
+                                    for r in T.unroll(rtile):
+                                        for c in T.unroll(cgrp):
+                                            for v in T.vectorized(vl):
+                                                acc[R + r, (cg * cgrp + c) * vl + v] = tile[r, c * vl + v]
                     for hh, r in T.grid(hpt, rows):
                         if i0 + r // g < i1:
                             if num_splits == 1:

@@ -1,0 +1,219 @@
+"""CPU kernel benchmark: pgen's paged decode/extend against the baselines, side by side in one run.
+
+Llama-3-8B attention shape (32 q heads, 8 KV heads, head_dim 128), block size 16. For each dtype,
+batch and context it times, on the same inputs:
+  - pgen paged decode (random block placement in a pool far larger than the 480 MiB L3; each timed
+    call reads a different set of blocks, so the KV comes from DRAM as in serving),
+  - pgen decode on a contiguous layout (block table = consecutive blocks),
+  - TVM's own CPU decode kernel (`tvm.relax.frontend.nn.llm._decode_kernels._attention_decode_cpu`),
+  - torch SDPA on a contiguous cache, and torch gather (index_select through the block table) + SDPA,
+and measures this machine's copy bandwidth and fp32 matmul rate (torch, all threads). Extend is
+timed as a 2k-token prefill against the matmul rate.
+Prints a table and writes JSON (default bench/results/kernels.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+import pgen
+from pgen_runtime.kernels import DecodePlan
+
+L3_BYTES = 480 << 20
+SPEC = dict(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16)
+
+
+def best_ms(fn, repeats: int = 7, min_s: float = 0.05) -> float:
+    fn()
+    start = time.perf_counter()
+    fn()
+    number = max(1, int(min_s / max(time.perf_counter() - start, 1e-6)))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        times.append((time.perf_counter() - start) / number)
+    return float(np.median(times)) * 1e3
+
+
+def machine_rates(torch) -> dict:
+    n = 1 << 28  # 1 GiB of fp32 per side: far beyond L3
+    x = torch.ones(n, dtype=torch.float32)
+    y = torch.empty_like(x)
+    copy = best_ms(lambda: y.copy_(x), repeats=5)
+    read = best_ms(lambda: x.sum(), repeats=5)
+    a = torch.randn(2048, 2048)
+    b = torch.randn(2048, 2048)
+    mm = best_ms(lambda: torch.mm(a, b), repeats=5)
+    del x, y
+    return {"copy_gbps_rw": 2 * n * 4 / copy / 1e6, "read_gbps": n * 4 / read / 1e6,
+            "matmul_gflops": 2 * 2048**3 / mm / 1e6}
+
+
+class Case:
+    """One decode configuration: a pool much larger than L3, and `sets` disjoint block tables."""
+
+    def __init__(self, spec, batch: int, ctx: int, rng, max_pool_bytes: int) -> None:
+        self.spec, self.batch, self.ctx = spec, batch, ctx
+        per_seq = ctx // spec.block_size
+        kv_bytes = batch * ctx * spec.block_bytes // spec.block_size
+        self.sets = max(1, min(int(3 * L3_BYTES // kv_bytes), max_pool_bytes // kv_bytes))
+        nb = self.sets * batch * per_seq + 1
+        self.pool = np.empty((nb, 2, spec.num_kv_heads, spec.block_size, spec.head_dim), spec.kv_dtype)
+        self.pool[...] = rng.standard_normal(self.pool.shape[-1], dtype=np.float32).astype(spec.kv_dtype)
+        self.tables = (1 + rng.permutation(nb - 1)).reshape(self.sets, batch, per_seq).astype(np.int32)
+        self.contig = (1 + np.arange(nb - 1)).reshape(self.sets, batch, per_seq).astype(np.int32)
+        self.lens = np.full(batch, ctx, np.int32)
+        self.q = rng.standard_normal((batch, spec.num_q_heads, spec.head_dim)).astype(spec.dtype)
+        self.out = np.empty_like(self.q)
+        self.kv_bytes = kv_bytes
+        self.i = 0
+
+    def next_tables(self, contiguous: bool) -> np.ndarray:
+        self.i = (self.i + 1) % self.sets
+        return (self.contig if contiguous else self.tables)[self.i]
+
+
+def bench_decode(kernels, tvm_decode, torch, case: Case) -> dict:
+    s = case.spec
+    plan = kernels.plan_decode(case.tables[0], case.lens)
+    row = {"dtype": s.dtype, "batch": case.batch, "ctx": case.ctx, "kv_mb": case.kv_bytes / 2**20,
+           "num_splits": plan.num_splits}
+    row["paged_ms"] = best_ms(lambda: kernels.decode(case.q, case.pool, case.next_tables(False), case.lens,
+                                                     case.out, plan=plan))
+    row["contig_ms"] = best_ms(lambda: kernels.decode(case.q, case.pool, case.next_tables(True), case.lens,
+                                                      case.out, plan=plan))
+    if tvm_decode is not None:
+        row["tvm_ms"] = tvm_decode(case)
+    tq = torch.from_numpy(case.q.astype(np.float32) if s.dtype == "float16" else case.q)[:, :, None, :]
+    tpool = torch.from_numpy(case.pool)
+    dt = torch.float16 if s.dtype == "float16" else torch.float32
+    tq = tq.to(dt)
+
+    def gather(tables):
+        blocks = tpool.index_select(0, torch.from_numpy(tables.reshape(-1).astype(np.int64)))
+        kv = blocks.view(case.batch, -1, 2, s.num_kv_heads, s.block_size, s.head_dim)
+        k = kv[:, :, 0].permute(0, 2, 1, 3, 4).reshape(case.batch, s.num_kv_heads, case.ctx, s.head_dim)
+        v = kv[:, :, 1].permute(0, 2, 1, 3, 4).reshape(case.batch, s.num_kv_heads, case.ctx, s.head_dim)
+        return k, v
+
+    k, v = gather(case.tables[0])
+    k, v = k.contiguous(), v.contiguous()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    row["sdpa_contig_ms"] = best_ms(lambda: sdpa(tq, k, v, enable_gqa=True))
+    row["gather_sdpa_ms"] = best_ms(lambda: sdpa(tq, *gather(case.next_tables(False)), enable_gqa=True), repeats=3)
+    row["paged_gbps"] = case.kv_bytes / row["paged_ms"] / 1e6
+    return row
+
+
+def tvm_builtin_decode(spec):
+    """TVM's own paged CPU decode (MLC's), built for this CPU; returns a timer over a Case."""
+    import tvm
+    from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
+
+    from pgen.target import host_cpu_name
+
+    func = _attention_decode_cpu(spec.num_kv_heads, spec.num_q_heads, spec.head_dim, spec.dtype, False, {},
+                                 spec.block_size)
+    lib = tvm.compile(tvm.IRModule({"decode": func.with_attr("global_symbol", "decode")}),
+                      target=tvm.target.Target({"kind": "llvm", "mcpu": host_cpu_name()}))
+    fn = lib["decode"]
+
+    def run(case: Case) -> float:
+        b = case.batch
+        per = case.tables.shape[2]
+        indptr = np.arange(b + 1, dtype=np.int32) * per
+        last = np.full(b, spec.block_size, np.int32)
+        zeros = np.zeros(b, np.int32)
+        lse = np.empty((b, spec.num_q_heads), np.float32)
+        args = lambda: (case.q, case.pool, indptr, case.next_tables(False).reshape(-1), last, zeros, zeros,  # noqa: E731
+                        case.out, lse, 0, 1.0, 1e4, spec.scale)
+        return best_ms(lambda: fn(*args()), repeats=3, min_s=0.02)
+
+    return run
+
+
+def bench_extend(kernels, torch, spec, n: int, rates: dict, rng) -> dict:
+    bs = spec.block_size
+    nb = n // bs + 1
+    pool = rng.standard_normal((nb, 2, spec.num_kv_heads, bs, spec.head_dim)).astype(spec.kv_dtype)
+    tables = (1 + rng.permutation(nb - 1)).reshape(1, -1).astype(np.int32)
+    q = rng.standard_normal((n, spec.num_q_heads, spec.head_dim)).astype(spec.dtype)
+    out = np.empty_like(q)
+    indptr = np.array([0, n], np.int32)
+    lens = np.array([n], np.int32)
+    plan = kernels.plan_extend(tables, indptr, lens)
+    ms = best_ms(lambda: kernels.extend(q, pool, tables, indptr, lens, out, plan=plan), repeats=3, min_s=0.0)
+    flops = 4 * spec.num_q_heads * spec.head_dim * n * (n + 1) / 2
+    dt = torch.float16 if spec.dtype == "float16" else torch.float32
+    tq = torch.from_numpy(q.astype(np.float32)).to(dt).transpose(0, 1)[None]
+    tk = torch.randn(1, spec.num_kv_heads, n, spec.head_dim).to(dt)
+    sdpa = best_ms(lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tk, is_causal=True, enable_gqa=True),
+                   repeats=3, min_s=0.0)
+    return {"dtype": spec.dtype, "new_tokens": n, "ms": ms, "gflops": flops / ms / 1e6,
+            "pct_matmul": 100 * flops / ms / 1e6 / rates["matmul_gflops"], "sdpa_ms": sdpa}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels.json"))
+    parser.add_argument("--dtypes", default="float32,float16")
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--contexts", default="512,4096,16384")
+    parser.add_argument("--max-pool-gib", type=float, default=2.5)
+    parser.add_argument("--no-tvm", action="store_true", help="skip TVM's built-in decode (slow)")
+    args = parser.parse_args()
+    import torch
+
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    rates = machine_rates(torch)
+    print(f"threads {threads}; copy {rates['copy_gbps_rw']:.1f} GB/s (read+write), read {rates['read_gbps']:.1f} GB/s, "
+          f"fp32 matmul {rates['matmul_gflops']:.0f} GFLOP/s", flush=True)
+    head = (f"{'dtype':<8}{'B':>4}{'ctx':>7}{'KV MB':>8}{'paged ms':>10}{'contig':>8}{'p/c':>6}{'GB/s':>7}{'%read':>7}"
+            f"{'sdpa':>8}{'x sdpa':>7}{'gath+sdpa':>10}{'tvm ms':>9}{'x tvm':>7}")
+    print(head, flush=True)
+    rows, extend_rows = [], []
+    for dtype in args.dtypes.split(","):
+        spec = pgen.AttentionSpec(**SPEC, dtype=dtype)
+        kernels = pgen.build_kernels(spec)
+        tvm_decode = None if args.no_tvm else tvm_builtin_decode(spec)
+        for batch in map(int, args.batches.split(",")):
+            for ctx in map(int, args.contexts.split(",")):
+                kv = batch * ctx * spec.block_bytes // spec.block_size
+                if kv > args.max_pool_gib * 2**30:
+                    continue
+                case = Case(spec, batch, ctx, rng, int(args.max_pool_gib * 2**30))
+                row = bench_decode(kernels, tvm_decode if kv <= 256 << 20 else None, torch, case)
+                row["pct_read_bw"] = 100 * row["paged_gbps"] / rates["read_gbps"]
+                rows.append(row)
+                tvm = row.get("tvm_ms")
+                print(f"{dtype:<8}{batch:>4}{ctx:>7}{row['kv_mb']:>8.0f}{row['paged_ms']:>10.3f}{row['contig_ms']:>8.3f}"
+                      f"{row['paged_ms'] / row['contig_ms']:>6.2f}{row['paged_gbps']:>7.1f}{row['pct_read_bw']:>6.0f}%"
+                      f"{row['sdpa_contig_ms']:>8.3f}{row['sdpa_contig_ms'] / row['paged_ms']:>7.2f}"
+                      f"{row['gather_sdpa_ms']:>10.3f}{(tvm or float('nan')):>9.2f}"
+                      f"{(tvm or float('nan')) / row['paged_ms']:>7.1f}", flush=True)
+                del case
+        extend_rows.append(bench_extend(kernels, torch, spec, 2048, rates, rng))
+        e = extend_rows[-1]
+        print(f"extend {dtype} 2048 new tokens: {e['ms']:.1f} ms, {e['gflops']:.1f} GFLOP/s = {e['pct_matmul']:.0f}% "
+              f"of fp32 matmul; torch SDPA {e['sdpa_ms']:.1f} ms", flush=True)
+    result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": threads, **rates},
+              "decode": rows, "extend": extend_rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
