@@ -1,0 +1,192 @@
+"""Tuning on the CPU: best vs default, log round trip, resume, corrupt logs, workloads, block sizes, report."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pgen import cli, tune, tuning_log
+from pgen.blocksize import length_samples, memory_model, study
+from pgen.build import choose_configs
+from pgen.report import render
+from pgen.target import host_target_id, parse_targets
+from pgen_runtime.errors import TuneError
+from pgen_runtime.spec import AttentionSpec
+
+SPEC = AttentionSpec(num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16, dtype="float32")
+SPEC_TOML = """[attention]
+num_q_heads = 8
+num_kv_heads = 2
+head_dim = 64
+block_size = 16
+dtype = "float32"
+"""
+WORKLOAD = {"decode": {"seq_lens": [256, 256]}, "extend": {"seq_lens": [96, 64], "new_tokens": [32, 16]}}
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory) -> Path:
+    """A log written through the CLI: decode and extend, 3 candidates each, a small workload."""
+    root = tmp_path_factory.mktemp("tune")
+    (root / "spec.toml").write_text(SPEC_TOML)
+    (root / "workload.json").write_text(json.dumps(WORKLOAD))
+    code = cli.main(["tune", "--spec", str(root / "spec.toml"), "--target", "llvm", "--kernels", "decode,extend",
+                     "--trials", "3", "--workload", str(root / "workload.json"), "--logs", str(root / "logs")])
+    assert code == 0
+    return tuning_log.log_path(SPEC, host_target_id(), root / "logs")
+
+
+def test_log_records_every_candidate(tuned):
+    data = tuning_log.load(tuned, SPEC, "llvm")
+    assert data["target_id"] == host_target_id() and data["spec_uri"] == SPEC.uri
+    assert {"pgen", "tvm", "tvm_ffi"} <= data["versions"].keys()
+    for kernel in ("decode", "extend"):
+        recs = [r for r in data["records"] if r["kernel"] == kernel]
+        assert len(recs) == 3 and sum(r["default"] for r in recs) == 1
+        assert all(r["workload"] == WORKLOAD[kernel] and len(r["times_ms"]) == 10 for r in recs)
+
+
+def test_best_is_no_slower_than_default(tuned, tmp_path):
+    data = tuning_log.load(tuned, SPEC, "llvm")
+    target = parse_targets("llvm")[0]
+    for kernel, c in tuning_log.compare(data).items():
+        assert c["default"] is not None and c["best"]["median_ms"] <= c["default"]["median_ms"]
+        # Measure both again, interleaved, and keep each one's best of three against noise.
+        runner, times = tune.LocalRunner(), {"best": [], "default": []}
+        libs = {name: tune._build_candidate(SPEC, target, kernel, c[name]["config"], tmp_path / kernel / name)
+                for name in times}
+        for _ in range(3):
+            for name, lib in libs.items():
+                cand = tune.Candidate(kernel, c[name]["config"], WORKLOAD[kernel], name, name == "default")
+                times[name].append(runner.measure(SPEC, cand, lib)["median_ms"])
+        assert min(times["best"]) <= min(times["default"]) * 1.10, (kernel, times)
+
+
+def test_build_uses_the_best_record(tuned, monkeypatch):
+    monkeypatch.setenv("PGEN_TUNING_LOGS", str(tuned.parent.parent))
+    choices = choose_configs(SPEC, parse_targets("llvm")[0])
+    best = tuning_log.best(tuning_log.load(tuned))
+    for kernel in ("decode", "extend"):
+        assert choices[kernel].config == best[kernel][0]
+        assert choices[kernel].source == f"tuned:{host_target_id()}"
+    assert choices["cache_write"].source == "default"
+
+
+def test_log_round_trip(tuned, tmp_path):
+    data = tuning_log.load(tuned)
+    copy = tmp_path / "copy.json"
+    tuning_log.save(copy, json.loads(json.dumps(data)))
+    again = tuning_log.load(copy, SPEC, "llvm")
+    assert again["records"] == data["records"] and tuning_log.best(again) == tuning_log.best(data)
+
+
+def test_resume_measures_nothing_again(tuned, monkeypatch):
+    calls = []
+    monkeypatch.setattr(tune.LocalRunner, "measure", lambda self, *a: calls.append(a) or {})
+    before = tuned.read_text()
+    tune.tune(SPEC, "llvm", ("decode", "extend"), 3, WORKLOAD, tuned.parent.parent)
+    assert calls == [] and tuned.read_text() == before
+
+
+def test_failed_candidate_gets_infinite_time(tmp_path):
+    cand = tune.Candidate("decode", {"vector_lanes": 16}, WORKLOAD["decode"], "k", False)
+    record = tune._time(tune.LocalRunner(), SPEC, cand, tmp_path / "missing.so")
+    assert record["median_ms"] is None and record["times_ms"] == [] and record["error"]
+
+
+def _corrupt(kind: str, good: str) -> str:
+    data = json.loads(good)
+    if kind == "bad_json":
+        return "{ this is not json"
+    if kind == "truncated":
+        return good[: len(good) // 2]
+    if kind == "wrong_format":
+        data["format"] = 99
+    elif kind == "missing_records":
+        del data["records"]
+    elif kind == "wrong_spec":
+        data["spec"]["head_dim"] = 128
+    elif kind == "unknown_knob":
+        data["records"][0]["config"]["warp_magic"] = 3
+    elif kind == "bad_knob_value":
+        data["records"][0]["config"]["vector_lanes"] = 3
+    elif kind == "bad_time":
+        data["records"][0]["median_ms"] = "fast"
+    return json.dumps(data)
+
+
+CORRUPTIONS = {"bad_json": "not JSON", "truncated": "not JSON", "wrong_format": "format 99",
+               "missing_records": "lacks 'records'", "wrong_spec": "is for spec", "unknown_knob": "warp_magic",
+               "bad_knob_value": "vector_lanes=3", "bad_time": "median_ms='fast'"}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_corrupt_log_is_an_error_never_used(kind, tuned, tmp_path, monkeypatch, capsys):
+    path = tuning_log.log_path(SPEC, host_target_id(), tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text(_corrupt(kind, tuned.read_text()))
+    with pytest.raises(TuneError, match=re.escape(CORRUPTIONS[kind])):
+        tuning_log.load(path, SPEC, "llvm")
+    monkeypatch.setenv("PGEN_TUNING_LOGS", str(tmp_path))
+    with pytest.raises(TuneError):
+        choose_configs(SPEC, parse_targets("llvm")[0])
+    spec_file = tmp_path / "spec.toml"
+    spec_file.write_text(SPEC_TOML)
+    assert cli.main(["build", "--spec", str(spec_file)]) == 2
+    assert "tuning log" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"decode": {"seq_lens": []}}', "decode.seq_lens"),
+    ('{"extend": {"seq_lens": [8], "new_tokens": [9]}}', "extend.new_tokens"),
+    ('{"prefill": {}}', "sections"),
+    ("[decode\nseq_lens = 1", "unreadable"),
+])
+def test_bad_workload_file(text, message, tmp_path):
+    path = tmp_path / ("w.toml" if text.startswith("[") else "w.json")
+    path.write_text(text)
+    with pytest.raises(TuneError, match=re.escape(message)):
+        tune.load_workload(path)
+
+
+def test_workload_toml_with_lengths(tmp_path):
+    path = tmp_path / "w.toml"
+    path.write_text('[decode]\nseq_lens = [100, 200]\n[lengths]\nuniform = {min = 1, max = 64}\nforks_per_seq = 1\n')
+    lens, forks = length_samples(tune.load_workload(path))
+    assert forks == 1 and lens.min() >= 1 and lens.max() <= 64
+
+
+def test_memory_model_terms():
+    lens = np.array([17, 32, 40])
+    m = memory_model(SPEC, 16, lens, forks_per_seq=0.5)
+    assert m["wasted_slots"] == pytest.approx((15 + 0 + 8) / 3)
+    token_bytes = 2 * 2 * 64 * 4
+    useful = lens.mean() * token_bytes
+    assert m["fragmentation"] == pytest.approx(m["wasted_slots"] * token_bytes / useful)
+    assert m["table_overhead"] == pytest.approx(4 * (2 + 2 + 3) / 3 / useful)
+    assert m["cow_bytes_per_fork"] == 16 * token_bytes
+    assert m["cow_overhead"] == pytest.approx(0.5 * 16 * token_bytes / useful)
+
+
+def test_block_size_study_and_report(tuned, tmp_path, capsys):
+    workload = {"decode": {"seq_lens": [256, 256]}, "lengths": {"samples": [100, 250, 1000], "forks_per_seq": 1}}
+    result = study(SPEC, [8, 16], workload, "llvm", ("decode",), 1, tuned.parent.parent)
+    rows = {r["block_size"]: r for r in result["block_sizes"]}
+    assert set(rows) == {8, 16} and result["recommended"] in rows
+    assert all(r["times_ms"]["decode"] > 0 and r["score"] >= 1 for r in rows.values())
+    assert rows[8]["memory_factor"] == 1.0 and rows[16]["fragmentation"] > rows[8]["fragmentation"]
+    stored = tuning_log.load(tuned)["block_size_study"]
+    assert stored["recommended"] == result["recommended"]
+
+    out = tmp_path / "report.html"
+    assert cli.main(["report", str(tuned), "-o", str(out)]) == 0
+    html = out.read_text()
+    for section in ('class="device"', 'class="summary"', 'class="kernel"', 'class="block-size"'):
+        assert section in html
+    assert html.count('<img alt="') == 2 * 2 + 1  # two charts per kernel, one block-size chart
+    assert re.search(r'src="data:image/png;base64,[A-Za-z0-9+/]{100,}', html)
+    assert "tuned / default" in html and SPEC.uri in html
