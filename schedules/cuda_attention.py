@@ -138,6 +138,8 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                 red = T.sblock_alloc_buffer((1,), "float32", scope="local")
                                 sc = T.sblock_alloc_buffer((tpz,), "float32", scope="local")
                                 st = T.sblock_alloc_buffer((3,), "float32", scope="local")
+                                kr = T.sblock_alloc_buffer((load_iters, vec), kv_dtype, scope="local")
+                                vr = T.sblock_alloc_buffer((load_iters, vec), kv_dtype, scope="local")
                                 b = bx // max_q_tiles
                                 i0 = bx % max_q_tiles * qt
                                 h = by // num_splits
@@ -153,27 +155,49 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                 per = T.ceildiv(T.ceildiv(T.max(k_hi - k_lo, 0), num_splits), tile) * tile
                                 c_lo = k_lo + split * per
                                 c_hi = T.min(k_hi, c_lo + per)
+                                n_iter = T.ceildiv(T.max(c_hi - c_lo, 0), tile)
                                 st[0] = T.float32(NEG)
                                 st[1] = T.float32(0)
                                 for v in T.unroll(vec):
                                     ol[v] = T.float32(0)
                                     ql[v] = T.cast(q[T.min(row0 + mine, NT - 1), h * g + ty % g, tx * vec + v], "float32") * q_scale
-                                for it in T.serial(T.ceildiv(T.max(c_hi - c_lo, 0), tile)):
+                                # K/V tiles go global -> registers -> shared memory. With
+                                # `prefetch`, the next tile's loads are issued before this tile's
+                                # math, so they are in flight while it runs.
+                                for j in T.serial(load_iters):
+                                    row = j * (rows * bdz) + tz * rows + ty
+                                    if row < tile and c_lo + row < c_hi:
+                                        for v in T.vectorized(vec):
+                                            kr[j, v] = kv_pool[block_tables[b, (c_lo + row) // bs], 0, h, (c_lo + row) % bs, tx * vec + v]
+                                        for v in T.vectorized(vec):
+                                            vr[j, v] = kv_pool[block_tables[b, (c_lo + row) // bs], 1, h, (c_lo + row) % bs, tx * vec + v]
+                                    else:
+                                        for v in T.vectorized(vec):
+                                            kr[j, v] = T.cast(0, kv_dtype)
+                                        for v in T.vectorized(vec):
+                                            vr[j, v] = T.cast(0, kv_dtype)
+                                for it in T.serial(n_iter):
                                     for j in T.serial(load_iters):
                                         row = j * (rows * bdz) + tz * rows + ty
-                                        key = c_lo + it * tile + row
                                         if row < tile:
-                                            if key < c_hi:
-                                                for v in T.vectorized(vec):
-                                                    ks[row, tx * vec + v] = kv_pool[block_tables[b, key // bs], 0, h, key % bs, tx * vec + v]
-                                                for v in T.vectorized(vec):
-                                                    vs[row, tx * vec + v] = kv_pool[block_tables[b, key // bs], 1, h, key % bs, tx * vec + v]
-                                            else:
-                                                for v in T.vectorized(vec):
-                                                    ks[row, tx * vec + v] = T.cast(0, kv_dtype)
-                                                for v in T.vectorized(vec):
-                                                    vs[row, tx * vec + v] = T.cast(0, kv_dtype)
+                                            for v in T.vectorized(vec):
+                                                ks[row, tx * vec + v] = kr[j, v]
+                                            for v in T.vectorized(vec):
+                                                vs[row, tx * vec + v] = vr[j, v]
                                     T.tvm_storage_sync("shared")
+                                    for j in T.serial(load_iters):
+                                        row = j * (rows * bdz) + tz * rows + ty
+                                        key = c_lo + (it + 1) * tile + row
+                                        if row < tile and key < c_hi:
+                                            for v in T.vectorized(vec):
+                                                kr[j, v] = kv_pool[block_tables[b, key // bs], 0, h, key % bs, tx * vec + v]
+                                            for v in T.vectorized(vec):
+                                                vr[j, v] = kv_pool[block_tables[b, key // bs], 1, h, key % bs, tx * vec + v]
+                                        else:
+                                            for v in T.vectorized(vec):
+                                                kr[j, v] = T.cast(0, kv_dtype)
+                                            for v in T.vectorized(vec):
+                                                vr[j, v] = T.cast(0, kv_dtype)
                                     st[2] = st[0]
                                     for j in T.serial(tpz):
                                         part[0] = T.float32(0)
