@@ -87,6 +87,10 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     tile = bdz * tpz
     smax = config["max_splits"] if decode else 1
     load_iters = (tile + rows * bdz - 1) // (rows * bdz)
+    # Reduce the tx lanes by xor-shuffles when they form aligned power-of-two groups of a warp;
+    # otherwise TVM's generic allreduce (through shared memory) does it.
+    butterfly = bdx & (bdx - 1) == 0 and bdx <= 32
+    levels = max(bdx.bit_length() - 1, 1)
     dtype, kv_dtype = spec.dtype, spec.kv_dtype
     has_cap = spec.logit_softcap is not None
     q_scale = spec.scale if has_cap else spec.scale * LOG2E
@@ -134,7 +138,8 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                 mml = T.sblock_alloc_buffer((bdz, rows, 2), "float32", scope="shared")
                                 ql = T.sblock_alloc_buffer((vec,), "float32", scope="local")
                                 ol = T.sblock_alloc_buffer((vec,), "float32", scope="local")
-                                part = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                pj = T.sblock_alloc_buffer((tpz,), "float32", scope="local")
+                                kl = T.sblock_alloc_buffer((vec,), kv_dtype, scope="local")
                                 red = T.sblock_alloc_buffer((1,), "float32", scope="local")
                                 sc = T.sblock_alloc_buffer((tpz,), "float32", scope="local")
                                 st = T.sblock_alloc_buffer((3,), "float32", scope="local")
@@ -199,21 +204,33 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                             for v in T.vectorized(vec):
                                                 vr[j, v] = T.cast(0, kv_dtype)
                                     st[2] = st[0]
-                                    for j in T.serial(tpz):
-                                        part[0] = T.float32(0)
+                                    # All of this lane's dot products first (independent chains), then
+                                    # their reductions across tx interleaved, then the masks.
+                                    for j in T.unroll(tpz):
+                                        for v in T.vectorized(vec):
+                                            kl[v] = ks[tz * tpz + j, tx * vec + v]
+                                        pj[j] = T.float32(0)
                                         for v in T.unroll(vec):
-                                            part[0] = part[0] + ql[v] * T.cast(ks[tz * tpz + j, tx * vec + v], "float32")
-                                        with T.sblock("score_allreduce"):
-                                            T.reads(part[0])
-                                            T.writes(red[0])
-                                            T.attr(T.comm_reducer(lambda x, y: x + y, [T.float32(0)]), "reduce_scope", T.int32(0))
-                                            T.tvm_thread_allreduce(T.uint32(1), part[0], True, red[0], tx, dtype="void")
+                                            pj[j] = pj[j] + ql[v] * T.cast(kl[v], "float32")
+                                    if butterfly:
+                                        for lv in T.unroll(levels):
+                                            for j in T.unroll(tpz):
+                                                pj[j] = pj[j] + T.tvm_warp_shuffle_xor(T.tvm_warp_activemask(), pj[j], (bdx >> 1) >> lv, 32, 32)
+                                    else:
+                                        for j in T.serial(tpz):
+                                            with T.sblock("score_allreduce"):
+                                                T.reads(pj[j])
+                                                T.writes(red[0])
+                                                T.attr(T.comm_reducer(lambda x, y: x + y, [T.float32(0)]), "reduce_scope", T.int32(0))
+                                                T.tvm_thread_allreduce(T.uint32(1), pj[j], True, red[0], tx, dtype="void")
+                                            pj[j] = red[0]
+                                    for j in T.unroll(tpz):
                                         key = c_lo + it * tile + tz * tpz + j
                                         if key < c_hi and key <= pos and key > pos - window and mine < i1:
                                             if has_cap:
-                                                sc[j] = T.tanh(red[0] * inv_cap) * cap_log2e
+                                                sc[j] = T.tanh(pj[j] * inv_cap) * cap_log2e
                                             else:
-                                                sc[j] = red[0]
+                                                sc[j] = pj[j]
                                         else:
                                             sc[j] = T.float32(NEG)
                                         st[2] = T.max(st[2], sc[j])
@@ -222,11 +239,13 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                     for v in T.unroll(vec):
                                         ol[v] = ol[v] * T.exp2(st[0] - st[2])
                                     st[0] = st[2]
-                                    for j in T.serial(tpz):
+                                    for j in T.unroll(tpz):
                                         sc[j] = T.if_then_else(sc[j] > T.float32(NEG), T.exp2(sc[j] - st[0]), T.float32(0))
                                         st[1] = st[1] + sc[j]
+                                        for v in T.vectorized(vec):
+                                            kl[v] = vs[tz * tpz + j, tx * vec + v]
                                         for v in T.unroll(vec):
-                                            ol[v] = ol[v] + sc[j] * T.cast(vs[tz * tpz + j, tx * vec + v], "float32")
+                                            ol[v] = ol[v] + sc[j] * T.cast(kl[v], "float32")
                                     T.tvm_storage_sync("shared")
                                 # Merge the key lanes (tz) through shared memory.
                                 for v in T.unroll(vec):

@@ -63,7 +63,7 @@ def main() -> int:
                 report["checks"].append({"package": pkg.name, "kernel": name, "error": None, "ok": False,
                                          "exception": traceback.format_exc(limit=3)})
                 print(f"  {name:<12} FAIL {type(exc).__name__}: {exc}", flush=True)
-        if gpu and kernels.spec.num_q_heads == 32:
+        if gpu and pkg.name.startswith("llama"):
             report["decode"] += time_decode(kernels, report["copy_gbps"])
             report["extend"] += time_extend(kernels)
     if gpu and not args.skip_tuning:
@@ -123,13 +123,18 @@ def reference(spec, q, pool, tables, indptr, lens):
     return out
 
 
+def _past_window(spec):
+    """A length beyond the sliding window, so the window's lower bound is exercised."""
+    return [spec.sliding_window + 300] if spec.sliding_window else []
+
+
 def rel_err(got, want):
     return float((got.float() - want).abs().max() / want.abs().max().clamp_min(1e-6))
 
 
 def check_decode(kernels):
     s = kernels.spec
-    lens = [1, s.block_size - 1, s.block_size + 1, 2100, 700, 33]
+    lens = [1, s.block_size - 1, s.block_size + 1, 2100, 700, 33] + _past_window(s)
     pool, tables, _ = make_cache(s, lens, 1)
     q = torch.randn((len(lens), s.num_q_heads, s.head_dim), device=DEV).to(_dt(s.dtype))
     out = torch.full_like(q, float("nan"))
@@ -141,7 +146,7 @@ def check_decode(kernels):
 
 def check_extend(kernels):
     s = kernels.spec
-    lens, new = [5, 40, 300, 2100], [5, 3, 129, 64]
+    lens, new = [5, 40, 300, 2100] + _past_window(s), [5, 3, 129, 64] + [70] * len(_past_window(s))
     pool, tables, _ = make_cache(s, lens, 2)
     indptr = [0] + np.cumsum(new).tolist()
     q = torch.randn((indptr[-1], s.num_q_heads, s.head_dim), device=DEV).to(_dt(s.dtype))

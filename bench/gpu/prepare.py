@@ -22,6 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 TVM_FFI = "apache-tvm-ffi==0.1.14.post0"
 SPECS = ("llama3-8b", "qwen2.5-0.5b")
+# Checked in fp16 only: sliding window, soft-cap, head_dim 256 and 96 (a non-power-of-two lane count).
+EXTRA_SPECS = ("mistral-7b", "gemma2-9b", "phi3-mini")
 
 
 def main() -> int:
@@ -43,6 +45,9 @@ def main() -> int:
             spec = dataclasses.replace(base, dtype=dtype, kv_dtype=dtype)
             package(spec, "llvm,cuda:sm_80,sm_90", out / "packages" / f"{name}-{dtype}.pgenpkg",
                     progress=lambda line: print(line.splitlines()[0], flush=True))
+    for name in EXTRA_SPECS:
+        package(pgen.load_spec(REPO / "specs" / f"{name}.toml"), "llvm,cuda:sm_90", out / "packages" / f"{name}.pgenpkg",
+                progress=lambda line: print(line.splitlines()[0], flush=True))
     llama = pgen.load_spec(REPO / "specs" / "llama3-8b.toml")
     emit_bundle(llama, "cuda:sm_90", out / "bundles" / f"{llama.uri}", trials=args.trials,
                 progress=lambda line: print(line, flush=True))
