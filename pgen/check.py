@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from pgen_runtime.measure import time_kernel
-from pgen_runtime.spec import AttentionSpec, load_spec
+from pgen_runtime.spec import load_spec
 
 from . import reference
 from .build import build_kernels, build_library
@@ -32,92 +32,57 @@ def check_spec(spec_path: str | Path | None = None, progress: Callable[[str], No
     progress(lib.summary())
     kernels = build_kernels(spec, "llvm")
     progress(f"built and loaded in {time.perf_counter() - start:.1f}s\n")
-    rng = np.random.default_rng(0)
     bs = spec.block_size
-    lens = [1, bs - 1 if bs > 1 else 1, bs + 1, 2048, 300]
-    pool, tables = _paged_cache(spec, lens, rng)
+    lens = [1, max(bs - 1, 1), bs + 1, 2048, 300]
+    case = reference.paged_case(spec, lens, new_tokens=[1, 1, bs + 1, 128, 64])
+    want = reference.expected(spec, case)
     rows = []
-    for name, run in _cases(spec, kernels, pool, tables, lens, rng).items():
-        err, ms = run()
-        ok = err <= (TOLERANCE[spec.dtype] if name in ("decode", "extend") else 0.0)
-        rows.append((name, ok, err, ms))
-        progress(f"  {name:<12} {'ok  ' if ok else 'FAIL'}  max rel err {err:.2e}  {ms:8.3f} ms")
-    passed = sum(r[1] for r in rows)
-    progress(f"\n{passed} passed, {len(rows) - passed} failed")
-    return passed == len(rows)
+    for name, run in _runs(kernels, case).items():
+        got, ms = run()
+        if name in ("decode", "extend"):
+            err = float(np.abs(got.astype(np.float64) - want[name]).max() / np.abs(want[name]).max())
+            ok = err <= TOLERANCE[spec.dtype]
+        else:  # data movement must be bit exact, NaN payloads included
+            err = float(np.count_nonzero(got.view(np.uint8) != want[name].view(np.uint8)))
+            ok = err == 0
+        rows.append(ok)
+        progress(f"  {name:<12} {'ok  ' if ok else 'FAIL'}  {'max rel err' if name in ('decode', 'extend') else 'bytes differing'} "
+                 f"{err:.2e}  {ms:8.3f} ms")
+    progress(f"\n{sum(rows)} passed, {len(rows) - sum(rows)} failed")
+    return all(rows)
 
 
-def _paged_cache(spec: AttentionSpec, lens: list[int], rng) -> tuple[np.ndarray, np.ndarray]:
-    """A pool with NaN in every unused slot and random block placement."""
-    bs = spec.block_size
-    per = [-(-n // bs) for n in lens]
-    pool = np.full((sum(per) + 4, 2, spec.num_kv_heads, bs, spec.head_dim), np.nan, spec.kv_dtype)
-    order = 1 + rng.permutation(pool.shape[0] - 1)
-    tables = np.zeros((len(lens), max(per)), np.int32)
-    at = 0
-    for b, n in enumerate(lens):
-        tables[b, : per[b]] = order[at : at + per[b]]
-        at += per[b]
-        pos = np.arange(n)
-        pool[tables[b, pos // bs], :, :, pos % bs] = rng.standard_normal((n, 2, spec.num_kv_heads, spec.head_dim))
-    return pool, tables
+def _runs(kernels, case: dict) -> dict[str, Callable[[], tuple[np.ndarray, float]]]:
+    """One closure per kernel: run it on a copy of the case's arrays, return (result, best ms)."""
+    pool, tables, lens = case["pool"], case["block_tables"], case["seq_lens"]
 
-
-def _cases(spec, kernels, pool, tables, lens, rng) -> dict[str, Callable[[], tuple[float, float]]]:
-    seq = np.asarray(lens, np.int32)
-    hq, hkv, d, dt = spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.dtype
-
-    def rel(got, want):
-        return float(np.abs(got.astype(np.float64) - want).max() / max(np.abs(want).max(), 1e-30))
-
-    def decode():
-        q = rng.standard_normal((len(lens), hq, d)).astype(dt)
+    def attention(kind):
+        q = case[f"q_{kind}"]
         out = np.full_like(q, np.nan)
-        ms = min(time_kernel(kernels, "decode", (q, pool, tables, seq, out), repeats=3))
-        return rel(out, reference.decode(spec, q, pool, tables, seq)), ms
+        args = (q, pool, tables, lens, out) if kind == "decode" else (q, pool, tables, case["q_indptr"], lens, out)
+        return out, min(time_kernel(kernels, kind, args, repeats=3))
 
-    def extend():
-        new = np.minimum(seq, [1, 5, 17, 128, 64]).astype(np.int32)
-        indptr = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
-        q = rng.standard_normal((int(indptr[-1]), hq, d)).astype(dt)
-        out = np.full_like(q, np.nan)
-        ms = min(time_kernel(kernels, "extend", (q, pool, tables, indptr, seq, out), repeats=3))
-        return rel(out, reference.extend(spec, q, pool, tables, indptr, seq)), ms
-
-    def cache_write():
-        k = rng.standard_normal((8, hkv, d)).astype(dt)
-        v = rng.standard_normal((8, hkv, d)).astype(dt)
-        slots = (tables[3, 1] * spec.block_size + np.arange(8) % spec.block_size).astype(np.int32)
-        slots[np.arange(8) >= spec.block_size] = -1
-        slots[2] = -1
-        want = reference.cache_write(k, v, pool, slots)
+    def moved(call):
         work = pool.copy()
         start = time.perf_counter()
-        kernels.cache_write(k, v, work, slots)
-        return _diff(work, want), (time.perf_counter() - start) * 1e3
+        result = call(work)
+        return (work if result is None else result), (time.perf_counter() - start) * 1e3
 
-    def copy_blocks():
-        pairs = np.stack([tables[3, :4], tables[3, 4:8]], axis=1).astype(np.int32)
-        want = reference.copy_blocks(pool, pairs)
-        work = pool.copy()
-        start = time.perf_counter()
-        kernels.copy_blocks(work, pairs)
-        return _diff(work, want), (time.perf_counter() - start) * 1e3
+    def swap_out(work):
+        buf = np.empty((len(case["swap_ids"]),) + pool.shape[1:], pool.dtype)
+        kernels.swap_out(work, case["swap_ids"], buf)
+        return buf
 
-    def swap():
-        ids = tables[3, :16].copy()
-        buf = np.empty((len(ids),) + pool.shape[1:], pool.dtype)
-        work = pool.copy()
-        start = time.perf_counter()
-        kernels.swap_out(work, ids, buf)
-        work[ids] = 0
-        kernels.swap_in(buf, ids, work)
-        return _diff(work, pool), (time.perf_counter() - start) * 1e3
+    def swap_in(work):
+        buf = pool[case["swap_ids"]]
+        work[case["swap_ids"]] = 0
+        kernels.swap_in(buf, case["swap_ids"], work)
 
-    return {"decode": decode, "extend": extend, "cache_write": cache_write, "copy_blocks": copy_blocks,
-            "swap_out+in": swap}
-
-
-def _diff(got: np.ndarray, want: np.ndarray) -> float:
-    """Bytes that differ (NaN payloads included): copies must be bit exact."""
-    return float(np.count_nonzero(got.view(np.uint8) != want.view(np.uint8)))
+    return {
+        "decode": lambda: attention("decode"),
+        "extend": lambda: attention("extend"),
+        "cache_write": lambda: moved(lambda w: kernels.cache_write(case["k"], case["v"], w, case["slot_mapping"])),
+        "copy_blocks": lambda: moved(lambda w: kernels.copy_blocks(w, case["pairs"])),
+        "swap_out": lambda: moved(swap_out),
+        "swap_in": lambda: moved(swap_in),
+    }
