@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import PackageError
+from .errors import PackageError, ShapeError
 from .kernels import PagedKernels
 from .spec import KV_LAYOUT, AttentionSpec
 from .target import missing_cpu_features
@@ -56,6 +56,13 @@ def read_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
     if manifest.get("kv_layout") != KV_LAYOUT:
         raise PackageError(f"{root} uses KV layout {manifest.get('kv_layout')!r}; this runtime needs {KV_LAYOUT}")
     files = manifest.get("files") or {}
+    # NOTE: the manifest is not hashed, so an emptied or edited "files" list must not switch the
+    # checks off: every file in the package has to be listed, and every listed file must match.
+    unlisted = sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                      if p.is_file() and p.name != MANIFEST and str(p.relative_to(root)) not in files)
+    if unlisted:
+        raise PackageError(f"{root}: {unlisted[0]} is not listed in the manifest ({len(unlisted)} unlisted files); "
+                           "the package was altered. Rebuild it or copy it again")
     for rel, digest in sorted(files.items()):
         file = root / rel
         if not file.is_file():
@@ -76,7 +83,10 @@ def load_package(path: str | Path, device: str = "cpu") -> PagedKernels:
         PackageError: the package fails a check, or has no target that runs on this device.
     """
     root, manifest = read_manifest(path)
-    dev = parse_device(device)
+    try:
+        dev = parse_device(device)
+    except ShapeError as err:
+        raise PackageError(str(err)) from None
     cuda = dev.dlpack_device_type() == 2
     target = _pick_target(manifest, root, cuda)
     from ._tvm_libs import load_tvm_runtime_libs

@@ -121,6 +121,10 @@ DAMAGE = {
     "other KV layout": (lambda p: _edit_manifest(p, lambda m: m.update(kv_layout="NB,HKV,2,BS,D")), "KV layout"),
     "other machine": (lambda p: _edit_manifest(p, lambda m: m["targets"][0].update(machine="riscv64")),
                       "machine riscv64"),
+    "emptied file list": (lambda p: _edit_manifest(p, lambda m: m.update(files={})), "is not listed in the manifest"),
+    "unlisted library": (lambda p: _edit_manifest(p, lambda m: m["files"].pop("targets/llvm/kernels.so")),
+                         "targets/llvm/kernels.so is not listed"),
+    "extra file": (lambda p: (p / "targets/llvm/evil.so").write_bytes(b"x"), "evil.so is not listed"),
 }
 
 
@@ -143,6 +147,12 @@ def test_cpu_target_needing_isa_flags_this_host_lacks_is_refused(copy, loads, mo
     _edit_manifest(copy, lambda m: m["targets"][0].update(mcpu="futurecpu"))
     with pytest.raises(PackageError, match=r"llvm \(futurecpu\) needs avx9000.*Rebuild the package on a host"):
         load_package(copy)
+    assert loads == []
+
+
+def test_unknown_device_is_a_package_error(pkg, loads):
+    with pytest.raises(PackageError, match="device='tpu' is not supported"):
+        load_package(pkg, device="tpu")
     assert loads == []
 
 
