@@ -46,8 +46,8 @@ def _log_view(path: Path) -> dict[str, Any]:
         records = [r for r in data["records"] if r["kernel"] == kernel and r.get("workload") == c["best"].get("workload")]
         kernels.append({
             "name": kernel,
-            "best_ms": c["best"]["median_ms"], "best_config": json.dumps(c["best"]["config"], sort_keys=True),
-            "default_ms": c["default"]["median_ms"] if c["default"] else None,
+            "best_ms": c["best_ms"], "best_config": json.dumps(c["best"]["config"], sort_keys=True),
+            "default_ms": c["default_ms"], "confirmed": "confirm_ms" in c["best"],
             "default_config": json.dumps(c["default"]["config"], sort_keys=True) if c["default"] else "not measured",
             "ratio": c["ratio"], "measured": c["measured"], "failed": c["failed"],
             "workload": _workload_text(c["best"].get("workload") or {}),

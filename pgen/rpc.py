@@ -16,6 +16,7 @@ long-context workload over a slow network that costs more than the timing itself
 
 from __future__ import annotations
 
+import socket
 import statistics
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from pgen_runtime.spec import AttentionSpec
 
 from .target import host_target_id
 from .tune import Candidate
+
+CONNECT_TIMEOUT_S = 5
 
 
 def parse_tracker(text: str) -> tuple[str, int]:
@@ -63,6 +66,8 @@ class RpcRunner:
         self.key, self.kind = key, device_kind
         self.session_timeout, self.repeats, self.min_repeat_ms = session_timeout, repeats, min_repeat_ms
         try:
+            # TVM's own connect retries for a minute; a closed port should fail at once.
+            socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT_S).close()
             summary = rpc.connect_tracker(self.host, self.port).summary()
         except (OSError, RuntimeError) as err:
             raise TuneError(f"cannot reach the RPC tracker at {tracker} ({err}); start it with "

@@ -74,10 +74,11 @@ def save(path: Path, data: dict[str, Any]) -> None:
 def _check_record(path: Path, rec: Any, spec: AttentionSpec, target_kind: str) -> None:
     if not isinstance(rec, dict) or {"kernel", "config", "median_ms"} - rec.keys() or not isinstance(rec["config"], dict):
         raise TuneError(f"tuning log {path} has a malformed record {str(rec)[:120]}; re-run pgen tune")
-    t = rec["median_ms"]
-    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf):
-        raise TuneError(f"tuning log {path}: {rec['kernel']} record has median_ms={t!r}; expected a positive "
-                        "number or null (failed). Re-run pgen tune")
+    for field in ("median_ms", "confirm_ms"):
+        t = rec.get(field)
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf):
+            raise TuneError(f"tuning log {path}: {rec['kernel']} record has {field}={t!r}; expected a positive "
+                            "number or null (failed). Re-run pgen tune")
     try:
         rule = rule_for(rec["kernel"], target_kind)
     except KeyError:
@@ -94,15 +95,25 @@ def _check_record(path: Path, rec: Any, spec: AttentionSpec, target_kind: str) -
 
 
 def best(data: dict[str, Any]) -> dict[str, tuple[dict[str, Any], float]]:
-    """Per kernel, the fastest measured config and its median time (failed candidates are inf)."""
+    """Per kernel, the fastest config and its time (`time_of`); failed candidates are inf.
+
+    Where a kernel's finalists were confirmed (re-timed together after the search), only they
+    compete, on their confirmed times: a search time that was low by chance does not win.
+    """
     out: dict[str, tuple[dict[str, Any], float]] = {}
+    confirmed = {r["kernel"] for r in data["records"] if r.get("confirm_ms") is not None}
     for rec in data["records"]:
-        t = rec["median_ms"]
-        if t is None or rec.get("error"):
+        t = time_of(rec)
+        if t is None or rec.get("error") or (rec["kernel"] in confirmed and rec.get("confirm_ms") is None):
             continue
         if rec["kernel"] not in out or t < out[rec["kernel"]][1]:
             out[rec["kernel"]] = (rec["config"], t)
     return out
+
+
+def time_of(rec: dict[str, Any]) -> float | None:
+    """A record's time: the confirmed one where it has one, else its search median (None: failed)."""
+    return rec["confirm_ms"] if rec.get("confirm_ms") is not None else rec["median_ms"]
 
 
 def best_configs(spec: AttentionSpec, target) -> dict[str, tuple[dict[str, Any], str]]:
@@ -138,11 +149,13 @@ def compare(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out = {}
     for kernel, (config, t) in best(data).items():
         best_rec = next(r for r in data["records"] if r["kernel"] == kernel and r["config"] == config
-                        and r["median_ms"] == t)
+                        and time_of(r) == t)
         default = next((r for r in data["records"] if r["kernel"] == kernel and is_default(data, r)
-                        and r.get("workload") == best_rec.get("workload") and r["median_ms"] is not None), None)
-        out[kernel] = {"best": best_rec, "default": default,
-                       "ratio": t / default["median_ms"] if default else None,
+                        and r.get("workload") == best_rec.get("workload") and time_of(r) is not None
+                        and ("confirm_ms" in r) == ("confirm_ms" in best_rec)), None)
+        out[kernel] = {"best": best_rec, "default": default, "best_ms": t,
+                       "default_ms": time_of(default) if default else None,
+                       "ratio": t / time_of(default) if default else None,
                        "measured": sum(r["kernel"] == kernel for r in data["records"]),
                        "failed": sum(r["kernel"] == kernel and r["median_ms"] is None for r in data["records"])}
     return out

@@ -111,3 +111,10 @@ def test_no_server_under_key_is_a_clear_error(tracker):
 def test_bad_tracker_address(text):
     with pytest.raises(TuneError, match="HOST:PORT"):
         parse_tracker(text)
+
+
+def test_unreachable_tracker_fails_fast():
+    start = time.monotonic()
+    with pytest.raises(TuneError, match="cannot reach the RPC tracker"):
+        RpcRunner(f"127.0.0.1:{_free_port()}", KEY)
+    assert time.monotonic() - start < 10
