@@ -53,6 +53,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("logs", nargs="+", help="tuning log JSON files")
     p.add_argument("-o", "--out", required=True, help="report.html")
 
+    p = sub.add_parser("run", help="build (or reuse) the default tiny model for the CPU and generate a batch")
+    p.add_argument("--package", help="a model package (default: the tiny model, built on first use)")
+    p.add_argument("-n", type=int, default=4, help="parallel samples per prompt")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=0)
+
+    # NOTE: the server parses its own arguments (python -m pgen_runtime.server works without pgen).
+    p = sub.add_parser("serve", add_help=False, help="serve a model package over an OpenAI-compatible HTTP API "
+                       "(PACKAGE --host 127.0.0.1 --port 8000; see pgen serve -h)")
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        return _serve(argv[1:])
     args = parser.parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
@@ -155,8 +169,26 @@ def _report(args) -> int:
     return 0
 
 
+def _run(args) -> int:
+    from .run import report, run
+
+    result = run(args.package, n=args.n, max_tokens=args.max_tokens, temperature=args.temperature,
+                 seed=args.seed, progress=lambda line: print(line, flush=True))
+    print(report(result))
+    return 0
+
+
+def _serve(argv: list[str]) -> int:
+    try:
+        from pgen_runtime.server import main as serve_main
+    except ImportError as err:
+        print(f"pgen serve: error: {err}", file=sys.stderr)
+        return 2
+    return serve_main(argv, prog="pgen serve")
+
+
 _COMMANDS = {"build": _build, "package": _package, "check": _check, "compile-model": _compile_model,
-             "tune": _tune, "report": _report}
+             "tune": _tune, "report": _report, "run": _run}
 
 if __name__ == "__main__":
     sys.exit(main())

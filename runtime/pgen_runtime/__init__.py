@@ -27,25 +27,35 @@ from .errors import (
 )
 from .kernels import DecodePlan, ExtendPlan, PagedKernels
 from .kv_cache_manager import KVCacheManager
-from .llm import LLM, RequestOutput, SamplingParams
+from .engine import Engine
+from .engine_outputs import CompletionOutput, EngineStats, RequestOutput
+from .llm import LLM
 from .package import load_package
 from .preemption import PreemptionPolicy
 from .prefix_cache import BlockHash, hash_block_tokens
+from .sampling import SamplingParams
+from .scheduler import Scheduler
 from .sequence import KVMetrics, SeqStatus
 from .spec import DTYPES, KV_LAYOUT, NULL_BLOCK_ID, AttentionSpec, load_spec
+from .tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionSpec",
     "Block",
+    "ByteTokenizer",
+    "CompletionOutput",
     "BlockHash",
     "BlockPool",
     "BuildError",
     "ConfigError",
     "DTYPES",
     "DecodePlan",
+    "Engine",
+    "EngineStats",
     "ExtendPlan",
+    "HFTokenizer",
     "KVCacheManager",
     "KVMetrics",
     "KV_LAYOUT",
@@ -59,6 +69,7 @@ __all__ = [
     "PreemptionPolicy",
     "RequestOutput",
     "SamplingParams",
+    "Scheduler",
     "SeqStatus",
     "SequenceError",
     "ShapeError",
@@ -67,4 +78,5 @@ __all__ = [
     "hash_block_tokens",
     "load_package",
     "load_spec",
+    "load_tokenizer",
 ]

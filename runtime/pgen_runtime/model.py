@@ -57,6 +57,7 @@ class PagedModel:
         if parse_device(device).dlpack_device_type() != 1:
             raise PackageError(f"device={device!r}: model packages run on the CPU so far; use device='cpu'")
         self.kernels: PagedKernels = load_package(root, device)
+        self.root = root
         self.manifest = manifest
         self.info: dict[str, Any] = manifest["model"]
         self.spec: AttentionSpec = self.kernels.spec

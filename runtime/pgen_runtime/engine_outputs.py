@@ -1,0 +1,107 @@
+"""What the engine hands out: per-request outputs, and the running statistics servers report."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+THROUGHPUT_WINDOW_S = 10.0
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    """One completion: generated ids (a stop token included), its text, and why it ended.
+
+    `text` grows as tokens come; while unfinished it holds back what could still become a stop
+    string or an incomplete character, so a stream may send `text[already_sent:]` each time.
+    """
+
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "stop" (EOS, stop id or string), "length" or "abort"
+    cumulative_logprob: float | None = None  # beam search
+    logits: list[np.ndarray] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """A request's completions; `token_ids`, `text`, `finish_reason`, `logits` are completion 0's."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+    @property
+    def logits(self) -> list[np.ndarray]:
+        return self.outputs[0].logits
+
+    def snapshot(self) -> RequestOutput:
+        """A copy another thread may read while the engine goes on."""
+        outs = [dataclasses.replace(o, token_ids=list(o.token_ids), logits=[]) for o in self.outputs]
+        return dataclasses.replace(self, outputs=outs, prompt_token_ids=self.prompt_token_ids)
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Counters since start, peaks of KV sharing, and a sliding window of generated tokens."""
+
+    steps: int = 0
+    step_time_s: float = 0.0
+    tokens_computed: int = 0  # prompt, re-prefill and decode tokens run through the model
+    tokens_generated: int = 0
+    requests_finished: int = 0
+    requests_aborted: int = 0
+    peak_blocks_used: int = 0
+    peak_blocks_shared: int = 0  # blocks in more than one block table at once
+    peak_table_entries: int = 0  # block-table entries at that moment (blocks without sharing)
+    kv_utilization_sum: float = 0.0  # live / allocated slots, summed over steps
+    _window: deque = field(default_factory=deque)
+
+    def record_step(self, seconds: float, manager: Any, running: list) -> None:
+        self.steps += 1
+        self.step_time_s += seconds
+        now = time.monotonic()
+        self._window.append((now, self.tokens_generated))
+        while self._window and now - self._window[0][0] > THROUGHPUT_WINDOW_S:
+            self._window.popleft()
+        self.peak_blocks_used = max(self.peak_blocks_used, manager.block_pool.num_used)
+        self.kv_utilization_sum += manager.metrics().utilization
+        refs = Counter(b for s in running for b in manager.block_table(s.seq_id))
+        shared = sum(1 for c in refs.values() if c > 1)
+        if shared > self.peak_blocks_shared:
+            self.peak_blocks_shared, self.peak_table_entries = shared, sum(refs.values())
+
+    @property
+    def mean_kv_utilization(self) -> float:
+        return self.kv_utilization_sum / self.steps if self.steps else 1.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens per second over the last THROUGHPUT_WINDOW_S seconds."""
+        if len(self._window) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self._window[0], self._window[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
