@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 EOS_TOKEN_ID = 2
 NUM_SPECIAL_TOKENS = 3  # 0 pad, 1 bos, 2 eos; the byte-level tokenizer puts byte b at id b + 3
+REVISION = 1  # part of the model name: bump it when the graph or the weights change
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +39,7 @@ class TinyConfig:
     @property
     def name(self) -> str:
         c = self
-        return f"tiny-llama-v{c.vocab}-h{c.hidden}-l{c.layers}-q{c.q_heads}-kv{c.kv_heads}-d{c.head_dim}-s{c.seed}"
+        return f"tiny-llama-r{REVISION}-v{c.vocab}-h{c.hidden}-l{c.layers}-q{c.q_heads}-kv{c.kv_heads}-d{c.head_dim}-s{c.seed}"
 
 
 class _Builder:
@@ -78,7 +79,13 @@ def _weights(c: TinyConfig) -> dict[str, np.ndarray]:
                 f"l{i}.q": w(c.hidden, c.q_heads * c.head_dim), f"l{i}.k": w(c.hidden, c.kv_heads * c.head_dim),
                 f"l{i}.v": w(c.hidden, c.kv_heads * c.head_dim), f"l{i}.o": w(c.q_heads * c.head_dim, c.hidden),
                 f"l{i}.gate": w(c.hidden, c.ffn), f"l{i}.up": w(c.hidden, c.ffn), f"l{i}.down": w(c.ffn, c.hidden)}
-    return out | {"norm": norm(), "lm_head": w(c.hidden, c.vocab)}
+    # Random weights write random bytes; over a byte vocabulary a logit bias keeps the text readable:
+    # printable ASCII, newline and EOS stay, the other ids (specials, control, non-ASCII bytes) sink.
+    bias = np.zeros(c.vocab, np.float32)
+    if c.vocab >= NUM_SPECIAL_TOKENS + 256:
+        bias[:] = -10.0
+        bias[[EOS_TOKEN_ID, NUM_SPECIAL_TOKENS + 10, *range(NUM_SPECIAL_TOKENS + 32, NUM_SPECIAL_TOKENS + 127)]] = 0.0
+    return out | {"norm": norm(), "lm_head": w(c.hidden, c.vocab), "lm_bias": bias}
 
 
 def _rms_norm(b: _Builder, x: str, weight: str) -> str:
@@ -166,7 +173,8 @@ def build_onnx(config: TinyConfig = TinyConfig()) -> onnx.ModelProto:
     for i in range(c.layers):
         x, k, v = _layer(b, i, x, cos, sin, mask, c)
         presents += [k, v]
-    b.nodes.append(helper.make_node("MatMul", [_rms_norm(b, x, "norm"), "lm_head"], ["logits"], name="lm_head"))
+    head = b.op("MatMul", _rms_norm(b, x, "norm"), "lm_head")
+    b.nodes.append(helper.make_node("Add", [head, "lm_bias"], ["logits"], name="lm_bias"))
     for i, name in enumerate(presents):
         b.nodes.append(helper.make_node("Identity", [name], [f"present.{i // 2}.{('key', 'value')[i % 2]}"]))
 
