@@ -108,6 +108,8 @@ class AsyncEngine:
                     stopping = self._stopping
                 for message in inbox:
                     self._handle(message)
+                if inbox:
+                    self.snapshot = self._snapshot()
                 if stopping:
                     for request_id, req in list(self.engine.requests.items()):
                         self.engine.abort(request_id)

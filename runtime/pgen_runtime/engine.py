@@ -89,7 +89,7 @@ class Engine:
             raise ShapeError("the prompt is empty; pass at least one token")
         bad = [t for t in tokens if not 0 <= t < self.model.vocab_size]
         if bad:
-            raise ShapeError(f"token id {bad[0]} is outside the vocabulary 0..{self.model.vocab_size - 1}")
+            raise ShapeError(f"prompt token id {bad[0]} is outside the vocabulary 0..{self.model.vocab_size - 1}")
         return tokens
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:

@@ -80,7 +80,7 @@ def _chat_prompt(body: dict) -> str:
     lines = []
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
-            raise RequestError(f"each message needs a role in {_ROLES} and a string content; got {m!r:.80}",
+            raise RequestError(f"messages: each needs a role in {_ROLES} and a string content; got {m!r:.80}",
                                "messages")
         lines.append(f"{m['role']}: {m['content']}\n")
     return "".join(lines) + "assistant:"

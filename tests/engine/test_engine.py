@@ -7,13 +7,13 @@ import asyncio
 import numpy as np
 import pytest
 
-from conftest import BEAM_CONFIG
 from engine_reference import beam_search, brute_force_best
 from models.ort_reference import ort_generate
 from pgen.tiny import EOS_TOKEN_ID
 from pgen_runtime import (ByteTokenizer, ConfigError, Engine, HFTokenizer, LLM, SamplingParams, ShapeError,
                           load_tokenizer)
 from pgen_runtime.async_engine import AsyncEngine
+from tiny_models import BEAM_CONFIG
 
 PROMPTS = ["The paged KV cache holds keys and values in blocks.", "Hi", "x" * 40]
 
