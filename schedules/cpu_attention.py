@@ -79,7 +79,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     hpt = config["kv_heads_per_task"]
     rtile = config.get("row_tile") or _row_tile(rows)
     # P·V register tile: rtile rows x cgrp vectors, plus one vector of V, within 32 registers.
-    cgrp = max(c for c in range(1, nd + 1) if nd % c == 0 and rtile * c <= 24)
+    cgrp = max(c for c in range(1, nd + 1) if nd % c == 0 and rtile * c * vl * 4 <= 512)
     half = (vl // 2, max(vl // 4, 1), max(vl // 8, 1))  # lane counts of the tree sum's levels
     dtype, kv_dtype = spec.dtype, spec.kv_dtype
     cap = spec.logit_softcap
@@ -122,38 +122,56 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
             with T.sblock("attn"):
                 T.reads()
                 T.writes()
+                # NOTE: scalars are 1-element buffers, not `x = ...` bindings: TVM 0.27 gives each
+                # binding a 4-byte heap workspace inside a parallel task, and loads through those
+                # pointers may alias every store, so LLVM could keep nothing in registers.
+                split = T.sblock_alloc_buffer((1,), "int32")
+                qtile = T.sblock_alloc_buffer((1,), "int32")
+                h0 = T.sblock_alloc_buffer((1,), "int32")
+                b = T.sblock_alloc_buffer((1,), "int32")
+                row0 = T.sblock_alloc_buffer((1,), "int32")
+                n_new = T.sblock_alloc_buffer((1,), "int32")
+                length = T.sblock_alloc_buffer((1,), "int32")
+                i0 = T.sblock_alloc_buffer((1,), "int32")
+                i1 = T.sblock_alloc_buffer((1,), "int32")
+                k_hi = T.sblock_alloc_buffer((1,), "int32")
+                k_lo = T.sblock_alloc_buffer((1,), "int32")
+                nblk = T.sblock_alloc_buffer((1,), "int32")
+                per = T.sblock_alloc_buffer((1,), "int32")
+                blk_lo = T.sblock_alloc_buffer((1,), "int32")
+                blk_hi = T.sblock_alloc_buffer((1,), "int32")
                 qf = T.sblock_alloc_buffer((hpt * rows, d), "float32")
                 acc = T.sblock_alloc_buffer((hpt * rows, d), "float32")
                 mrow = T.sblock_alloc_buffer((hpt * rows,), "float32")
                 lrow = T.sblock_alloc_buffer((hpt * rows,), "float32")
-                split = task % num_splits
-                tile = task // num_splits % max_q_tiles
-                h0 = task // (num_splits * max_q_tiles) % (hkv // hpt) * hpt
-                b = task // (num_splits * max_q_tiles * (hkv // hpt))
-                row0 = q_indptr[b]
-                n_new = q_indptr[b + 1] - row0
-                length = seq_lens[b]
-                i0 = tile * qt
-                i1 = T.min(n_new, i0 + qt)
+                split[0] = task % num_splits
+                qtile[0] = task // num_splits % max_q_tiles
+                h0[0] = task // (num_splits * max_q_tiles) % (hkv // hpt) * hpt
+                b[0] = task // (num_splits * max_q_tiles * (hkv // hpt))
+                row0[0] = q_indptr[b[0]]
+                n_new[0] = q_indptr[b[0] + 1] - row0[0]
+                length[0] = seq_lens[b[0]]
+                i0[0] = qtile[0] * qt
+                i1[0] = T.min(n_new[0], i0[0] + qt)
                 # Key range of the whole tile: [k_lo, k_hi).
-                k_hi = length - n_new + i1
-                k_lo = T.max(length - n_new + i0 - window_or_inf + 1, 0)
-                nblk = T.ceildiv(k_hi, bs) - k_lo // bs
-                per = T.ceildiv(nblk, num_splits)
-                blk_lo = k_lo // bs + split * per
-                blk_hi = T.min(T.ceildiv(k_hi, bs), blk_lo + per)
-                if i0 < n_new:
+                k_hi[0] = length[0] - n_new[0] + i1[0]
+                k_lo[0] = T.max(length[0] - n_new[0] + i0[0] - window_or_inf + 1, 0)
+                nblk[0] = T.ceildiv(k_hi[0], bs) - k_lo[0] // bs
+                per[0] = T.ceildiv(nblk[0], num_splits)
+                blk_lo[0] = k_lo[0] // bs + split[0] * per[0]
+                blk_hi[0] = T.min(T.ceildiv(k_hi[0], bs), blk_lo[0] + per[0])
+                if i0[0] < n_new[0]:
                     for hh, r in T.grid(hpt, rows):
                         mrow[hh * rows + r] = T.float32(NEG)
                         lrow[hh * rows + r] = T.float32(0)
                         for dd in T.vectorized(d):
                             acc[hh * rows + r, dd] = T.float32(0)
                             qf[hh * rows + r, dd] = T.if_then_else(
-                                i0 + r // g < i1,
-                                T.cast(q[T.min(row0 + i0 + r // g, NT - 1), (h0 + hh) * g + r % g, dd], "float32") * q_scale,
+                                i0[0] + r // g < i1[0],
+                                T.cast(q[T.min(row0[0] + i0[0] + r // g, NT - 1), (h0[0] + hh) * g + r % g, dd], "float32") * q_scale,
                                 T.float32(0),
                             )
-                    for blk in T.serial(blk_lo, blk_hi):
+                    for blk in T.serial(blk_lo[0], blk_hi[0]):
                         for hh, rt in T.grid(hpt, rows // rtile):
                             # NOTE: `rtile` query rows at a time against one KV head's block, with
                             # all scratch in this nested block: scratch that small lives on the
@@ -167,20 +185,24 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                 tree = T.sblock_alloc_buffer((rtile, vl), "float32")
                                 tile = T.sblock_alloc_buffer((rtile, cgrp * vl), "float32")
                                 sca = T.sblock_alloc_buffer((rtile, 2), "float32")
-                                page = block_tables[b, blk]
-                                t_lo = T.max(k_lo - blk * bs, 0)
-                                t_hi = T.min(k_hi - blk * bs, bs)
-                                R = hh * rows + rt * rtile
+                                page = T.sblock_alloc_buffer((1,), "int32")
+                                t_lo = T.sblock_alloc_buffer((1,), "int32")
+                                t_hi = T.sblock_alloc_buffer((1,), "int32")
+                                R = T.sblock_alloc_buffer((1,), "int32")
+                                page[0] = block_tables[b[0], blk]
+                                t_lo[0] = T.max(k_lo[0] - blk * bs, 0)
+                                t_hi[0] = T.min(k_hi[0] - blk * bs, bs)
+                                R[0] = hh * rows + rt * rtile
                                 for r, t in T.grid(rtile, bs):
                                     s[r, t] = T.float32(NEG)
-                                for t in T.serial(t_lo, t_hi):
+                                for t in T.serial(t_lo[0], t_hi[0]):
                                     for r in T.unroll(rtile):
                                         for v in T.vectorized(vl):
                                             part[r, v] = T.float32(0)
                                     for c in T.serial(nd):
                                         for r in T.unroll(rtile):
                                             for v in T.vectorized(vl):
-                                                part[r, v] = part[r, v] + qf[R + r, c * vl + v] * T.cast(kv_pool[page, 0, h0 + hh, t, c * vl + v], "float32")
+                                                part[r, v] = part[r, v] + qf[R[0] + r, c * vl + v] * T.cast(kv_pool[page[0], 0, h0[0] + hh, t, c * vl + v], "float32")
                                     for r in T.unroll(rtile):
                                         # Pairwise (tree) sum of the lanes: a short dependency chain.
                                         for v in T.vectorized(vl // 2):
@@ -190,54 +212,56 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                         for v in T.vectorized(half[2]):
                                             tree[r, v] = tree[r, v] + T.if_then_else(vl >= 16, tree[r, v + half[2]], T.float32(0))
                                         tree[r, 0] = tree[r, 0] + tree[r, 1]
-                                        pos = length - n_new + i0 + (rt * rtile + r) // g
-                                        if blk * bs + t <= pos and i0 + (rt * rtile + r) // g < i1 and blk * bs + t > pos - window_or_inf:
+                                        # key position (blk * bs + t) vs this row's position, causal and windowed
+                                        if (blk * bs + t <= length[0] - n_new[0] + i0[0] + (rt * rtile + r) // g
+                                                and i0[0] + (rt * rtile + r) // g < i1[0]
+                                                and blk * bs + t > length[0] - n_new[0] + i0[0] + (rt * rtile + r) // g - window_or_inf):
                                             if has_cap:
                                                 s[r, t] = T.tanh(tree[r, 0] * inv_cap) * cap_log2e
                                             else:
                                                 s[r, t] = tree[r, 0]
                                 # Online softmax per row: new max, rescale factor, weights.
                                 for r in T.serial(rtile):
-                                    sca[r, 0] = mrow[R + r]
+                                    sca[r, 0] = mrow[R[0] + r]
                                     for t in T.serial(bs):
                                         sca[r, 0] = T.max(sca[r, 0], s[r, t])
-                                    sca[r, 1] = fast_exp2(mrow[R + r] - sca[r, 0])
-                                    mrow[R + r] = sca[r, 0]
+                                    sca[r, 1] = fast_exp2(mrow[R[0] + r] - sca[r, 0])
+                                    mrow[R[0] + r] = sca[r, 0]
                                     # NOTE: a masked score stays exactly NEG and gets weight 0 even
                                     # while the row's running max is still NEG (nothing seen yet).
                                     for t in T.vectorized(bs):
                                         s[r, t] = T.if_then_else(s[r, t] > T.float32(NEG), fast_exp2(s[r, t] - sca[r, 0]), T.float32(0))
-                                    lrow[R + r] = lrow[R + r] * sca[r, 1]
+                                    lrow[R[0] + r] = lrow[R[0] + r] * sca[r, 1]
                                     for t in T.serial(bs):
-                                        lrow[R + r] = lrow[R + r] + s[r, t]
+                                        lrow[R[0] + r] = lrow[R[0] + r] + s[r, t]
                                 # P·V in register tiles of rtile rows x cgrp vectors; rows in
                                 # [t_lo, t_hi) hold data (never NaN), so a weight of 0 is safe.
                                 for cg in T.serial(nd // cgrp):
                                     for r in T.unroll(rtile):
                                         for c in T.unroll(cgrp):
                                             for v in T.vectorized(vl):
-                                                tile[r, c * vl + v] = acc[R + r, (cg * cgrp + c) * vl + v] * sca[r, 1]
-                                    for t in T.serial(t_lo, t_hi):
+                                                tile[r, c * vl + v] = acc[R[0] + r, (cg * cgrp + c) * vl + v] * sca[r, 1]
+                                    for t in T.serial(t_lo[0], t_hi[0]):
                                         for c in T.unroll(cgrp):
                                             for r in T.unroll(rtile):
                                                 for v in T.vectorized(vl):
-                                                    tile[r, c * vl + v] = tile[r, c * vl + v] + s[r, t] * T.cast(kv_pool[page, 1, h0 + hh, t, (cg * cgrp + c) * vl + v], "float32")
+                                                    tile[r, c * vl + v] = tile[r, c * vl + v] + s[r, t] * T.cast(kv_pool[page[0], 1, h0[0] + hh, t, (cg * cgrp + c) * vl + v], "float32")
                                     for r in T.unroll(rtile):
                                         for c in T.unroll(cgrp):
                                             for v in T.vectorized(vl):
-                                                acc[R + r, (cg * cgrp + c) * vl + v] = tile[r, c * vl + v]
+                                                acc[R[0] + r, (cg * cgrp + c) * vl + v] = tile[r, c * vl + v]
                     for hh, r in T.grid(hpt, rows):
-                        if i0 + r // g < i1:
+                        if i0[0] + r // g < i1[0]:
                             if num_splits == 1:
                                 for dd in T.vectorized(d):
-                                    out[row0 + i0 + r // g, (h0 + hh) * g + r % g, dd] = T.cast(
+                                    out[row0[0] + i0[0] + r // g, (h0[0] + hh) * g + r % g, dd] = T.cast(
                                         acc[hh * rows + r, dd] / T.max(lrow[hh * rows + r], T.float32(1e-30)), dtype
                                     )
                             else:
                                 for dd in T.vectorized(d):
-                                    WO[(((b * hkv + h0 + hh) * smax + split) * rows + r) * d + dd] = acc[hh * rows + r, dd]
-                                WM[(((b * hkv + h0 + hh) * smax + split) * rows + r) * 2] = mrow[hh * rows + r]
-                                WM[(((b * hkv + h0 + hh) * smax + split) * rows + r) * 2 + 1] = lrow[hh * rows + r]
+                                    WO[(((b[0] * hkv + h0[0] + hh) * smax + split[0]) * rows + r) * d + dd] = acc[hh * rows + r, dd]
+                                WM[(((b[0] * hkv + h0[0] + hh) * smax + split[0]) * rows + r) * 2] = mrow[hh * rows + r]
+                                WM[(((b[0] * hkv + h0[0] + hh) * smax + split[0]) * rows + r) * 2 + 1] = lrow[hh * rows + r]
         for task in T.parallel(B * hq * T.min(num_splits - 1, 1) if decode else 0):
             with T.sblock("merge"):
                 T.reads()

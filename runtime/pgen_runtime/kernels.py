@@ -101,6 +101,11 @@ class PagedKernels:
         self._check("seq_lens", seq_lens, (batch,), "int32")
         plan = plan or self.plan_decode(block_tables, seq_lens, _dim(kv_pool, 0))
         _same_batch(plan.batch, batch)
+        max_splits = self.configs["decode"].get("max_splits", 1)
+        if not 1 <= plan.num_splits <= max_splits:
+            # NOTE: the split-KV workspace is sized for max_splits; more would write past it.
+            raise ShapeError(f"plan.num_splits={plan.num_splits} is outside 1..{max_splits} (these kernels' "
+                             "max_splits); make the plan with plan_decode")
         self._fn["decode"](q, kv_pool, block_tables, plan.indptr, seq_lens, out, plan.num_splits, 1)
 
     def extend(self, q, kv_pool, block_tables, q_indptr, seq_lens, out, *, plan: ExtendPlan | None = None) -> None:

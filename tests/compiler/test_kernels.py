@@ -7,6 +7,8 @@ that reads a padded slot, an unused block or the null block shows NaN in its out
 from __future__ import annotations
 
 import numpy as np
+
+import pgen
 import pytest
 import reference
 from kernel_grid import ALL, lengths
@@ -29,8 +31,9 @@ def test_all_six_kernels_match_the_reference(spec, build_kernels):
 
 @pytest.mark.parametrize("splits", [2, 3, "max"])
 @pytest.mark.parametrize("spec", ALL)
-def test_split_kv_decode_merges_to_the_same_result(spec, splits, build_kernels):
-    kernels = build_kernels(spec)
+def test_split_kv_decode_merges_to_the_same_result(spec, splits):
+    # A tuning log may have picked max_splits=1 for this spec: build with room to split.
+    kernels = pgen.build_kernels(spec, overrides={"decode": {"max_splits": 8}})
     splits = kernels.configs["decode"]["max_splits"] if splits == "max" else splits
     case = reference.paged_case(spec, lengths(spec), seed=splits)
     pool, tables, lens, q = case["pool"], case["block_tables"], case["seq_lens"], case["q_decode"]
@@ -41,9 +44,20 @@ def test_split_kv_decode_merges_to_the_same_result(spec, splits, build_kernels):
     reference.assert_same_bytes(pool, case["pool"], "kv_pool after decode")
 
 
+def test_a_plan_with_more_splits_than_the_workspace_holds_is_refused():
+    spec = pgen.AttentionSpec(8, 8, 64, 8, "float32")
+    kernels = pgen.build_kernels(spec, overrides={"decode": {"max_splits": 2}})
+    case = reference.paged_case(spec, [40, 50])
+    out = np.full_like(case["q_decode"], np.nan)
+    plan = DecodePlan(num_splits=3, batch=2, indptr=np.arange(3, dtype=np.int32))
+    with pytest.raises(pgen.ShapeError, match="num_splits=3 is outside 1..2"):
+        kernels.decode(case["q_decode"], case["pool"], case["block_tables"], case["seq_lens"], out, plan=plan)
+    assert np.isnan(out).all()
+
+
 @pytest.mark.parametrize("spec", ALL)
-def test_plan_splits_long_contexts_when_the_batch_is_small(spec, build_kernels, monkeypatch):
-    kernels = build_kernels(spec)
+def test_plan_splits_long_contexts_when_the_batch_is_small(spec, monkeypatch):
+    kernels = pgen.build_kernels(spec, overrides={"decode": {"max_splits": 8}})
     monkeypatch.setattr(kernels, "parallelism", 1024)
     case = reference.paged_case(spec, [2048 + 1, 5000], seed=7)
     pool, tables, lens, q = case["pool"], case["block_tables"], case["seq_lens"], case["q_decode"]
