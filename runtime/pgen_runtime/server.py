@@ -55,11 +55,11 @@ def _sampling_params(body: dict, default_max_tokens: int) -> SamplingParams:
             args[name] = body[key]
     if isinstance(args.get("stop"), list) and not all(isinstance(s, str) for s in args["stop"]):
         raise RequestError(f"stop={args['stop']!r} must be a string or a list of strings", "stop")
-    if isinstance(args.get("stop_token_ids"), list) is False and "stop_token_ids" in args:
+    if "stop_token_ids" in args and not isinstance(args["stop_token_ids"], list):
         raise RequestError("stop_token_ids must be a list of integers", "stop_token_ids")
     try:
         return SamplingParams(**args)
-    except (ConfigError, TypeError) as err:
+    except ConfigError as err:  # its message starts with "name=value"
         raise RequestError(str(err), str(err).split("=")[0] if "=" in str(err) else None) from err
 
 
