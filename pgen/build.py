@@ -77,7 +77,7 @@ def choose_configs(spec: AttentionSpec, target: BuildTarget,
                    overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, KernelChoice]:
     """Per kernel: an explicit override, else the best tuning record for this target, else the default."""
     overrides = overrides or {}
-    tuned = tuning_log.best_configs(spec, target)
+    tuned, stale = tuning_log.best_configs(spec, target)
     choices = {}
     for name in lower.KERNELS:
         rule = rule_for(name, target.kind)
@@ -87,7 +87,7 @@ def choose_configs(spec: AttentionSpec, target: BuildTarget,
         elif name in tuned:
             config, source = tuned[name]
         else:
-            config, source = rule.default(spec, info), "default"
+            config, source = rule.default(spec, info), "default:stale-log" if name in stale else "default"
         reason = rule.check(spec, info, config)
         if reason:
             raise BuildError(f"{name} config {config} ({source}) cannot run on {target.name}: {reason}")

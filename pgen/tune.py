@@ -54,8 +54,9 @@ def candidates(spec: AttentionSpec, target: BuildTarget, kernel: str, trials: in
     return [default] + rest[: max(trials - 1, 0)]
 
 
-def candidate_key(kernel: str, config: dict, workload: dict) -> str:
-    text = json.dumps([kernel, config, workload], sort_keys=True)
+def candidate_key(kernel: str, config: dict, workload: dict, target_kind: str) -> str:
+    """Identifies a measurement: kernel, knobs, workload and the schedule code that built it."""
+    text = json.dumps([kernel, config, workload, tuning_log.schedule_version(kernel, target_kind)], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -87,7 +88,7 @@ def tune(spec: AttentionSpec, target: str | BuildTarget = "llvm", kernels: tuple
 
     def record(cand: Candidate, result: dict[str, Any]) -> None:
         rec = {"kernel": cand.kernel, "config": cand.config, "workload": cand.workload, "key": cand.key,
-               "default": cand.default, **result}
+               "default": cand.default, "schedule": tuning_log.schedule_version(cand.kernel, target.kind), **result}
         log["records"].append(rec)
         tuning_log.save(path, log)
         bar.step(rec)
@@ -138,7 +139,7 @@ def _pending(spec: AttentionSpec, target: BuildTarget, kernels: tuple[str, ...],
         workload = _workload(workloads, kernel, target)
         default = rule_for(kernel, target.kind).default(spec, target.info)
         for config in candidates(spec, target, kernel, trials):
-            key = candidate_key(kernel, config, workload)
+            key = candidate_key(kernel, config, workload, target.kind)
             if key not in done:
                 todo.append(Candidate(kernel, config, workload, key, config == default))
     return todo
@@ -310,16 +311,18 @@ def emit_bundle(spec: AttentionSpec, target: str | BuildTarget, out: Path, kerne
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=_SPAWN) as pool:
         jobs_ = []
         for kernel, config in todo:
-            key = candidate_key(kernel, config, workloads[kernel])
+            key = candidate_key(kernel, config, workloads[kernel], target.kind)
             jobs_.append((kernel, config, key, pool.submit(_build_candidate, spec, target, kernel, config, out / "candidates" / key)))
         for kernel, config, key, future in jobs_:
             try:
                 future.result()
                 entries.append({"kernel": kernel, "config": config, "key": key,
+                                "schedule": tuning_log.schedule_version(kernel, target.kind),
                                 "library": f"candidates/{key}/kernels.so"})
                 bar.step({"kernel": kernel, "config": config, "median_ms": None})
             except Exception as err:  # recorded as failed at ingest time
                 entries.append({"kernel": kernel, "config": config, "key": key, "library": None,
+                                "schedule": tuning_log.schedule_version(kernel, target.kind),
                                 "build_error": f"{type(err).__name__}: {err}"})
                 bar.step({"kernel": kernel, "config": config, "error": str(err)})
     meta = {"bundle_id": hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:12],
@@ -350,8 +353,8 @@ def ingest(results_file: Path, bundle: Path | None = None, log_root: Path | None
         failures = [{**f, "times_ms": [], "median_ms": None, "error": f["build_error"]} for f in meta["build_failures"]]
     for rec in results["results"] + failures:
         if rec["key"] not in known:
-            log["records"].append({k: rec.get(k) for k in ("kernel", "config", "workload", "key", "times_ms",
-                                                          "median_ms", "error")})
+            log["records"].append({k: rec.get(k) for k in ("kernel", "config", "workload", "key", "schedule",
+                                                          "times_ms", "median_ms", "error")})
     tuning_log.save(path, log)
     return path
 

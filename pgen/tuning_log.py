@@ -9,6 +9,9 @@ another spec or target, raises `TuneError`; it is never used silently. A log may
 from __future__ import annotations
 
 import datetime
+import functools
+import hashlib
+import inspect
 import json
 import math
 import os
@@ -94,15 +97,44 @@ def _check_record(path: Path, rec: Any, spec: AttentionSpec, target_kind: str) -
                             f"{list(knobs[name].choices)}; re-run pgen tune")
 
 
+def schedule_version(kernel: str, target_kind: str) -> str:
+    """A hash of the code that generates `kernel` for `target_kind`: its rule and what the rule uses.
+
+    Records carry it, so a measurement of code that has since changed is never taken for the
+    current code's.
+    """
+    return _schedule_version(kernel, target_kind)
+
+
+@functools.cache
+def _schedule_version(kernel: str, target_kind: str) -> str:
+    from . import lower
+    from .schedules import base
+
+    rule_file = Path(inspect.getfile(type(rule_for(kernel, target_kind))))
+    h = hashlib.sha256()
+    for path in sorted({rule_file, Path(base.__file__), rule_file.parent / "_math.py", Path(lower.__file__)}):
+        if path.is_file():
+            h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def current(rec: dict[str, Any], target_kind: str) -> bool:
+    """Whether a record measured the code that builds this kernel now."""
+    return rec.get("schedule") == schedule_version(rec["kernel"], target_kind)
+
+
 def best(data: dict[str, Any]) -> dict[str, tuple[dict[str, Any], float]]:
     """Per kernel, the fastest config and its time (`time_of`); failed candidates are inf.
 
-    Where a kernel's finalists were confirmed (re-timed together after the search), only they
-    compete, on their confirmed times: a search time that was low by chance does not win.
+    Only records of the current schedule code count (`current`). Where a kernel's finalists were
+    confirmed (re-timed together after the search), only they compete, on their confirmed times:
+    a search time that was low by chance does not win.
     """
     out: dict[str, tuple[dict[str, Any], float]] = {}
-    confirmed = {r["kernel"] for r in data["records"] if r.get("confirm_ms") is not None}
-    for rec in data["records"]:
+    records = [r for r in data["records"] if current(r, data["target_kind"])]
+    confirmed = {r["kernel"] for r in records if r.get("confirm_ms") is not None}
+    for rec in records:
         t = time_of(rec)
         if t is None or rec.get("error") or (rec["kernel"] in confirmed and rec.get("confirm_ms") is None):
             continue
@@ -116,13 +148,16 @@ def time_of(rec: dict[str, Any]) -> float | None:
     return rec["confirm_ms"] if rec.get("confirm_ms") is not None else rec["median_ms"]
 
 
-def best_configs(spec: AttentionSpec, target) -> dict[str, tuple[dict[str, Any], str]]:
-    """Per kernel, (config, "tuned:<path>") from this target's log, if one exists."""
+def best_configs(spec: AttentionSpec, target) -> tuple[dict[str, tuple[dict[str, Any], str]], list[str]]:
+    """Per kernel, (config, "tuned:<log folder>") from this target's log; and the kernels whose
+    records all measured older schedule code (stale: they build with the default until re-tuned)."""
     path = find_log(spec, target)
     if path is None:
-        return {}
+        return {}, []
     data = load(path, spec, target.kind)
-    return {k: (cfg, f"tuned:{path.parent.name}") for k, (cfg, _) in best(data).items()}
+    tuned = {k: (cfg, f"tuned:{path.parent.name}") for k, (cfg, _) in best(data).items()}
+    stale = sorted({r["kernel"] for r in data["records"]} - set(tuned))
+    return tuned, stale
 
 
 def find_log(spec: AttentionSpec, target) -> Path | None:

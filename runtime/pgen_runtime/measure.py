@@ -120,7 +120,7 @@ def measure_bundle(bundle: str | Path, device: str, progress=print) -> dict[str,
     results = []
     inputs: dict[str, tuple] = {}  # one set per kernel: every candidate sees the same data
     for i, cand in enumerate(meta["candidates"]):
-        record = {k: cand[k] for k in ("kernel", "config", "key")}
+        record = {k: cand.get(k) for k in ("kernel", "config", "key", "schedule")}
         try:
             module = tvm_ffi.load_module(str(root / cand["library"]))
             kernels = PagedKernels(spec, {cand["kernel"]: module[cand["kernel"]]}, device, {cand["kernel"]: cand["config"]})
