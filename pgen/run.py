@@ -50,7 +50,8 @@ def default_package(config: TinyConfig = TinyConfig(), progress=print) -> Path:
         progress(f"[1/2] writing the ONNX graph of {config.name} (deterministic weights)")
         onnx_path = export(Path(tmp) / f"{config.name}.onnx", config)
         progress("[2/2] compiling it for the CPU (llvm): rewrite to the paged cache, Relax, kernels, package")
-        compile_model(onnx_path, package, target="llvm", progress=lambda line: progress(f"      {line}"))
+        compile_model(onnx_path, package, target="llvm",
+                      progress=lambda text: [progress(f"      {line}") for line in text.splitlines()])
     progress(f"built in {time.perf_counter() - start:.1f} s")
     return package
 
