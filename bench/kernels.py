@@ -67,7 +67,7 @@ class Case:
         kv_bytes = batch * ctx * spec.block_bytes // spec.block_size
         self.sets = max(1, min(int(3 * L3_BYTES // kv_bytes), max_pool_bytes // kv_bytes))
         nb = self.sets * batch * per_seq + 1
-        self.pool = np.empty((nb, 2, spec.num_kv_heads, spec.block_size, spec.head_dim), spec.kv_dtype)
+        self.pool = _aligned_empty((nb, 2, spec.num_kv_heads, spec.block_size, spec.head_dim), spec.kv_dtype)
         self.pool[...] = rng.standard_normal(self.pool.shape[-1], dtype=np.float32).astype(spec.kv_dtype)
         self.tables = (1 + rng.permutation(nb - 1)).reshape(self.sets, batch, per_seq).astype(np.int32)
         self.contig = (1 + np.arange(nb - 1)).reshape(self.sets, batch, per_seq).astype(np.int32)
@@ -128,17 +128,35 @@ def tvm_builtin_decode(spec):
     fn = lib["decode"]
 
     def run(case: Case) -> float:
+        # NOTE: TVM's kernel assumes 64-byte aligned buffers (aligned vector loads); numpy only
+        # guarantees 16, so every argument is in aligned memory (the pool is allocated so).
         b = case.batch
         per = case.tables.shape[2]
-        indptr = np.arange(b + 1, dtype=np.int32) * per
-        last = np.full(b, spec.block_size, np.int32)
-        zeros = np.zeros(b, np.int32)
-        lse = np.empty((b, spec.num_q_heads), np.float32)
-        args = lambda: (case.q, case.pool, indptr, case.next_tables(False).reshape(-1), last, zeros, zeros,  # noqa: E731
-                        case.out, lse, 0, 1.0, 1e4, spec.scale)
+        indptr = _aligned(np.arange(b + 1, dtype=np.int32) * per)
+        last = _aligned(np.full(b, spec.block_size, np.int32))
+        zeros = _aligned(np.zeros(b, np.int32))
+        lse = _aligned(np.empty((b, spec.num_q_heads), np.float32))
+        q, out = _aligned(case.q), _aligned(case.out)
+        args = lambda: (q, case.pool, indptr, _aligned(case.next_tables(False).reshape(-1)), last, zeros, zeros,  # noqa: E731
+                        out, lse, 0, 1.0, 1e4, spec.scale)
         return best_ms(lambda: fn(*args()), repeats=3, min_s=0.02)
 
     return run
+
+
+def _aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialized array whose data starts on a 64-byte boundary."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = np.empty(nbytes + 64, np.uint8)
+    start = (-buf.ctypes.data) % 64
+    return buf[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _aligned(a: np.ndarray) -> np.ndarray:
+    """A copy of `a` whose data starts on a 64-byte boundary."""
+    out = _aligned_empty(a.shape, a.dtype)
+    out[...] = a
+    return out
 
 
 def bench_extend(kernels, torch, spec, n: int, rates: dict, rng) -> dict:
