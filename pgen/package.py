@@ -14,7 +14,7 @@ import shutil
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import jinja2
 
@@ -60,11 +60,25 @@ def package(spec: AttentionSpec, targets: str | Iterable[BuildTarget], out: str 
         lib = build_library(spec, target)
         progress(lib.summary())
         built.append(lib)
+    return publish(out, lambda root: assemble(spec, built, root, name), as_tar=as_tar, progress=progress)
+
+
+def publish(out: Path, fill: Callable[[Path], dict], as_tar: bool = False,
+            progress: Callable[[str], None] = print) -> Path:
+    """Write a package atomically: `fill(staging)` writes its files and returns the manifest; the
+    sha256 of every file is added, then the folder (or one .tar) replaces `out` in one rename.
+
+    Raises:
+        PackageError: `out`'s parent folder does not exist.
+    """
+    out = Path(out)
     if not out.parent.is_dir():
         raise PackageError(f"cannot write {out}: {out.parent} does not exist; create it first")
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        manifest = _assemble(spec, built, staging, name)
+        manifest = fill(staging)
+        manifest["files"] = hash_files(staging)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         progress(f"manifest: {len(manifest['files'])} files, targets {[t['name'] for t in manifest['targets']]}")
         final = out.with_name(out.name + ".tar") if as_tar else out
         if as_tar:
@@ -82,7 +96,9 @@ def package(spec: AttentionSpec, targets: str | Iterable[BuildTarget], out: str 
     return final
 
 
-def _assemble(spec: AttentionSpec, built: list[BuiltLibrary], root: Path, name: str) -> dict:
+def assemble(spec: AttentionSpec, built: list[BuiltLibrary], root: Path, name: str) -> dict:
+    """Copy the kernel libraries and TVM runtime into `root`, render the header and README, and
+    return the manifest (without `files`: `publish` hashes what ends up in the package)."""
     from . import cuda
 
     has_cuda = any(b.target.kind == "cuda" for b in built)
@@ -144,7 +160,5 @@ def _assemble(spec: AttentionSpec, built: list[BuiltLibrary], root: Path, name: 
         "versions": versions(),
         "runtime_libs": runtime_libs,
         "targets": targets,
-        "files": hash_files(root),
     }
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return manifest

@@ -8,21 +8,16 @@ and a `model` section in the manifest that `pgen_runtime.LLM` reads.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import onnx
 from onnx import helper
 
-from pgen_runtime.errors import ModelImportError, PackageError
-from pgen_runtime.package import MANIFEST, hash_files
+from pgen_runtime.errors import ModelImportError
 from pgen_runtime.spec import AttentionSpec
 
 from ..build import build_library, choose_configs
-from ..package import _assemble
+from ..package import assemble, publish
 from ..target import parse_targets
 from .relax_import import build_executable, import_model
 from .rewrite import Rewritten, rewrite
@@ -84,25 +79,17 @@ def compile_model(model_path: str | Path, out: str | Path, target: str = "llvm",
     meta = {p.key: p.value for p in source.metadata_props}
     if eos_token_id is None and "eos_token_id" in meta:
         eos_token_id = int(meta["eos_token_id"])
-    if not out.parent.is_dir():
-        raise PackageError(f"cannot write {out}: {out.parent} does not exist; create it first")
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        manifest = _assemble(spec, [kernels], staging, name or out.name.split(".")[0])
+
+    def fill(root: Path) -> dict:
+        manifest = assemble(spec, [kernels], root, name or out.name.split(".")[0])
         target_entry = manifest["targets"][0]
         library = str(Path(target_entry["library"]).with_name(MODEL_LIBRARY))
-        executable.export_library(str(staging / library))
+        executable.export_library(str(root / library))
         target_entry["model_library"] = library
         manifest["model"] = _model_section(rewritten, spec, eos_token_id, model_path)
-        manifest["files"] = hash_files(staging)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    progress(f"wrote {out}")
-    return out
+        return manifest
+
+    return publish(out, fill, progress=progress)
 
 
 def _model_section(rewritten: Rewritten, spec: AttentionSpec, eos_token_id: int | None, source: Path) -> dict:

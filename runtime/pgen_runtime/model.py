@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import PackageError, ShapeError
 from .kernels import PagedKernels
-from .package import _pick_target, load_package, read_manifest
+from .package import load_package, pick_target, read_manifest
 from .spec import AttentionSpec
 from .tensors import parse_device, to_numpy
 
@@ -61,7 +61,7 @@ class PagedModel:
         self.manifest = manifest
         self.info: dict[str, Any] = manifest["model"]
         self.spec: AttentionSpec = self.kernels.spec
-        target = _pick_target(manifest, root, cuda=False)
+        target = pick_target(manifest, root, cuda=False)
         import tvm_ffi
 
         try:

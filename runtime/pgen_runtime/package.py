@@ -88,7 +88,7 @@ def load_package(path: str | Path, device: str = "cpu") -> PagedKernels:
     except ShapeError as err:
         raise PackageError(str(err)) from None
     cuda = dev.dlpack_device_type() == 2
-    target = _pick_target(manifest, root, cuda)
+    target = pick_target(manifest, root, cuda)
     from ._tvm_libs import load_tvm_runtime_libs
 
     lib_dir = root / "lib" / "tvm"
@@ -107,7 +107,13 @@ def load_package(path: str | Path, device: str = "cpu") -> PagedKernels:
     return PagedKernels(spec, functions, device, {n: info["config"] for n, info in kernels.items()})
 
 
-def _pick_target(manifest: dict[str, Any], root: Path, cuda: bool) -> dict[str, Any]:
+def pick_target(manifest: dict[str, Any], root: Path, cuda: bool) -> dict[str, Any]:
+    """The target of this package that runs here: CUDA for a GPU, else an llvm build whose CPU
+    features this host has.
+
+    Raises:
+        PackageError: no target fits; the message says what to rebuild.
+    """
     kind = "cuda" if cuda else "llvm"
     candidates = [t for t in manifest.get("targets", []) if t.get("kind") == kind]
     if not candidates:
