@@ -25,12 +25,14 @@ from pgen_runtime.errors import BuildError
 from pgen_runtime.kernels import PagedKernels
 from pgen_runtime.spec import AttentionSpec
 
-from . import lower, tuning_log
+from . import lower, schedules, tuning_log
 from .schedules import rule_for
 from .target import BuildTarget, parse_targets
 
 LIBRARY = "kernels.so"
-_SOURCES = [Path(lower.__file__), *sorted(Path(rule_for.__code__.co_filename).parent.glob("*.py"))]
+# The generator code: a change to any of it changes the cache key (cuda.py holds the nvcc flags).
+_SOURCES = [Path(lower.__file__), Path(lower.__file__).with_name("cuda.py"),
+            *sorted(Path(schedules.__file__).parent.glob("*.py"))]
 
 
 def cache_root() -> Path:
