@@ -106,6 +106,20 @@ class BlockAllocator:
             ShapeError: `num_new_tokens` is negative or `token_ids` has another length.
             OutOfBlocksError: the sequence would need more blocks than the whole pool holds.
         """
+        seq = self._seqs.get(seq_id)
+        if (num_new_tokens == 1 and seq is not None and seq.status is SeqStatus.RUNNING and not extra_keys
+                and 0 < seq.num_tokens % self.block_size < self.block_size - 1 and seq.blocks[-1].ref_cnt == 1
+                and (token_ids is None or len(token_ids) == 1)):
+            # NOTE: the decode step's common case, kept off the general path: the token lands in
+            # the sequence's own last block and does not fill it, so nothing is allocated, copied
+            # or cached. Same effect as _grow with an empty plan.
+            seq.num_tokens += 1
+            if seq.token_ids is not None:
+                if token_ids is None:
+                    seq.token_ids = None
+                else:
+                    seq.token_ids.append(token_ids[0])
+            return []
         plan = self._plan(seq_id, num_new_tokens, token_ids, extra_keys)
         if not self._fits(plan):
             return None
