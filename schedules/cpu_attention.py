@@ -42,7 +42,7 @@ class CpuAttention(ScheduleRule):
         # All KV heads of a block are one contiguous run of the pool: reading them in one task
         # streams whole blocks, which the hardware prefetchers follow across random block ids.
         knobs = [Knob("vector_lanes", vec, vec[-1]), Knob("kv_heads_per_task", heads, heads[-1]),
-                 Knob("prefetch", (0, 1), 1)]
+                 Knob("prefetch", (0, 1), 1), Knob("prefetch_locality", (1, 2, 3), 2)]
         if self.kernel == "decode":
             knobs.append(Knob("max_splits", (1, 2, 4, 8, 16), 8))
         else:
@@ -84,7 +84,8 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     half = (vl // 2, max(vl // 4, 1), max(vl // 8, 1))
     prefetch = bool(config.get("prefetch", 1))
     per_line = 64 // elem_bytes(spec.kv_dtype)  # elements of one 64-byte cache line
-    lines = max(d // per_line, 1)  # lane counts of the tree sum's levels
+    lines = max(d // per_line, 1)
+    locality = config.get("prefetch_locality", 2)  # lane counts of the tree sum's levels
     dtype, kv_dtype = spec.dtype, spec.kv_dtype
     cap = spec.logit_softcap
     # Scores live in log2 units so the softmax uses exp2. With a soft-cap the scale is applied
@@ -197,17 +198,18 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                 t_lo[0] = T.max(k_lo[0] - blk * bs, 0)
                                 t_hi[0] = T.min(k_hi[0] - blk * bs, bs)
                                 R[0] = hh * rows + rt * rtile
-                                if prefetch and rt == 0 and blk + 1 < blk_hi[0]:
-                                    # The next block of this head is somewhere else in the pool:
-                                    # ask for its K and V lines now, while this block computes.
-                                    for c, t, ln in T.grid(2, bs, lines):
-                                        T.evaluate(T.call_llvm_intrin(
-                                            "void", "llvm.prefetch.p0",
-                                            T.address_of(kv_pool[block_tables[b[0], blk + 1], c, h0[0] + hh, t, ln * per_line]),
-                                            T.int32(0), T.int32(3), T.int32(1)))
                                 for r, t in T.grid(rtile, bs):
                                     s[r, t] = T.float32(NEG)
                                 for t in T.serial(t_lo[0], t_hi[0]):
+                                    if prefetch and rt == 0 and blk + 1 < blk_hi[0]:
+                                        # The next block of this head is elsewhere in the pool, and
+                                        # hardware prefetchers stop at page boundaries: request its
+                                        # row t now, a few lines per key, into L2.
+                                        for c, ln in T.grid(2, lines):
+                                            T.evaluate(T.call_llvm_intrin(
+                                                "void", "llvm.prefetch.p0",
+                                                T.address_of(kv_pool[block_tables[b[0], blk + 1], c, h0[0] + hh, t, ln * per_line]),
+                                                T.int32(0), T.int32(locality), T.int32(1)))
                                     for r in T.unroll(rtile):
                                         for v in T.vectorized(vl):
                                             part[r, v] = T.float32(0)
