@@ -18,30 +18,20 @@ import argparse
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
 
 import pgen
-from pgen_runtime.kernels import DecodePlan
+from pgen_runtime.measure import time_calls
 
 L3_BYTES = 480 << 20
 SPEC = dict(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16)
 
 
 def best_ms(fn, repeats: int = 7, min_s: float = 0.05) -> float:
-    fn()
-    start = time.perf_counter()
-    fn()
-    number = max(1, int(min_s / max(time.perf_counter() - start, 1e-6)))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        times.append((time.perf_counter() - start) / number)
-    return float(np.median(times)) * 1e3
+    """Median milliseconds per call of `fn` (pgen_runtime.measure.time_calls, one warm-up)."""
+    return float(np.median(time_calls(fn, warmup=1, repeats=repeats, min_seconds=min_s)))
 
 
 def machine_rates(torch) -> dict:

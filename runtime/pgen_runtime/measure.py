@@ -89,7 +89,12 @@ def time_kernel(kernels: PagedKernels, kernel: str, args: tuple, warmup: int = 3
     call = getattr(kernels, kernel)
     plan = _plan(kernels, kernel, args)
     run = (lambda: call(*args, plan=plan)) if plan is not None else (lambda: call(*args))
-    sync = _sync(kernels.device)
+    return time_calls(run, _sync(kernels.device), warmup, repeats, min_seconds)
+
+
+def time_calls(run, sync=lambda: None, warmup: int = 3, repeats: int = 10, min_seconds: float = 0.02) -> list[float]:
+    """Milliseconds per call of `run`, `repeats` times: each the mean of enough calls to last
+    `min_seconds` (calibrated on one call after the warm-up); `sync` waits for the device."""
     for _ in range(warmup):
         run()
     sync()

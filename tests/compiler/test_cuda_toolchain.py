@@ -46,15 +46,7 @@ def _vadd_module(gpu: bool):
 
 
 @pytest.fixture(scope="module")
-def cuda_env():
-    try:
-        cuda.ensure_cuda_build_env()
-    except BuildError as err:
-        pytest.skip(f"no CUDA build toolchain: {err}")
-
-
-@pytest.fixture(scope="module")
-def cuda_build(cuda_env, tmp_path_factory):
+def cuda_build(cuda_toolchain, tmp_path_factory):
     executable, cubins = cuda.build_cuda(_vadd_module(gpu=True), archs=ARCHS)
     lib = tmp_path_factory.mktemp("cuda") / "vadd.so"
     executable.export_library(str(lib))
