@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-import time
 import traceback
 from pathlib import Path
 

@@ -14,7 +14,6 @@ from pgen import cli, tune, tuning_log
 from pgen.blocksize import length_samples, memory_model, study
 from pgen.build import choose_configs
 from pgen.schedules import rule_for
-from pgen.report import render
 from pgen.target import host_target_id, parse_targets
 from pgen_runtime.errors import TuneError
 from pgen_runtime.spec import AttentionSpec
