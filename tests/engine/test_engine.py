@@ -56,7 +56,7 @@ def test_seeded_sampling_repeats_across_batches_and_preemption(tiny, setting):
     params = SamplingParams(n=3, temperature=0.9, top_k=40, top_p=0.9, seed=7, max_tokens=20, ignore_eos=True)
     alone = LLM(tiny[1]).generate([PROMPTS[0]], params)[0]
     llm = LLM(tiny[1], max_num_batched_tokens=32, **setting)
-    crowded = llm.generate(PROMPTS, [params, SamplingParams(n=2, temperature=1.0, max_tokens=20), params])
+    crowded = llm.generate(PROMPTS, [params, SamplingParams(n=2, temperature=1.0, max_tokens=20, seed=11), params])
     assert [c.token_ids for c in crowded[0].outputs] == [c.token_ids for c in alone.outputs]
     assert [c.token_ids for c in crowded[2].outputs] != [c.token_ids for c in alone.outputs]
     if setting:
@@ -134,7 +134,7 @@ def test_invalid_requests_raise_before_anything_runs(tiny):
 
 def test_abort_frees_blocks(tiny):
     engine = Engine(tiny[1])
-    out = engine.add_request(PROMPTS[0], SamplingParams(n=2, temperature=1.0, max_tokens=50))
+    out = engine.add_request(PROMPTS[0], SamplingParams(n=2, temperature=1.0, max_tokens=50, seed=0, ignore_eos=True))
     engine.step()
     engine.step()
     engine.abort(out.request_id)
