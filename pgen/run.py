@@ -34,14 +34,17 @@ def default_package(config: TinyConfig = TinyConfig(), progress=print) -> Path:
         progress: called with one line per build step.
     """
     from .onnx import compile_model
+    from .onnx.compile import compiler_version
 
     root = models_root()
     package = root / f"{config.name}.pgenpkg"
     if package.is_dir():
         try:
-            read_manifest(package)
-            progress(f"reusing {package}")
-            return package
+            _, manifest = read_manifest(package)
+            if manifest.get("model", {}).get("compiler") == compiler_version():
+                progress(f"reusing {package}")
+                return package
+            progress(f"rebuilding {package}: it was compiled by other pgen code or TVM versions")
         except PackageError as err:
             progress(f"rebuilding {package}: {err}")
     root.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ and a `model` section in the manifest that `pgen_runtime.LLM` reads.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import onnx
@@ -23,6 +24,20 @@ from .relax_import import build_executable, import_model
 from .rewrite import Rewritten, rewrite
 
 MODEL_LIBRARY = "model.so"
+
+
+def compiler_version() -> str:
+    """A hash of the code and versions that compile a model: a package records it in its manifest.
+
+    `pgen run` rebuilds its cached default package when this changes, so a cached model never
+    keeps the schedules of older pgen code.
+    """
+    from .. import build
+
+    h = hashlib.sha256(json.dumps(build.versions(), sort_keys=True).encode())
+    for path in [*build._SOURCES, *sorted(Path(__file__).parent.glob("*.py"))]:
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def model_spec(rewritten: Rewritten, block_size: int) -> AttentionSpec:
@@ -110,5 +125,6 @@ def _model_section(rewritten: Rewritten, spec: AttentionSpec, eos_token_id: int 
         "eos_token_id": eos_token_id,
         "has_positions": rewritten.has_positions,
         "weights": "embedded as constants in model.so",
+        "compiler": compiler_version(),
         "source": {"file": source.name, "sha256": hashlib.sha256(source.read_bytes()).hexdigest()},
     }
