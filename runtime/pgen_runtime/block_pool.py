@@ -83,6 +83,8 @@ class BlockPool:
         self._free = FreeBlockQueue([b for b in self.blocks if b.block_id != NULL_BLOCK_ID])
         self.cached: dict[Hashable, Block] = {}
         self.num_evictions = 0
+        self.num_refs = 0  # block-table references: the sum of every ref_cnt
+        self.num_shared = 0  # blocks with ref_cnt > 1 (in more than one block table)
 
     @property
     def num_usable(self) -> int:
@@ -113,13 +115,17 @@ class BlockPool:
         for block in taken:
             self._evict_hash(block)
             block.ref_cnt = 1
+        self.num_refs += n
         return taken
 
     def touch(self, block: Block) -> None:
         """Take one more reference to `block`; a free (cached) block leaves the free list."""
         if block.ref_cnt == 0:
             self._free.remove(block)
+        elif block.ref_cnt == 1:
+            self.num_shared += 1
         block.ref_cnt += 1
+        self.num_refs += 1
 
     def free(self, blocks: list[Block]) -> None:
         """Drop one reference to each block; blocks reaching 0 join the tail of the free list.
@@ -132,6 +138,9 @@ class BlockPool:
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
                 self._free.append(block)
+            elif block.ref_cnt == 1:
+                self.num_shared -= 1
+        self.num_refs -= len(blocks)
 
     def lookup(self, block_hash: Hashable) -> Block | None:
         """The block holding `block_hash`, free or in use, or None."""

@@ -24,7 +24,7 @@ from .model import PagedModel
 from .preemption import PreemptionPolicy
 from .sampling import SamplingParams, log_softmax, sample
 from .scheduler import Scheduler, Seq
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import IncrementalDecoder, Tokenizer, load_tokenizer
 
 
 @dataclass(slots=True, eq=False)
@@ -35,6 +35,7 @@ class _Request:
     forked: bool = False
     ready: dict[int, np.ndarray] = field(default_factory=dict)  # beam: seq_id -> logits, until all are in
     hyps: list[tuple[float, list[int], str]] = field(default_factory=list)  # beam: finished hypotheses
+    decoders: dict[int, IncrementalDecoder] = field(default_factory=dict)  # sampling: output index -> text
 
 
 class Engine:
@@ -164,7 +165,7 @@ class Engine:
                 req = seq.group
                 (self._beam if req.params.use_beam_search else self._sample)(req, seq, row)
                 touched[req.output.request_id] = req
-        self.stats.record_step(time.perf_counter() - start, self.manager, self.scheduler.running)
+        self.stats.record_step(time.perf_counter() - start, self.manager)
         for req in touched.values():
             if req.output.first_token_time is None:
                 req.output.first_token_time = time.monotonic()
@@ -200,17 +201,18 @@ class Engine:
         seq.tokens.append(token)
         out.token_ids.append(token)
         self.stats.tokens_generated += 1
-        text = self.tokenizer.decode(out.token_ids)
+        decoder = req.decoders.get(seq.index) or req.decoders.setdefault(seq.index, IncrementalDecoder(self.tokenizer))
         reason = "stop" if self._is_stop_token(params, token) else None
-        cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            text, reason = text[:cut], "stop"
         if reason is None and len(out.token_ids) >= params.max_tokens:
             reason = "length"
-        if reason is None:
-            # Hold back what may still become a stop string or a multi-byte character.
-            hold = max((len(s) - 1 for s in params.stop), default=0)
-            text = text[:len(text) - hold].rstrip("\ufffd")
+        # Whole characters only while the sequence runs; at its end, the whole text.
+        text = decoder.push(out.token_ids) if reason is None else decoder.final(out.token_ids)
+        if params.stop:
+            cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+            if reason is None:  # hold back what may still become a stop string
+                text = text[:len(text) - max(len(s) - 1 for s in params.stop)]
         out.text, out.finish_reason = text, reason
         if reason is not None:
             req.seqs.remove(seq)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,7 +80,7 @@ class EngineStats:
     kv_utilization_sum: float = 0.0  # live / allocated slots, summed over steps
     _window: deque = field(default_factory=deque)
 
-    def record_step(self, seconds: float, manager: Any, running: list) -> None:
+    def record_step(self, seconds: float, manager: Any) -> None:
         self.steps += 1
         self.step_time_s += seconds
         now = time.monotonic()
@@ -89,10 +89,9 @@ class EngineStats:
             self._window.popleft()
         self.peak_blocks_used = max(self.peak_blocks_used, manager.block_pool.num_used)
         self.kv_utilization_sum += manager.metrics().utilization
-        refs = Counter(b for s in running for b in manager.block_table(s.seq_id))
-        shared = sum(1 for c in refs.values() if c > 1)
-        if shared > self.peak_blocks_shared:
-            self.peak_blocks_shared, self.peak_table_entries = shared, sum(refs.values())
+        pool = manager.block_pool
+        if pool.num_shared > self.peak_blocks_shared:
+            self.peak_blocks_shared, self.peak_table_entries = pool.num_shared, pool.num_refs
 
     @property
     def mean_kv_utilization(self) -> float:

@@ -183,23 +183,34 @@ class KVCacheManager(BlockAllocator):
         return np.array(slots, dtype=np.int32)
 
     def metrics(self) -> KVMetrics:
-        fill: dict[int, int] = {}
-        for seq in self._seqs.values():
-            for i, block in enumerate(seq.blocks):
-                used = min(self.block_size, seq.num_tokens - i * self.block_size)
-                fill[block.block_id] = max(fill.get(block.block_id, 0), used)
         pool = self.block_pool
         return KVMetrics(
             num_blocks=pool.num_usable,
             blocks_used=pool.num_used,
             blocks_free=pool.num_free,
             blocks_cached=len(pool.cached),
-            live_slots=sum(fill.values()),
+            live_slots=self._live_slots(),
             allocated_slots=pool.num_used * self.block_size,
             host_blocks_used=self.host_pool.num_blocks - self.host_pool.num_free,
             evictions=pool.num_evictions,
             **self._counts,
         )
+
+    def _live_slots(self) -> int:
+        """Token slots holding KV, each shared block counted once: O(sequences), not O(blocks).
+
+        Every referenced block is full except a sequence's blocks from `num_tokens // block_size` on
+        (its partial last block and blocks allocated ahead); a block shared by several sequences
+        holds as many slots as its fullest user has written.
+        """
+        bs = self.block_size
+        missing: dict[int, int] = {}
+        for seq in self._seqs.values():
+            n = seq.num_tokens
+            for i in range(n // bs, len(seq.blocks)):
+                block_id = seq.blocks[i].block_id
+                missing[block_id] = min(missing.get(block_id, bs), bs - max(0, n - i * bs))
+        return self.block_pool.num_used * bs - sum(missing.values())
 
     def _recompute(self, seq: Sequence) -> None:
         if seq.token_ids is None:

@@ -135,9 +135,16 @@ class Scheduler:
         counts = [n for _, _, n in batch]
         indptr = np.zeros(len(batch) + 1, np.int32)
         indptr[1:] = np.cumsum(counts)
+        # Plain lists and one array each: most chunks are a single decode token, where a numpy call
+        # per sequence would cost more than the work.
+        tokens: list[int] = []
+        positions: list[int] = []
+        for seq, start, n in batch:
+            tokens += seq.tokens[start:start + n]
+            positions += range(start, start + n)
         return StepInputs(
-            input_ids=np.array([t for s, start, n in batch for t in s.tokens[start:start + n]], np.int64),
-            positions=np.concatenate([np.arange(start, start + n) for _, start, n in batch]).astype(np.int64),
+            input_ids=np.array(tokens, np.int64),
+            positions=np.array(positions, np.int64),
             block_tables=self.manager.block_tables(ids),
             slot_mapping=self.manager.slot_mappings(ids, counts),
             q_indptr=indptr,

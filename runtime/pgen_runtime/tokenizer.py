@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 from typing import Protocol
 
@@ -53,6 +54,54 @@ class HFTokenizer:
 
     def decode(self, token_ids: list[int]) -> str:
         return self._tok.decode(list(token_ids), skip_special_tokens=True)
+
+
+class IncrementalDecoder:
+    """The text of a growing list of token ids, decoding only the ids since the last whole character.
+
+    Decoding the whole list after every token costs O(n) per token (O(n^2) per sequence), which a
+    serving loop pays for every sequence of every step. The byte-level tokenizer streams through
+    Python's incremental UTF-8 decoder; another tokenizer decodes the window from the previous
+    emission on (so one that merges across tokens still decodes right) and emits the new text once
+    it ends in a whole character.
+    """
+
+    __slots__ = ("tokenizer", "text", "_prefix", "_read", "_utf8")
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.text = ""  # whole characters decoded so far
+        self._prefix = 0  # window start: the ids of the previous emission
+        self._read = 0  # ids decoded into `text`
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace") if type(tokenizer) is ByteTokenizer else None
+
+    def push(self, token_ids: list[int]) -> str:
+        """`text` after the ids appended since the last call (trailing partial characters held back)."""
+        if self._utf8 is not None:
+            self.text += self._utf8.decode(self._bytes(token_ids))
+            return self.text
+        prefix_text, new_text = self._window(token_ids)
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self.text += new_text[len(prefix_text):]
+            self._prefix, self._read = self._read, len(token_ids)
+        return self.text
+
+    def final(self, token_ids: list[int]) -> str:
+        """The whole text, a trailing partial character included (as U+FFFD); ends the stream."""
+        if self._utf8 is not None:
+            self.text += self._utf8.decode(self._bytes(token_ids), final=True)
+            return self.text
+        prefix_text, new_text = self._window(token_ids)
+        return self.text + new_text[len(prefix_text):]
+
+    def _bytes(self, token_ids: list[int]) -> bytes:
+        tok, new = self.tokenizer, token_ids[self._read:]
+        self._read = len(token_ids)
+        return bytes(t - tok.offset for t in new if tok.offset <= t < tok.offset + 256)
+
+    def _window(self, token_ids: list[int]) -> tuple[str, str]:
+        decode = self.tokenizer.decode
+        return decode(token_ids[self._prefix:self._read]), decode(token_ids[self._prefix:])
 
 
 def load_tokenizer(package_root: str | Path, vocab_size: int) -> Tokenizer:

@@ -6,6 +6,8 @@ import asyncio
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine_reference import beam_search, brute_force_best
 from models.ort_reference import ort_generate
@@ -13,6 +15,7 @@ from pgen.tiny import EOS_TOKEN_ID
 from pgen_runtime import (ByteTokenizer, ConfigError, Engine, HFTokenizer, LLM, SamplingParams, ShapeError,
                           load_tokenizer)
 from pgen_runtime.async_engine import AsyncEngine
+from pgen_runtime.tokenizer import IncrementalDecoder
 from tiny_models import BEAM_CONFIG
 
 PROMPTS = ["The paged KV cache holds keys and values in blocks.", "Hi", "x" * 40]
@@ -178,3 +181,36 @@ def test_tokenizers(tmp_path):
     loaded = load_tokenizer(tmp_path, 3)
     assert isinstance(loaded, HFTokenizer)
     assert loaded.encode("hello world") == [1, 2] and loaded.decode([1, 2]) == "hello world"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet="aé€😀\n", max_size=4), max_size=12))
+def test_incremental_decoder_agrees_with_whole_decodes(pieces):
+    """Streamed text is always a prefix of the whole decode, and the final text equals it exactly,
+    with UTF-8 characters split over byte tokens and invalid bytes (a lone continuation byte)."""
+    tok = ByteTokenizer(259)
+    ids = []
+    for piece in pieces:
+        ids += tok.encode(piece) if piece != "\n" else [0x80 + 3]
+    decoder, whole = IncrementalDecoder(tok), tok.decode(ids)
+    for n in range(1, len(ids) + 1):
+        text = decoder.push(ids[:n])
+        # Emitted text never changes later, and holds back at most one partial character.
+        assert tok.decode(ids[:n]).startswith(text) and whole.startswith(text)
+        assert len(tok.decode(ids[:n])) - len(text) <= 1
+    assert decoder.final(ids) == whole
+
+
+def test_incremental_decoder_with_a_merging_hf_tokenizer(tmp_path):
+    """WordPiece merges `##` continuations into the previous word: the window decode handles it."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2, "##s": 3, "wide": 4}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.decoder = tokenizers.decoders.WordPiece()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    hf = load_tokenizer(tmp_path, 5)
+    ids = [1, 2, 3, 4, 2, 3, 3]
+    decoder = IncrementalDecoder(hf)
+    for n in range(1, len(ids) + 1):
+        assert hf.decode(ids[:n]).startswith(decoder.push(ids[:n]))
+    assert decoder.final(ids) == hf.decode(ids) == "hello worlds wide worldss"

@@ -172,6 +172,17 @@ class KVCacheMachine(RuleBasedStateMachine):
         for block in pool.blocks[1:]:
             assert block.ref_cnt == holders[block.block_id]
             assert (block.ref_cnt == 0) == (block.block_id in free)
+        assert pool.num_refs == sum(holders)
+        assert pool.num_shared == sum(h > 1 for h in holders)
+
+    @invariant()
+    def live_slots_count_each_written_slot_once(self) -> None:
+        fill: dict[int, int] = {}  # the definition, block by block
+        for seq_id in self.ids(SeqStatus.RUNNING):
+            n = self.m.num_tokens(seq_id)
+            for i, block_id in enumerate(self.m.block_table(seq_id)):
+                fill[block_id] = max(fill.get(block_id, 0), min(BS, max(0, n - i * BS)))
+        assert self.m.metrics().live_slots == sum(fill.values())
 
     @invariant()
     def every_sequence_reads_back_its_own_tokens(self) -> None:
