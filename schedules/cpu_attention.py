@@ -46,7 +46,8 @@ class CpuAttention(ScheduleRule):
         if self.kernel == "decode":
             knobs.append(Knob("max_splits", (1, 2, 4, 8, 16), 8))
         else:
-            knobs.append(Knob("q_tile", (1, 2, 4, 8, 16), 4))
+            # Query rows per register tile: the largest divisor of q_tile x group up to this.
+            knobs += [Knob("q_tile", (1, 2, 4, 8, 16), 4), Knob("row_tile_max", (2, 4, 8), 4)]
         return tuple(knobs)
 
     def check(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]) -> str | None:
@@ -65,9 +66,9 @@ class CpuAttention(ScheduleRule):
         return _attention(spec, self.kernel == "decode", config)
 
 
-def _row_tile(rows: int) -> int:
-    """Query rows processed together: the largest divisor of `rows` up to 8."""
-    return max(r for r in range(1, min(rows, 8) + 1) if rows % r == 0)
+def _row_tile(rows: int, most: int = 8) -> int:
+    """Query rows processed together: the largest divisor of `rows` up to `most`."""
+    return max(r for r in range(1, min(rows, most) + 1) if rows % r == 0)
 
 
 def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
@@ -78,7 +79,9 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     smax = config["max_splits"] if decode else 1
     rows = qt * g
     hpt = config["kv_heads_per_task"]
-    rtile = config.get("row_tile") or _row_tile(rows)
+    # NOTE: extend takes at most 4 rows per tile by default: 8 spill registers (the Llama prefill
+    # took 44 ms with 8, 34.5 ms with 4) and waste more rows where a sequence has one new token.
+    rtile = config.get("row_tile") or _row_tile(rows, 8 if decode else config.get("row_tile_max", 4))
     # P·V register tile: rtile rows x cgrp vectors, plus one vector of V, within 32 registers.
     cgrp = max(c for c in range(1, nd + 1) if nd % c == 0 and rtile * c * vl * 4 <= 512)
     half = (vl // 2, max(vl // 4, 1), max(vl // 8, 1))
@@ -182,88 +185,91 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                             # all scratch in this nested block: scratch that small lives on the
                             # stack, where LLVM proves it aliases nothing, and fully unrolled
                             # indices let it keep the score partials and the P·V tile in registers.
-                            with T.sblock("rows"):
-                                T.reads()
-                                T.writes()
-                                s = T.sblock_alloc_buffer((rtile, bs), "float32")
-                                part = T.sblock_alloc_buffer((rtile, vl), "float32")
-                                tree = T.sblock_alloc_buffer((rtile, vl), "float32")
-                                tile = T.sblock_alloc_buffer((rtile, cgrp * vl), "float32")
-                                sca = T.sblock_alloc_buffer((rtile, 2), "float32")
-                                page = T.sblock_alloc_buffer((1,), "int32")
-                                t_lo = T.sblock_alloc_buffer((1,), "int32")
-                                t_hi = T.sblock_alloc_buffer((1,), "int32")
-                                R = T.sblock_alloc_buffer((1,), "int32")
-                                page[0] = block_tables[b[0], blk]
-                                t_lo[0] = T.max(k_lo[0] - blk * bs, 0)
-                                t_hi[0] = T.min(k_hi[0] - blk * bs, bs)
-                                R[0] = hh * rows + rt * rtile
-                                for r, t in T.grid(rtile, bs):
-                                    s[r, t] = T.float32(NEG)
-                                for t in T.serial(t_lo[0], t_hi[0]):
-                                    if prefetch and rt == 0 and blk + 1 < blk_hi[0]:
-                                        # The next block of this head is elsewhere in the pool, and
-                                        # hardware prefetchers stop at page boundaries: request its
-                                        # row t now, a few lines per key, into L2.
-                                        for c, ln in T.grid(2, lines):
-                                            T.evaluate(T.call_llvm_intrin(
-                                                "void", "llvm.prefetch.p0",
-                                                T.address_of(kv_pool[block_tables[b[0], blk + 1], c, h0[0] + hh, t, ln * per_line]),
-                                                T.int32(0), T.int32(locality), T.int32(1)))
-                                    for r in T.unroll(rtile):
-                                        for v in T.vectorized(vl):
-                                            part[r, v] = T.float32(0)
-                                    for c in T.serial(nd):
+                            # Row tiles past the task's last query token are skipped: a decode
+                            # step through extend has one token per sequence.
+                            if rt * rtile < (i1[0] - i0[0]) * g:
+                                with T.sblock("rows"):
+                                    T.reads()
+                                    T.writes()
+                                    s = T.sblock_alloc_buffer((rtile, bs), "float32")
+                                    part = T.sblock_alloc_buffer((rtile, vl), "float32")
+                                    tree = T.sblock_alloc_buffer((rtile, vl), "float32")
+                                    tile = T.sblock_alloc_buffer((rtile, cgrp * vl), "float32")
+                                    sca = T.sblock_alloc_buffer((rtile, 2), "float32")
+                                    page = T.sblock_alloc_buffer((1,), "int32")
+                                    t_lo = T.sblock_alloc_buffer((1,), "int32")
+                                    t_hi = T.sblock_alloc_buffer((1,), "int32")
+                                    R = T.sblock_alloc_buffer((1,), "int32")
+                                    page[0] = block_tables[b[0], blk]
+                                    t_lo[0] = T.max(k_lo[0] - blk * bs, 0)
+                                    t_hi[0] = T.min(k_hi[0] - blk * bs, bs)
+                                    R[0] = hh * rows + rt * rtile
+                                    for r, t in T.grid(rtile, bs):
+                                        s[r, t] = T.float32(NEG)
+                                    for t in T.serial(t_lo[0], t_hi[0]):
+                                        if prefetch and rt == 0 and blk + 1 < blk_hi[0]:
+                                            # The next block of this head is elsewhere in the pool, and
+                                            # hardware prefetchers stop at page boundaries: request its
+                                            # row t now, a few lines per key, into L2.
+                                            for c, ln in T.grid(2, lines):
+                                                T.evaluate(T.call_llvm_intrin(
+                                                    "void", "llvm.prefetch.p0",
+                                                    T.address_of(kv_pool[block_tables[b[0], blk + 1], c, h0[0] + hh, t, ln * per_line]),
+                                                    T.int32(0), T.int32(locality), T.int32(1)))
                                         for r in T.unroll(rtile):
                                             for v in T.vectorized(vl):
-                                                part[r, v] = part[r, v] + qf[R[0] + r, c * vl + v] * T.cast(kv_pool[page[0], 0, h0[0] + hh, t, c * vl + v], "float32")
-                                    for r in T.unroll(rtile):
-                                        # Pairwise (tree) sum of the lanes: a short dependency chain.
-                                        for v in T.vectorized(vl // 2):
-                                            tree[r, v] = part[r, v] + part[r, v + vl // 2]
-                                        for v in T.vectorized(half[1]):
-                                            tree[r, v] = tree[r, v] + T.if_then_else(vl >= 8, tree[r, v + half[1]], T.float32(0))
-                                        for v in T.vectorized(half[2]):
-                                            tree[r, v] = tree[r, v] + T.if_then_else(vl >= 16, tree[r, v + half[2]], T.float32(0))
-                                        tree[r, 0] = tree[r, 0] + tree[r, 1]
-                                        # key position (blk * bs + t) vs this row's position, causal and windowed
-                                        if (blk * bs + t <= length[0] - n_new[0] + i0[0] + (rt * rtile + r) // g
-                                                and i0[0] + (rt * rtile + r) // g < i1[0]
-                                                and blk * bs + t > length[0] - n_new[0] + i0[0] + (rt * rtile + r) // g - window_or_inf):
-                                            if has_cap:
-                                                s[r, t] = T.tanh(tree[r, 0] * inv_cap) * cap_log2e
-                                            else:
-                                                s[r, t] = tree[r, 0]
-                                # Online softmax per row: new max, rescale factor, weights.
-                                for r in T.serial(rtile):
-                                    sca[r, 0] = mrow[R[0] + r]
-                                    for t in T.serial(bs):
-                                        sca[r, 0] = T.max(sca[r, 0], s[r, t])
-                                    sca[r, 1] = fast_exp2(mrow[R[0] + r] - sca[r, 0])
-                                    mrow[R[0] + r] = sca[r, 0]
-                                    # NOTE: a masked score stays exactly NEG and gets weight 0 even
-                                    # while the row's running max is still NEG (nothing seen yet).
-                                    for t in T.vectorized(bs):
-                                        s[r, t] = T.if_then_else(s[r, t] > T.float32(NEG), fast_exp2(s[r, t] - sca[r, 0]), T.float32(0))
-                                    lrow[R[0] + r] = lrow[R[0] + r] * sca[r, 1]
-                                    for t in T.serial(bs):
-                                        lrow[R[0] + r] = lrow[R[0] + r] + s[r, t]
-                                # P·V in register tiles of rtile rows x cgrp vectors; rows in
-                                # [t_lo, t_hi) hold data (never NaN), so a weight of 0 is safe.
-                                for cg in T.serial(nd // cgrp):
-                                    for r in T.unroll(rtile):
-                                        for c in T.unroll(cgrp):
-                                            for v in T.vectorized(vl):
-                                                tile[r, c * vl + v] = acc[R[0] + r, (cg * cgrp + c) * vl + v] * sca[r, 1]
-                                    for t in T.serial(t_lo[0], t_hi[0]):
-                                        for c in T.unroll(cgrp):
+                                                part[r, v] = T.float32(0)
+                                        for c in T.serial(nd):
                                             for r in T.unroll(rtile):
                                                 for v in T.vectorized(vl):
-                                                    tile[r, c * vl + v] = tile[r, c * vl + v] + s[r, t] * T.cast(kv_pool[page[0], 1, h0[0] + hh, t, (cg * cgrp + c) * vl + v], "float32")
-                                    for r in T.unroll(rtile):
-                                        for c in T.unroll(cgrp):
-                                            for v in T.vectorized(vl):
-                                                acc[R[0] + r, (cg * cgrp + c) * vl + v] = tile[r, c * vl + v]
+                                                    part[r, v] = part[r, v] + qf[R[0] + r, c * vl + v] * T.cast(kv_pool[page[0], 0, h0[0] + hh, t, c * vl + v], "float32")
+                                        for r in T.unroll(rtile):
+                                            # Pairwise (tree) sum of the lanes: a short dependency chain.
+                                            for v in T.vectorized(vl // 2):
+                                                tree[r, v] = part[r, v] + part[r, v + vl // 2]
+                                            for v in T.vectorized(half[1]):
+                                                tree[r, v] = tree[r, v] + T.if_then_else(vl >= 8, tree[r, v + half[1]], T.float32(0))
+                                            for v in T.vectorized(half[2]):
+                                                tree[r, v] = tree[r, v] + T.if_then_else(vl >= 16, tree[r, v + half[2]], T.float32(0))
+                                            tree[r, 0] = tree[r, 0] + tree[r, 1]
+                                            # key position (blk * bs + t) vs this row's position, causal and windowed
+                                            if (blk * bs + t <= length[0] - n_new[0] + i0[0] + (rt * rtile + r) // g
+                                                    and i0[0] + (rt * rtile + r) // g < i1[0]
+                                                    and blk * bs + t > length[0] - n_new[0] + i0[0] + (rt * rtile + r) // g - window_or_inf):
+                                                if has_cap:
+                                                    s[r, t] = T.tanh(tree[r, 0] * inv_cap) * cap_log2e
+                                                else:
+                                                    s[r, t] = tree[r, 0]
+                                    # Online softmax per row: new max, rescale factor, weights.
+                                    for r in T.serial(rtile):
+                                        sca[r, 0] = mrow[R[0] + r]
+                                        for t in T.serial(bs):
+                                            sca[r, 0] = T.max(sca[r, 0], s[r, t])
+                                        sca[r, 1] = fast_exp2(mrow[R[0] + r] - sca[r, 0])
+                                        mrow[R[0] + r] = sca[r, 0]
+                                        # NOTE: a masked score stays exactly NEG and gets weight 0 even
+                                        # while the row's running max is still NEG (nothing seen yet).
+                                        for t in T.vectorized(bs):
+                                            s[r, t] = T.if_then_else(s[r, t] > T.float32(NEG), fast_exp2(s[r, t] - sca[r, 0]), T.float32(0))
+                                        lrow[R[0] + r] = lrow[R[0] + r] * sca[r, 1]
+                                        for t in T.serial(bs):
+                                            lrow[R[0] + r] = lrow[R[0] + r] + s[r, t]
+                                    # P·V in register tiles of rtile rows x cgrp vectors; rows in
+                                    # [t_lo, t_hi) hold data (never NaN), so a weight of 0 is safe.
+                                    for cg in T.serial(nd // cgrp):
+                                        for r in T.unroll(rtile):
+                                            for c in T.unroll(cgrp):
+                                                for v in T.vectorized(vl):
+                                                    tile[r, c * vl + v] = acc[R[0] + r, (cg * cgrp + c) * vl + v] * sca[r, 1]
+                                        for t in T.serial(t_lo[0], t_hi[0]):
+                                            for c in T.unroll(cgrp):
+                                                for r in T.unroll(rtile):
+                                                    for v in T.vectorized(vl):
+                                                        tile[r, c * vl + v] = tile[r, c * vl + v] + s[r, t] * T.cast(kv_pool[page[0], 1, h0[0] + hh, t, (cg * cgrp + c) * vl + v], "float32")
+                                        for r in T.unroll(rtile):
+                                            for c in T.unroll(cgrp):
+                                                for v in T.vectorized(vl):
+                                                    acc[R[0] + r, (cg * cgrp + c) * vl + v] = tile[r, c * vl + v]
                     for hh, r in T.grid(hpt, rows):
                         if i0[0] + r // g < i1[0]:
                             if num_splits == 1:
