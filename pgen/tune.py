@@ -83,6 +83,9 @@ def tune(spec: AttentionSpec, target: str | BuildTarget = "llvm", kernels: tuple
     device = runner.device_info()
     path = tuning_log.log_path(spec, device_target_id(device), log_root)
     log = open_log(path, spec, target, device)
+    # Records of older schedule code can never be used again (`tuning_log.current`): drop them so
+    # the log holds this code's measurements only.
+    log["records"] = [r for r in log["records"] if tuning_log.current(r, target.kind)]
     todo = _pending(spec, target, kernels, trials, workloads or {}, {r.get("key") for r in log["records"]})
     bar = _Progress(len(todo), progress)
 

@@ -180,19 +180,21 @@ def _info(kind: str):
 
 
 def compare(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per kernel: the best record, the default's record on the same workload (or None), their ratio."""
+    """Per kernel: the best record, the default's record on the same workload (or None), their ratio;
+    records of older schedule code are left out."""
     out = {}
+    records = [r for r in data["records"] if current(r, data["target_kind"])]
     for kernel, (config, t) in best(data).items():
-        best_rec = next(r for r in data["records"] if r["kernel"] == kernel and r["config"] == config
+        best_rec = next(r for r in records if r["kernel"] == kernel and r["config"] == config
                         and time_of(r) == t)
-        default = next((r for r in data["records"] if r["kernel"] == kernel and is_default(data, r)
+        default = next((r for r in records if r["kernel"] == kernel and is_default(data, r)
                         and r.get("workload") == best_rec.get("workload") and time_of(r) is not None
                         and ("confirm_ms" in r) == ("confirm_ms" in best_rec)), None)
         out[kernel] = {"best": best_rec, "default": default, "best_ms": t,
                        "default_ms": time_of(default) if default else None,
                        "ratio": t / time_of(default) if default else None,
-                       "measured": sum(r["kernel"] == kernel for r in data["records"]),
-                       "failed": sum(r["kernel"] == kernel and r["median_ms"] is None for r in data["records"])}
+                       "measured": sum(r["kernel"] == kernel for r in records),
+                       "failed": sum(r["kernel"] == kernel and r["median_ms"] is None for r in records)}
     return out
 
 

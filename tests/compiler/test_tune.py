@@ -206,3 +206,20 @@ def test_records_of_older_schedule_code_are_not_used(tuned, tmp_path, monkeypatc
     for kernel in ("decode", "extend"):
         assert choices[kernel].source == "default:stale-log"
         assert choices[kernel].config == rule_for(kernel, "llvm").default(SPEC, parse_targets("llvm")[0].info)
+
+
+def test_a_new_run_drops_the_records_of_older_schedule_code(tuned, tmp_path):
+    logs = tmp_path / "logs"
+    shutil.copytree(tuned.parent.parent, logs)
+    path = logs / tuned.parent.name / tuned.name
+    data = json.loads(path.read_text())
+    for rec in data["records"]:
+        if rec["kernel"] == "extend":
+            rec["schedule"] = "0ld5c4edu1e0"
+    path.write_text(json.dumps(data))
+    assert set(tuning_log.compare(data)) == {"decode"}  # a stale default is no baseline either
+    tune.tune(SPEC, "llvm", ("extend",), 1, WORKLOAD, logs)
+    after = json.loads(path.read_text())["records"]
+    assert all(tuning_log.current(r, "llvm") for r in after)
+    assert {r["kernel"] for r in after} == {"decode", "extend"}
+    assert sum(r["kernel"] == "decode" for r in after) == sum(r["kernel"] == "decode" for r in data["records"])
