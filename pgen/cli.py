@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", default="llvm")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--eos-token-id", type=int, default=None, help="default: the model's eos_token_id metadata")
+    p.add_argument("--tokenizer", help="the model's HF tokenizer.json to ship in the package (default: byte-level)")
     p.add_argument("-o", "--out", required=True, help="NAME.pgenpkg")
 
     p = sub.add_parser("tune", help="search the kernels' knobs on a device and write its tuning log")
@@ -115,7 +116,8 @@ def _compile_model(args) -> int:
     from .onnx import compile_model
 
     compile_model(args.model, args.out, target=args.target, block_size=args.block_size,
-                  eos_token_id=args.eos_token_id, progress=lambda line: print(line, flush=True))
+                  eos_token_id=args.eos_token_id, tokenizer=args.tokenizer,
+                  progress=lambda line: print(line, flush=True))
     return 0
 
 

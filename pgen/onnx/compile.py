@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import onnx
 from onnx import helper
 
-from pgen_runtime.errors import ModelImportError
+from pgen_runtime.errors import ConfigError, ModelImportError
 from pgen_runtime.spec import AttentionSpec
+from pgen_runtime.tokenizer import TOKENIZER_FILE
 
 from ..build import build_library, choose_configs
 from ..package import assemble, publish
@@ -60,7 +62,8 @@ def model_spec(rewritten: Rewritten, block_size: int) -> AttentionSpec:
 
 
 def compile_model(model_path: str | Path, out: str | Path, target: str = "llvm", block_size: int = 16,
-                  eos_token_id: int | None = None, name: str | None = None, progress=print) -> Path:
+                  eos_token_id: int | None = None, name: str | None = None, tokenizer: str | Path | None = None,
+                  progress=print) -> Path:
     """Compile an ONNX decoder export (past/present KV) into a package served by `pgen_runtime.LLM`.
 
     Args:
@@ -70,6 +73,8 @@ def compile_model(model_path: str | Path, out: str | Path, target: str = "llvm",
         block_size: tokens per KV block.
         eos_token_id: stop token; defaults to the model's `eos_token_id` metadata, else none.
         name: package name (default: the folder's name without suffix).
+        tokenizer: a HF `tokenizers` JSON file to ship as the package's tokenizer.json; without it
+            the runtime uses a byte-level tokenizer over the model's vocabulary.
         progress: called with one line of text per step.
 
     Returns:
@@ -77,15 +82,19 @@ def compile_model(model_path: str | Path, out: str | Path, target: str = "llvm",
 
     Raises:
         ModelImportError: the graph cannot be rewritten to the paged cache (names the node).
+        ConfigError: `tokenizer` is unreadable or has ids past the model's vocabulary.
         BuildError: compiling the model or the kernels failed. PackageError: cannot write `out`.
     """
     model_path, out = Path(model_path), Path(out)
+    tokenizer = Path(tokenizer) if tokenizer is not None else None
     (build_target,) = parse_targets(target)
     if build_target.kind != "llvm":
         raise ModelImportError(f"target {target!r}: compile-model builds for llvm only so far")
     source = onnx.load(str(model_path))
     rewritten = rewrite(source, block_size)
     spec = model_spec(rewritten, block_size)
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, rewritten.vocab_size)
     progress(f"{model_path.name}: {len(rewritten.layers)} layers, spec {spec.uri}, vocab {rewritten.vocab_size}")
     configs = {n: c.config for n, c in choose_configs(spec, build_target).items()}
     executable = build_executable(import_model(rewritten.model, spec, build_target, configs), build_target)
@@ -102,9 +111,33 @@ def compile_model(model_path: str | Path, out: str | Path, target: str = "llvm",
         executable.export_library(str(root / library))
         target_entry["model_library"] = library
         manifest["model"] = _model_section(rewritten, spec, eos_token_id, model_path)
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, root / TOKENIZER_FILE)
+        manifest["model"]["tokenizer"] = TOKENIZER_FILE if tokenizer is not None else "byte-level"
         return manifest
 
     return publish(out, fill, progress=progress)
+
+
+def check_tokenizer(path: Path, vocab_size: int) -> None:
+    """Reject a tokenizer file the runtime could not load or whose ids the model cannot produce.
+
+    Raises:
+        ConfigError: names the file and the fix.
+    """
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as err:
+        raise ConfigError(f"tokenizer={path}: checking it needs the `tokenizers` package; pip install "
+                          "tokenizers (the serving host needs it too)") from err
+    try:
+        size = Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+    except Exception as err:  # tokenizers raises its own Exception subclasses
+        raise ConfigError(f"tokenizer={path} is not a readable HF tokenizers JSON file ({err}); pass the "
+                          "model's tokenizer.json") from None
+    if size > vocab_size:
+        raise ConfigError(f"tokenizer={path} has {size} ids but the model's vocabulary has {vocab_size}; pass "
+                          "the tokenizer this model was trained with")
 
 
 def _model_section(rewritten: Rewritten, spec: AttentionSpec, eos_token_id: int | None, source: Path) -> dict:

@@ -214,3 +214,42 @@ def test_incremental_decoder_with_a_merging_hf_tokenizer(tmp_path):
     for n in range(1, len(ids) + 1):
         assert hf.decode(ids[:n]).startswith(decoder.push(ids[:n]))
     assert decoder.final(ids) == hf.decode(ids) == "hello worlds wide worldss"
+
+
+def _word_tokenizer(path, words: int):
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(words)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.decoder = tokenizers.decoders.WordPiece()
+    tok.add_special_tokens(["[UNK]", "<s>", "</s>"])
+    tok.save(str(path))
+    return path
+
+
+def test_compile_model_ships_a_hf_tokenizer(tiny, tmp_path):
+    from pgen.onnx import compile_model
+    from pgen_runtime.package import read_manifest
+
+    tokenizer = _word_tokenizer(tmp_path / "tok.json", 200)
+    package = compile_model(tiny[0], tmp_path / "worded.pgenpkg", tokenizer=tokenizer, progress=lambda line: None)
+    _, manifest = read_manifest(package)
+    assert manifest["model"]["tokenizer"] == "tokenizer.json" and "tokenizer.json" in manifest["files"]
+    llm = LLM(package)
+    assert isinstance(llm.tokenizer, HFTokenizer)
+    out = llm.generate(["w1 w2 w3 w40"], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    assert out.prompt_token_ids == [4, 5, 6, 43]
+    assert out.outputs[0].text == llm.tokenizer.decode(out.outputs[0].token_ids)
+
+
+def test_compile_model_rejects_a_tokenizer_that_does_not_fit(tiny, tmp_path):
+    from pgen.onnx import compile_model
+
+    too_big = _word_tokenizer(tmp_path / "big.json", 400)  # 403 ids > the model's 259
+    with pytest.raises(ConfigError, match="tokenizer=.*403 ids.*259"):
+        compile_model(tiny[0], tmp_path / "a.pgenpkg", tokenizer=too_big, progress=lambda line: None)
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not json")
+    with pytest.raises(ConfigError, match="not a readable"):
+        compile_model(tiny[0], tmp_path / "b.pgenpkg", tokenizer=garbage, progress=lambda line: None)
+    assert not (tmp_path / "a.pgenpkg").exists() and not (tmp_path / "b.pgenpkg").exists()
