@@ -158,12 +158,18 @@ class Engine:
         start = time.perf_counter()
         logits = self.model.forward(self.scheduler.inputs(batch))
         touched: dict[str, _Request] = {}
-        for (seq, first, count), row in zip(batch, logits):
+        greedy = logits.argmax(axis=1).tolist()  # one call for the batch: most rows decode greedily
+        for (seq, first, count), row, best in zip(batch, logits, greedy):
             seq.num_computed = first + count
             self.stats.tokens_computed += count
             if seq.num_pending == 0:
                 req = seq.group
-                (self._beam if req.params.use_beam_search else self._sample)(req, seq, row)
+                if req.params.use_beam_search:
+                    self._beam(req, seq, row)
+                elif req.params.temperature == 0.0 and (req.params.n == 1 or req.forked):
+                    self._append(req, seq, best, row)
+                else:
+                    self._sample(req, seq, row)
                 touched[req.output.request_id] = req
         self.stats.record_step(time.perf_counter() - start, self.manager)
         for req in touched.values():

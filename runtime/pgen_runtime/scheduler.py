@@ -72,6 +72,7 @@ class Scheduler:
         self.preemption_mode = preemption_mode
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
+        self._preempted: set[int] = set()  # seq_ids preempted during the current `schedule`
 
     @property
     def has_work(self) -> bool:
@@ -98,10 +99,11 @@ class Scheduler:
     def schedule(self) -> list[Chunk]:
         """This step's chunks; sequences with nothing pending (beams waiting on siblings) are skipped."""
         budget, batch, queued = self.max_num_batched_tokens, [], len(self.waiting)
+        self._preempted.clear()
         for seq in list(self.running):
             if budget == 0 or len(batch) == self.max_num_seqs:
                 break
-            if seq not in self.running or seq.num_pending == 0:  # preempted just now, or waiting
+            if seq.seq_id in self._preempted or seq.num_pending == 0:  # preempted just now, or waiting
                 continue
             chunk = self._allocate(seq, budget, preempt=True)
             if chunk is not None:
@@ -142,11 +144,12 @@ class Scheduler:
         for seq, start, n in batch:
             tokens += seq.tokens[start:start + n]
             positions += range(start, start + n)
+        tables, slots = self.manager.step_arrays(ids, counts)
         return StepInputs(
             input_ids=np.array(tokens, np.int64),
             positions=np.array(positions, np.int64),
-            block_tables=self.manager.block_tables(ids),
-            slot_mapping=self.manager.slot_mappings(ids, counts),
+            block_tables=tables,
+            slot_mapping=slots,
             q_indptr=indptr,
             seq_lens=np.array([start + n for _, start, n in batch], np.int32),
         )
@@ -163,7 +166,8 @@ class Scheduler:
             self._preempt(victim)
             if victim is seq:
                 return None
-        self.manager.apply_copies(pairs)
+        if pairs:
+            self.manager.apply_copies(pairs)
         start = self.manager.num_cached_tokens(seq.seq_id) if fresh else seq.num_computed
         return seq, start, seq.num_computed + count - start
 
@@ -183,6 +187,7 @@ class Scheduler:
             mode = "recompute"
         self.running.remove(seq)
         self.waiting.appendleft(seq)
+        self._preempted.add(seq.seq_id)
         if self.manager.preempt(seq.seq_id, mode) == "recompute":
             seq.num_computed = 0
         else:
