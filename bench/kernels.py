@@ -7,8 +7,10 @@ batch and context it times, on the same inputs:
   - pgen decode on a contiguous layout (block table = consecutive blocks),
   - TVM's own CPU decode kernel (`tvm.relax.frontend.nn.llm._decode_kernels._attention_decode_cpu`),
   - torch SDPA on a contiguous cache, and torch gather (index_select through the block table) + SDPA,
-and measures this machine's copy bandwidth and fp32 matmul rate (torch, all threads). Extend is
-timed as a 2k-token prefill against the matmul rate.
+and measures this machine's read and copy bandwidth (torch, all threads) again for every decode
+row, interleaved with that row's timings: %read and %copy compare against bandwidth measured at the
+same moment (it moves by a third within minutes on this shared machine). Extend is timed as a
+2k-token prefill against the fp32 matmul rate.
 Prints a table and writes JSON (default bench/results/kernels.json).
 """
 
@@ -34,18 +36,31 @@ def best_ms(fn, repeats: int = 7, min_s: float = 0.05) -> float:
     return float(np.median(time_calls(fn, warmup=1, repeats=repeats, min_seconds=min_s)))
 
 
-def machine_rates(torch) -> dict:
-    n = 1 << 28  # 1 GiB of fp32 per side: far beyond L3
-    x = torch.ones(n, dtype=torch.float32)
-    y = torch.empty_like(x)
-    copy = best_ms(lambda: y.copy_(x), repeats=5)
-    read = best_ms(lambda: x.sum(), repeats=5)
+class Bandwidth:
+    """This machine's memory bandwidth now: torch copy and sum over 1 GiB per side (far beyond L3).
+
+    NOTE: the machine is shared and its bandwidth moves by a third within minutes, so every decode
+    row measures it again, interleaved with its own timings, and quotes its percentages against that.
+    """
+
+    def __init__(self, torch) -> None:
+        self.n = 1 << 28
+        self.x = torch.ones(self.n, dtype=torch.float32)
+        self.y = torch.empty_like(self.x)
+
+    def read_gbps(self) -> float:
+        return self.n * 4 / best_ms(lambda: self.x.sum(), repeats=3) / 1e6
+
+    def copy_gbps(self) -> float:
+        """Bytes read plus bytes written, per second."""
+        return 2 * self.n * 4 / best_ms(lambda: self.y.copy_(self.x), repeats=3) / 1e6
+
+
+def machine_rates(torch, bw: Bandwidth) -> dict:
     a = torch.randn(2048, 2048)
     b = torch.randn(2048, 2048)
     mm = best_ms(lambda: torch.mm(a, b), repeats=5)
-    del x, y
-    return {"copy_gbps_rw": 2 * n * 4 / copy / 1e6, "read_gbps": n * 4 / read / 1e6,
-            "matmul_gflops": 2 * 2048**3 / mm / 1e6}
+    return {"copy_gbps_rw": bw.copy_gbps(), "read_gbps": bw.read_gbps(), "matmul_gflops": 2 * 2048**3 / mm / 1e6}
 
 
 class Case:
@@ -72,15 +87,21 @@ class Case:
         return (self.contig if contiguous else self.tables)[self.i]
 
 
-def bench_decode(kernels, tvm_decode, torch, case: Case) -> dict:
+def bench_decode(kernels, tvm_decode, torch, case: Case, bw: Bandwidth, rounds: int = 3) -> dict:
     s = case.spec
     plan = kernels.plan_decode(case.tables[0], case.lens)
     row = {"dtype": s.dtype, "batch": case.batch, "ctx": case.ctx, "kv_mb": case.kv_bytes / 2**20,
            "num_splits": plan.num_splits}
-    row["paged_ms"] = best_ms(lambda: kernels.decode(case.q, case.pool, case.next_tables(False), case.lens,
-                                                     case.out, plan=plan))
-    row["contig_ms"] = best_ms(lambda: kernels.decode(case.q, case.pool, case.next_tables(True), case.lens,
-                                                      case.out, plan=plan))
+    # Rounds of (read, copy, paged, contiguous) side by side; each quantity keeps its median.
+    times: dict[str, list[float]] = {"read_gbps": [], "copy_gbps_rw": [], "paged_ms": [], "contig_ms": []}
+    for _ in range(rounds):
+        times["read_gbps"].append(bw.read_gbps())
+        times["copy_gbps_rw"].append(bw.copy_gbps())
+        times["paged_ms"].append(best_ms(lambda: kernels.decode(case.q, case.pool, case.next_tables(False),
+                                                                case.lens, case.out, plan=plan), repeats=5))
+        times["contig_ms"].append(best_ms(lambda: kernels.decode(case.q, case.pool, case.next_tables(True),
+                                                                 case.lens, case.out, plan=plan), repeats=5))
+    row.update({k: float(np.median(v)) for k, v in times.items()})
     if tvm_decode is not None:
         row["tvm_ms"] = tvm_decode(case)
     tq = torch.from_numpy(case.q.astype(np.float32) if s.dtype == "float16" else case.q)[:, :, None, :]
@@ -184,10 +205,12 @@ def main() -> int:
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
-    rates = machine_rates(torch)
+    bw = Bandwidth(torch)
+    rates = machine_rates(torch, bw)
     print(f"threads {threads}; copy {rates['copy_gbps_rw']:.1f} GB/s (read+write), read {rates['read_gbps']:.1f} GB/s, "
           f"fp32 matmul {rates['matmul_gflops']:.0f} GFLOP/s", flush=True)
     head = (f"{'dtype':<8}{'B':>4}{'ctx':>7}{'KV MB':>8}{'paged ms':>10}{'contig':>8}{'p/c':>6}{'GB/s':>7}{'%read':>7}"
+            f"{'%copy':>7}"
             f"{'sdpa':>8}{'x sdpa':>7}{'gath+sdpa':>10}{'tvm ms':>9}{'x tvm':>7}")
     print(head, flush=True)
     rows, extend_rows = [], []
@@ -201,12 +224,14 @@ def main() -> int:
                 if kv > args.max_pool_gib * 2**30:
                     continue
                 case = Case(spec, batch, ctx, rng, int(args.max_pool_gib * 2**30))
-                row = bench_decode(kernels, tvm_decode if kv <= 256 << 20 else None, torch, case)
-                row["pct_read_bw"] = 100 * row["paged_gbps"] / rates["read_gbps"]
+                row = bench_decode(kernels, tvm_decode if kv <= 256 << 20 else None, torch, case, bw)
+                row["pct_read_bw"] = 100 * row["paged_gbps"] / row["read_gbps"]
+                row["pct_copy_bw"] = 100 * row["paged_gbps"] / row["copy_gbps_rw"]
                 rows.append(row)
                 tvm = row.get("tvm_ms")
                 print(f"{dtype:<8}{batch:>4}{ctx:>7}{row['kv_mb']:>8.0f}{row['paged_ms']:>10.3f}{row['contig_ms']:>8.3f}"
                       f"{row['paged_ms'] / row['contig_ms']:>6.2f}{row['paged_gbps']:>7.1f}{row['pct_read_bw']:>6.0f}%"
+                      f"{row['pct_copy_bw']:>6.0f}%"
                       f"{row['sdpa_contig_ms']:>8.3f}{row['sdpa_contig_ms'] / row['paged_ms']:>7.2f}"
                       f"{row['gather_sdpa_ms']:>10.3f}{(tvm or float('nan')):>9.2f}"
                       f"{(tvm or float('nan')) / row['paged_ms']:>7.1f}", flush=True)
