@@ -306,18 +306,29 @@ def _renamed(node: onnx.NodeProto, renames: dict[str, str]) -> onnx.NodeProto:
 
 
 def _gather_logits(g: Graph, logits: str, source: str) -> list[onnx.NodeProto]:
-    """Gather the rows of `logits_indices` before the LM head when it is one MatMul, else after it.
+    """Gather the rows of `logits_indices` before the LM head when it is one MatMul (plus a constant
+    bias), else after it: a prefill step then runs the head on one row per sequence, not on all.
 
     Args:
         logits: the export's logits [1, T, vocab] as renamed in the rewritten graph.
         source: its name in the export (for the producer and shapes).
     """
-    head = g.producer.get(source)
+    head, bias = g.producer.get(source), None
+    if head is not None and head.op_type == "Add":
+        producers = [g.producer.get(i) for i in head.input]
+        for k in (0, 1):
+            other = g.const(head.input[1 - k])
+            if producers[k] is not None and producers[k].op_type == "MatMul" and other is not None and other.ndim <= 1:
+                head, bias = producers[k], head.input[1 - k]
+                break
     if head is not None and head.op_type == "MatMul" and len(g.shape(head.input[0]) or []) == 3:
         hidden = f"{head.input[0]}.rows"
         rows = f"{logits}.rows"
         nodes = [helper.make_node("Gather", [head.input[0], "logits_indices"], [hidden], axis=1, name="pgen_rows"),
-                 helper.make_node("MatMul", [hidden, head.input[1]], [rows], name="pgen_lm_head")]
+                 helper.make_node("MatMul", [hidden, head.input[1]], [rows if bias is None else f"{rows}.mm"],
+                                  name="pgen_lm_head")]
+        if bias is not None:
+            nodes.append(helper.make_node("Add", [f"{rows}.mm", bias], [rows], name="pgen_lm_head_bias"))
     else:
         rows = f"{logits}.rows"
         nodes = [helper.make_node("Gather", [logits, "logits_indices"], [rows], axis=1, name="pgen_rows")]

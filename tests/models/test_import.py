@@ -146,3 +146,32 @@ def test_logits_not_from_one_matmul_are_gathered_after_the_head(built, tmp_path)
     out = LLM(package).generate([prompt], SamplingParams(max_tokens=8, return_logits=True))[0]
     assert out.token_ids == tokens
     np.testing.assert_allclose(np.stack(out.logits), np.stack(logits), rtol=1e-4, atol=1e-4)
+
+
+def test_a_biased_head_runs_on_the_gathered_rows_only(built, tmp_path):
+    """MatMul + a constant bias vector (GPT-style heads): the rows are gathered before the head."""
+    from ort_reference import ort_generate
+
+    from builders import EOS_TOKEN_ID
+    from pgen.onnx import compile_model
+    from pgen_runtime import LLM, SamplingParams
+
+    onnx_path, _, _ = built("llama", "dynamo18")
+    model = onnx.load(str(onnx_path))
+    head = next(n for n in model.graph.node if "logits" in n.output)
+    head.output[:] = ["logits_nobias"]
+    bias = np.random.default_rng(0).standard_normal(model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(bias.astype(np.float32), "lm_bias"))
+    model.graph.node.append(helper.make_node("Add", ["logits_nobias", "lm_bias"], ["logits"], name="bias"))
+    path = tmp_path / "biased.onnx"
+    onnx.save(model, path)
+    rewritten = rewrite(onnx.load(str(path)), 16).model
+    names = {n.name: n for n in rewritten.graph.node}
+    assert "pgen_lm_head" in names and "pgen_lm_head_bias" in names
+    assert names["pgen_lm_head"].input[0].endswith(".rows")  # the head reads the gathered rows
+    package = compile_model(path, tmp_path / "biased.pgenpkg", progress=lambda line: None)
+    prompt = reference_prompt()
+    tokens, logits = ort_generate(path, prompt, 8, EOS_TOKEN_ID)
+    out = LLM(package).generate([prompt], SamplingParams(max_tokens=8, return_logits=True))[0]
+    assert out.token_ids == tokens
+    np.testing.assert_allclose(np.stack(out.logits), np.stack(logits), rtol=1e-4, atol=1e-4)
