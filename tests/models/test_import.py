@@ -126,11 +126,7 @@ def reference_prompt() -> list[int]:
 
 def test_logits_not_from_one_matmul_are_gathered_after_the_head(built, tmp_path):
     """An export whose logits come from another op (here a final scale) still serves the last rows."""
-    from ort_reference import ort_generate
-
-    from builders import EOS_TOKEN_ID
     from pgen.onnx import compile_model
-    from pgen_runtime import LLM, SamplingParams
 
     onnx_path, _, _ = built("llama", "dynamo18")
     model = onnx.load(str(onnx_path))
@@ -141,20 +137,12 @@ def test_logits_not_from_one_matmul_are_gathered_after_the_head(built, tmp_path)
     path = tmp_path / "scaled.onnx"
     onnx.save(model, path)
     package = compile_model(path, tmp_path / "scaled.pgenpkg", progress=lambda line: None)
-    prompt = reference_prompt()
-    tokens, logits = ort_generate(path, prompt, 8, EOS_TOKEN_ID)
-    out = LLM(package).generate([prompt], SamplingParams(max_tokens=8, return_logits=True))[0]
-    assert out.token_ids == tokens
-    np.testing.assert_allclose(np.stack(out.logits), np.stack(logits), rtol=1e-4, atol=1e-4)
+    _assert_generates_like_onnxruntime(path, package)
 
 
 def test_a_biased_head_runs_on_the_gathered_rows_only(built, tmp_path):
     """MatMul + a constant bias vector (GPT-style heads): the rows are gathered before the head."""
-    from ort_reference import ort_generate
-
-    from builders import EOS_TOKEN_ID
     from pgen.onnx import compile_model
-    from pgen_runtime import LLM, SamplingParams
 
     onnx_path, _, _ = built("llama", "dynamo18")
     model = onnx.load(str(onnx_path))
@@ -170,8 +158,16 @@ def test_a_biased_head_runs_on_the_gathered_rows_only(built, tmp_path):
     assert "pgen_lm_head" in names and "pgen_lm_head_bias" in names
     assert names["pgen_lm_head"].input[0].endswith(".rows")  # the head reads the gathered rows
     package = compile_model(path, tmp_path / "biased.pgenpkg", progress=lambda line: None)
+    _assert_generates_like_onnxruntime(path, package)
+
+
+def _assert_generates_like_onnxruntime(onnx_path, package) -> None:
+    from ort_reference import ort_generate
+
+    from pgen_runtime import LLM, SamplingParams
+
     prompt = reference_prompt()
-    tokens, logits = ort_generate(path, prompt, 8, EOS_TOKEN_ID)
+    tokens, logits = ort_generate(onnx_path, prompt, 8, EOS_TOKEN_ID)
     out = LLM(package).generate([prompt], SamplingParams(max_tokens=8, return_logits=True))[0]
     assert out.token_ids == tokens
     np.testing.assert_allclose(np.stack(out.logits), np.stack(logits), rtol=1e-4, atol=1e-4)
