@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 THROUGHPUT_WINDOW_S = 10.0
+UTILIZATION_EVERY = 4  # steps between samples of the mean KV slot utilization
 
 
 @dataclass(slots=True)
@@ -77,7 +78,8 @@ class EngineStats:
     peak_blocks_used: int = 0
     peak_blocks_shared: int = 0  # blocks in more than one block table at once
     peak_table_entries: int = 0  # block-table entries at that moment (blocks without sharing)
-    kv_utilization_sum: float = 0.0  # live / allocated slots, summed over steps
+    kv_utilization_sum: float = 0.0  # live / allocated slots, summed over the sampled steps
+    kv_utilization_samples: int = 0
     _window: deque = field(default_factory=deque)
 
     def record_step(self, seconds: float, manager: Any) -> None:
@@ -88,14 +90,17 @@ class EngineStats:
         while self._window and now - self._window[0][0] > THROUGHPUT_WINDOW_S:
             self._window.popleft()
         self.peak_blocks_used = max(self.peak_blocks_used, manager.block_pool.num_used)
-        self.kv_utilization_sum += manager.metrics().utilization
+        # NOTE: slot utilization walks every sequence: sampled every UTILIZATION_EVERY steps.
+        if self.steps % UTILIZATION_EVERY == 1 or UTILIZATION_EVERY == 1:
+            self.kv_utilization_sum += manager.metrics().utilization
+            self.kv_utilization_samples += 1
         pool = manager.block_pool
         if pool.num_shared > self.peak_blocks_shared:
             self.peak_blocks_shared, self.peak_table_entries = pool.num_shared, pool.num_refs
 
     @property
     def mean_kv_utilization(self) -> float:
-        return self.kv_utilization_sum / self.steps if self.steps else 1.0
+        return self.kv_utilization_sum / self.kv_utilization_samples if self.kv_utilization_samples else 1.0
 
     @property
     def tokens_per_s(self) -> float:

@@ -197,11 +197,12 @@ class KVCacheManager(BlockAllocator):
             )
         seqs = [self._get(s, "step_arrays", SeqStatus.RUNNING) for s in seq_ids]
         bs = self.block_size
-        tables = np.full((len(seqs), max((len(s.blocks) for s in seqs), default=1) or 1), NULL_BLOCK_ID, np.int32)
+        width = max((len(s.blocks) for s in seqs), default=1) or 1
+        rows: list[list[int]] = []
         slots: list[int] = []
-        for row, seq, n in zip(tables, seqs, num_new_tokens):
+        for seq, n in zip(seqs, num_new_tokens):
             blocks = seq.blocks
-            row[:len(blocks)] = [b.block_id for b in blocks]
+            rows.append([b.block_id for b in blocks] + [NULL_BLOCK_ID] * (width - len(blocks)))
             if not 0 <= n <= seq.num_tokens:
                 raise ShapeError(
                     f"slot_mapping: num_new_tokens={n} but sequence {seq.seq_id!r} holds "
@@ -212,6 +213,7 @@ class KVCacheManager(BlockAllocator):
                 slots.append(blocks[p // bs].block_id * bs + p % bs)
             else:
                 slots += slot_ids(blocks, seq.num_tokens - n, seq.num_tokens, bs)
+        tables = np.array(rows, np.int32) if rows else np.full((0, 1), NULL_BLOCK_ID, np.int32)
         return tables, np.array(slots, dtype=np.int32)
 
     def metrics(self) -> KVMetrics:

@@ -95,9 +95,12 @@ class IncrementalDecoder:
         return self.text + new_text[len(prefix_text):]
 
     def _bytes(self, token_ids: list[int]) -> bytes:
-        tok, new = self.tokenizer, token_ids[self._read:]
+        offset, start = self.tokenizer.offset, self._read
         self._read = len(token_ids)
-        return bytes(t - tok.offset for t in new if tok.offset <= t < tok.offset + 256)
+        if self._read == start + 1:  # the common case: one new token
+            b = token_ids[start] - offset
+            return bytes((b,)) if 0 <= b < 256 else b""
+        return bytes(t - offset for t in token_ids[start:] if offset <= t < offset + 256)
 
     def _window(self, token_ids: list[int]) -> tuple[str, str]:
         decode = self.tokenizer.decode
