@@ -7,6 +7,7 @@ batch and context it times, on the same inputs:
   - pgen decode on a contiguous layout (block table = consecutive blocks),
   - TVM's own CPU decode kernel (`tvm.relax.frontend.nn.llm._decode_kernels._attention_decode_cpu`),
   - torch SDPA on a contiguous cache, and torch gather (index_select through the block table) + SDPA,
+  - a TVM kernel that only reads (sums) the same paged blocks: the ceiling of a paged read here,
 and measures this machine's read and copy bandwidth (torch, all threads) again for every decode
 row, interleaved with that row's timings: %read and %copy compare against bandwidth measured at the
 same moment (it moves by a third within minutes on this shared machine). Extend is timed as a
@@ -87,16 +88,19 @@ class Case:
         return (self.contig if contiguous else self.tables)[self.i]
 
 
-def bench_decode(kernels, tvm_decode, torch, case: Case, bw: Bandwidth, rounds: int = 3) -> dict:
+def bench_decode(kernels, tvm_decode, read_kernel, torch, case: Case, bw: Bandwidth, rounds: int = 3) -> dict:
     s = case.spec
     plan = kernels.plan_decode(case.tables[0], case.lens)
     row = {"dtype": s.dtype, "batch": case.batch, "ctx": case.ctx, "kv_mb": case.kv_bytes / 2**20,
            "num_splits": plan.num_splits}
     # Rounds of (read, copy, paged, contiguous) side by side; each quantity keeps its median.
-    times: dict[str, list[float]] = {"read_gbps": [], "copy_gbps_rw": [], "paged_ms": [], "contig_ms": []}
+    times: dict[str, list[float]] = {"read_gbps": [], "copy_gbps_rw": [], "paged_read_ms": [], "paged_ms": [],
+                                     "contig_ms": []}
+    sums = np.empty((case.batch * s.num_kv_heads, 16), np.float32)
     for _ in range(rounds):
         times["read_gbps"].append(bw.read_gbps())
         times["copy_gbps_rw"].append(bw.copy_gbps())
+        times["paged_read_ms"].append(best_ms(lambda: read_kernel(case.pool, case.next_tables(False), sums), repeats=5))
         times["paged_ms"].append(best_ms(lambda: kernels.decode(case.q, case.pool, case.next_tables(False),
                                                                 case.lens, case.out, plan=plan), repeats=5))
         times["contig_ms"].append(best_ms(lambda: kernels.decode(case.q, case.pool, case.next_tables(True),
@@ -122,7 +126,45 @@ def bench_decode(kernels, tvm_decode, torch, case: Case, bw: Bandwidth, rounds: 
     row["sdpa_contig_ms"] = best_ms(lambda: sdpa(tq, k, v, enable_gqa=True))
     row["gather_sdpa_ms"] = best_ms(lambda: sdpa(tq, *gather(case.next_tables(False)), enable_gqa=True), repeats=3)
     row["paged_gbps"] = case.kv_bytes / row["paged_ms"] / 1e6
+    row["paged_read_gbps"] = case.kv_bytes / row["paged_read_ms"] / 1e6
     return row
+
+
+def paged_read_kernel(spec):
+    """A TVM kernel that only reads the cache: it sums every K/V row a decode would read through the
+    block table (one task per sequence and KV head, 16-float vectors). Decode's distance to it is
+    what its arithmetic and access order cost on top of the reads."""
+    import tvm
+    from tvm.script import tirx as T
+
+    from pgen.target import host_cpu_name
+
+    H, BS, D, dt = spec.num_kv_heads, spec.block_size, spec.head_dim, spec.kv_dtype
+    assert D % 64 == 0, "the read kernel takes 64 elements of a row per step"
+
+    @T.prim_func(s_tir=True)
+    def read_all(pool_h: T.handle, bt_h: T.handle, out_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        NB, B, MB = T.int32(), T.int32(), T.int32()
+        pool = T.match_buffer(pool_h, (NB, 2, H, BS, D), dt, align=2)
+        bt = T.match_buffer(bt_h, (B, MB), "int32", align=4)
+        out = T.match_buffer(out_h, (B * H, 16), "float32", align=4)
+        for task in T.parallel(B * H):
+            with T.sblock("task"):
+                acc = T.sblock_alloc_buffer((4, 16), "float32")  # 4 independent add chains
+                for u in T.unroll(4):
+                    for v in T.vectorized(16):
+                        acc[u, v] = T.float32(0)
+                for blk, c, t, dd in T.grid(MB, 2, BS, D // 64):
+                    for u in T.unroll(4):
+                        for v in T.vectorized(16):
+                            acc[u, v] = acc[u, v] + T.cast(
+                                pool[bt[task // H, blk], c, task % H, t, (dd * 4 + u) * 16 + v], "float32")
+                for v in T.vectorized(16):
+                    out[task, v] = acc[0, v] + acc[1, v] + acc[2, v] + acc[3, v]
+
+    lib = tvm.compile(tvm.IRModule({"main": read_all}), target=tvm.target.Target({"kind": "llvm", "mcpu": host_cpu_name()}))
+    return lib["main"]
 
 
 def tvm_builtin_decode(spec):
@@ -210,7 +252,7 @@ def main() -> int:
     print(f"threads {threads}; copy {rates['copy_gbps_rw']:.1f} GB/s (read+write), read {rates['read_gbps']:.1f} GB/s, "
           f"fp32 matmul {rates['matmul_gflops']:.0f} GFLOP/s", flush=True)
     head = (f"{'dtype':<8}{'B':>4}{'ctx':>7}{'KV MB':>8}{'paged ms':>10}{'contig':>8}{'p/c':>6}{'GB/s':>7}{'%read':>7}"
-            f"{'%copy':>7}"
+            f"{'%copy':>7}{'rd GB/s':>8}{'%rd':>5}"
             f"{'sdpa':>8}{'x sdpa':>7}{'gath+sdpa':>10}{'tvm ms':>9}{'x tvm':>7}")
     print(head, flush=True)
     rows, extend_rows = [], []
@@ -218,20 +260,22 @@ def main() -> int:
         spec = pgen.AttentionSpec(**SPEC, dtype=dtype)
         kernels = pgen.build_kernels(spec)
         tvm_decode = None if args.no_tvm else tvm_builtin_decode(spec)
+        read_kernel = paged_read_kernel(spec)
         for batch in map(int, args.batches.split(",")):
             for ctx in map(int, args.contexts.split(",")):
                 kv = batch * ctx * spec.block_bytes // spec.block_size
                 if kv > args.max_pool_gib * 2**30:
                     continue
                 case = Case(spec, batch, ctx, rng, int(args.max_pool_gib * 2**30))
-                row = bench_decode(kernels, tvm_decode if kv <= 256 << 20 else None, torch, case, bw)
+                row = bench_decode(kernels, tvm_decode if kv <= 256 << 20 else None, read_kernel, torch, case, bw)
                 row["pct_read_bw"] = 100 * row["paged_gbps"] / row["read_gbps"]
                 row["pct_copy_bw"] = 100 * row["paged_gbps"] / row["copy_gbps_rw"]
                 rows.append(row)
                 tvm = row.get("tvm_ms")
                 print(f"{dtype:<8}{batch:>4}{ctx:>7}{row['kv_mb']:>8.0f}{row['paged_ms']:>10.3f}{row['contig_ms']:>8.3f}"
                       f"{row['paged_ms'] / row['contig_ms']:>6.2f}{row['paged_gbps']:>7.1f}{row['pct_read_bw']:>6.0f}%"
-                      f"{row['pct_copy_bw']:>6.0f}%"
+                      f"{row['pct_copy_bw']:>6.0f}%{row['paged_read_gbps']:>8.1f}"
+                      f"{100 * row['paged_gbps'] / row['paged_read_gbps']:>4.0f}%"
                       f"{row['sdpa_contig_ms']:>8.3f}{row['sdpa_contig_ms'] / row['paged_ms']:>7.2f}"
                       f"{row['gather_sdpa_ms']:>10.3f}{(tvm or float('nan')):>9.2f}"
                       f"{(tvm or float('nan')) / row['paged_ms']:>7.1f}", flush=True)
