@@ -85,7 +85,7 @@ def tune(spec: AttentionSpec, target: str | BuildTarget = "llvm", kernels: tuple
     log = open_log(path, spec, target, device)
     # Records of older schedule code can never be used again (`tuning_log.current`): drop them so
     # the log holds this code's measurements only.
-    log["records"] = [r for r in log["records"] if tuning_log.current(r, target.kind)]
+    log["records"] = tuning_log.current_records(log)
     todo = _pending(spec, target, kernels, trials, workloads or {}, {r.get("key") for r in log["records"]})
     bar = _Progress(len(todo), progress)
 

@@ -124,6 +124,11 @@ def current(rec: dict[str, Any], target_kind: str) -> bool:
     return rec.get("schedule") == schedule_version(rec["kernel"], target_kind)
 
 
+def current_records(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The log's records that measured the code that builds their kernel now."""
+    return [r for r in data["records"] if current(r, data["target_kind"])]
+
+
 def best(data: dict[str, Any]) -> dict[str, tuple[dict[str, Any], float]]:
     """Per kernel, the fastest config and its time (`time_of`); failed candidates are inf.
 
@@ -132,7 +137,7 @@ def best(data: dict[str, Any]) -> dict[str, tuple[dict[str, Any], float]]:
     a search time that was low by chance does not win.
     """
     out: dict[str, tuple[dict[str, Any], float]] = {}
-    records = [r for r in data["records"] if current(r, data["target_kind"])]
+    records = current_records(data)
     confirmed = {r["kernel"] for r in records if r.get("confirm_ms") is not None}
     for rec in records:
         t = time_of(rec)
@@ -183,7 +188,7 @@ def compare(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per kernel: the best record, the default's record on the same workload (or None), their ratio;
     records of older schedule code are left out."""
     out = {}
-    records = [r for r in data["records"] if current(r, data["target_kind"])]
+    records = current_records(data)
     for kernel, (config, t) in best(data).items():
         best_rec = next(r for r in records if r["kernel"] == kernel and r["config"] == config
                         and time_of(r) == t)

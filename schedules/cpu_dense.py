@@ -45,7 +45,8 @@ def check(config: dict[str, Any], elem_bytes: int = 4) -> str | None:
 
 
 def _matmul_block(sch: s_tir.Schedule) -> s_tir.SBlockRV | None:
-    """The one reduction block with (unit.., i, j, k) iterators and A[.., i, k] x B[k, j] reads."""
+    """The first block, if it is the function's one reduction: iterators (unit dims.., i, j, k), two
+    inputs, a float32 output; and every later block elementwise. Else None."""
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     reductions = [b for b in blocks if any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(b).iter_vars)]
     if len(reductions) != 1:
@@ -82,8 +83,9 @@ def apply(func: tirx.PrimFunc, target: TargetInfo, config: dict[str, Any] | None
     if target.kind != "llvm" or func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
         return None
     config = config or default(target)
-    if check(config) is not None:
-        raise ValueError(check(config))
+    why = check(config)
+    if why is not None:
+        raise ValueError(why)
     rows, cols = config["rows"], config["cols"]
     sch = s_tir.Schedule(func)
     block = _matmul_block(sch)
@@ -140,11 +142,10 @@ def _inline_epilogue(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> None:
     Blocks that pad an input for `pad_einsum` stay: they feed the matmul, not the epilogue.
     """
     root = sch.get_sblock("root")
-    names = [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
-    for name in names:
+    keep = {sch.get(block).name_hint, *(sch.get(b).name_hint for b in sch.get_output_blocks(root))}
+    for name in [sch.get(b).name_hint for b in sch.get_child_blocks(root)]:
         other = sch.get_sblock(name)
-        outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
-        if name == sch.get(block).name_hint or name in outputs or not sch.get_producers(other):
+        if name in keep or not sch.get_producers(other):
             continue
         try:
             sch.compute_inline(other)

@@ -127,14 +127,15 @@ def build_executable(mod: tvm.IRModule, target: BuildTarget):
 
 
 def model_pipeline(target: BuildTarget) -> tvm.transform.Pass:
-    """TVM's default Relax pipeline with operator fusion and pgen's dense-layer schedule added.
+    """TVM's "zero" pipeline (legalize, fold, fuse), pgen's dense-layer schedule, then TVM's default.
 
     NOTE: `tvm.compile`'s default pipeline for a CPU target neither fuses nor schedules anything:
     every Relax op becomes its own scalar, single-threaded loop nest. Here elementwise tails fuse
     into the matmul before them (bias, residual add, SiLU gating), and `schedules.cpu_dense` gives
-    every dense layer a parallel, register-tiled, vectorized schedule.
+    every dense layer a parallel, register-tiled, vectorized schedule. The default pipeline's own
+    dispatch and legalization then find nothing left to do.
     """
-    from tvm.relax import backend, transform
+    from tvm.relax import backend
 
     @tvm.transform.module_pass(opt_level=0, name="pgen.ScheduleDense")
     def schedule_dense(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -145,24 +146,7 @@ def model_pipeline(target: BuildTarget) -> tvm.transform.Pass:
                     mod[gvar] = scheduled
         return mod
 
-    return tvm.transform.Sequential([
-        backend.DispatchSampling(),
-        backend.DispatchSortScan(),
-        transform.LegalizeOps(),
-        transform.AnnotateTIROpPattern(),
-        transform.FoldConstant(),
-        transform.FuseOps(),
-        transform.FuseTIR(),
-        schedule_dense,
-        transform.RewriteDataflowReshape(),
-        transform.ToNonDataflow(),
-        transform.RemovePurityChecking(),
-        transform.CallTIRRewrite(),
-        transform.StaticPlanBlockMemory(),
-        transform.LowerAllocTensor(),
-        transform.KillAfterLastUse(),
-        transform.LowerRuntimeBuiltin(),
-        transform.ComputePrimValue(),
-        transform.VMShapeLower(),
-        transform.AttachGlobalSymbol(),
-    ], name="pgen.model_pipeline")
+    # Sampling and sort/scan ops dispatch to their library kernels before "zero" legalizes them.
+    return tvm.transform.Sequential([backend.DispatchSampling(), backend.DispatchSortScan(),
+                                     relax.get_pipeline("zero"), schedule_dense, relax.get_pipeline("default")],
+                                    name="pgen.model_pipeline")

@@ -166,10 +166,8 @@ class Engine:
                 req = seq.group
                 if req.params.use_beam_search:
                     self._beam(req, seq, row)
-                elif req.params.temperature == 0.0 and (req.params.n == 1 or req.forked):
-                    self._append(req, seq, best, row)
                 else:
-                    self._sample(req, seq, row)
+                    self._sample(req, seq, row, best)
                 touched[req.output.request_id] = req
         self.stats.record_step(time.perf_counter() - start, self.manager)
         for req in touched.values():
@@ -188,7 +186,7 @@ class Engine:
         req.seqs.append(seq)
         return seq
 
-    def _sample(self, req: _Request, seq: Seq, row: np.ndarray) -> None:
+    def _sample(self, req: _Request, seq: Seq, row: np.ndarray, argmax: int) -> None:
         params = req.params
         if params.n > 1 and not req.forked:  # the prompt is in: fork it into the n completions
             req.forked = True
@@ -196,9 +194,9 @@ class Engine:
             for child in children:
                 self.scheduler.fork(seq, child)
             for s in [seq, *children]:
-                self._append(req, s, sample(row, params, s.rng), row)
+                self._append(req, s, sample(row, params, s.rng, argmax), row)
             return
-        self._append(req, seq, sample(row, params, seq.rng), row)
+        self._append(req, seq, sample(row, params, seq.rng, argmax), row)
 
     def _append(self, req: _Request, seq: Seq, token: int, row: np.ndarray) -> None:
         params, out = req.params, req.output.outputs[seq.index]
@@ -207,7 +205,9 @@ class Engine:
         seq.tokens.append(token)
         out.token_ids.append(token)
         self.stats.tokens_generated += 1
-        decoder = req.decoders.get(seq.index) or req.decoders.setdefault(seq.index, IncrementalDecoder(self.tokenizer))
+        decoder = req.decoders.get(seq.index)
+        if decoder is None:
+            decoder = req.decoders[seq.index] = IncrementalDecoder(self.tokenizer)
         reason = "stop" if self._is_stop_token(params, token) else None
         if reason is None and len(out.token_ids) >= params.max_tokens:
             reason = "length"

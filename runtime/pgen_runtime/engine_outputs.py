@@ -91,7 +91,7 @@ class EngineStats:
             self._window.popleft()
         self.peak_blocks_used = max(self.peak_blocks_used, manager.block_pool.num_used)
         # NOTE: slot utilization walks every sequence: sampled every UTILIZATION_EVERY steps.
-        if self.steps % UTILIZATION_EVERY == 1 or UTILIZATION_EVERY == 1:
+        if (self.steps - 1) % UTILIZATION_EVERY == 0:
             self.kv_utilization_sum += manager.metrics().utilization
             self.kv_utilization_samples += 1
         pool = manager.block_pool

@@ -18,7 +18,6 @@ from .errors import ConfigError, OutOfBlocksError, SequenceError, ShapeError
 from .kv_layout import block_table_rows, check_kv, slot_ids
 from .preemption import SWAP, HostPool, PreemptionPolicy
 from .sequence import KVMetrics, Sequence, SeqStatus
-from .spec import NULL_BLOCK_ID
 
 
 class KVCacheManager(BlockAllocator):
@@ -182,39 +181,6 @@ class KVCacheManager(BlockAllocator):
                 )
             slots += slot_ids(seq.blocks, seq.num_tokens - n, seq.num_tokens, self.block_size)
         return np.array(slots, dtype=np.int32)
-
-    def step_arrays(self, seq_ids: Seq[Hashable], num_new_tokens: Seq[int]) -> tuple[np.ndarray, np.ndarray]:
-        """`block_tables(seq_ids)` and `slot_mappings(seq_ids, num_new_tokens)` in one pass: a step's
-        kernel inputs, built every step for every running sequence.
-
-        Raises:
-            the errors of `block_tables` and `slot_mappings`.
-        """
-        if len(seq_ids) != len(num_new_tokens):
-            raise ShapeError(
-                f"step_arrays: {len(seq_ids)} seq_ids but {len(num_new_tokens)} num_new_tokens; "
-                "pass one count per sequence"
-            )
-        seqs = [self._get(s, "step_arrays", SeqStatus.RUNNING) for s in seq_ids]
-        bs = self.block_size
-        width = max((len(s.blocks) for s in seqs), default=1) or 1
-        rows: list[list[int]] = []
-        slots: list[int] = []
-        for seq, n in zip(seqs, num_new_tokens):
-            blocks = seq.blocks
-            rows.append([b.block_id for b in blocks] + [NULL_BLOCK_ID] * (width - len(blocks)))
-            if not 0 <= n <= seq.num_tokens:
-                raise ShapeError(
-                    f"slot_mapping: num_new_tokens={n} but sequence {seq.seq_id!r} holds "
-                    f"{seq.num_tokens} tokens; call allocate_slots first"
-                )
-            if n == 1:  # a decode token
-                p = seq.num_tokens - 1
-                slots.append(blocks[p // bs].block_id * bs + p % bs)
-            else:
-                slots += slot_ids(blocks, seq.num_tokens - n, seq.num_tokens, bs)
-        tables = np.array(rows, np.int32) if rows else np.full((0, 1), NULL_BLOCK_ID, np.int32)
-        return tables, np.array(slots, dtype=np.int32)
 
     def metrics(self) -> KVMetrics:
         pool = self.block_pool

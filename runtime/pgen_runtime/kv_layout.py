@@ -22,10 +22,10 @@ def block_table_rows(tables: Sequence[Sequence[int]], width: int | None = None) 
         raise ShapeError(
             f"width={width} but a block table holds {longest} blocks; pass width >= {longest} or None"
         )
-    rows = np.full((len(tables), width), NULL_BLOCK_ID, dtype=np.int32)
-    for row, table in zip(rows, tables):
-        row[: len(table)] = table
-    return rows
+    if not tables:
+        return np.full((0, width), NULL_BLOCK_ID, dtype=np.int32)
+    # One array call over padded lists: a numpy assignment per row costs more than the row.
+    return np.array([[*table, *[NULL_BLOCK_ID] * (width - len(table))] for table in tables], dtype=np.int32)
 
 
 def slot_ids(blocks: Sequence[Block], start: int, stop: int, block_size: int) -> list[int]:

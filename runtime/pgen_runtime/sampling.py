@@ -78,10 +78,11 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum())
 
 
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """One token from a row of logits: argmax at temperature 0, else top-k / top-p sampling."""
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, argmax: int | None = None) -> int:
+    """One token from a row of logits: argmax at temperature 0 (`argmax` when the caller computed it
+    for a whole batch at once), else top-k / top-p sampling."""
     if params.temperature == 0.0:
-        return int(np.argmax(logits))
+        return int(np.argmax(logits)) if argmax is None else argmax
     z = logits.astype(np.float64) / params.temperature
     order = np.argsort(-z, kind="stable")
     if params.top_k:

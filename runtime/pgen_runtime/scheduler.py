@@ -144,12 +144,11 @@ class Scheduler:
         for seq, start, n in batch:
             tokens += seq.tokens[start:start + n]
             positions += range(start, start + n)
-        tables, slots = self.manager.step_arrays(ids, counts)
         return StepInputs(
             input_ids=np.array(tokens, np.int64),
             positions=np.array(positions, np.int64),
-            block_tables=tables,
-            slot_mapping=slots,
+            block_tables=self.manager.block_tables(ids),
+            slot_mapping=self.manager.slot_mappings(ids, counts),
             q_indptr=indptr,
             seq_lens=np.array([start + n for _, start, n in batch], np.int32),
         )

@@ -35,8 +35,11 @@ class ByteTokenizer:
         return ids
 
     def decode(self, token_ids: list[int]) -> str:
-        data = bytes(t - self.offset for t in token_ids if self.offset <= t < self.offset + 256)
-        return data.decode("utf-8", errors="replace")
+        return self.to_bytes(token_ids).decode("utf-8", errors="replace")
+
+    def to_bytes(self, token_ids: list[int]) -> bytes:
+        """The bytes of `token_ids`, special ids and ids past the bytes skipped."""
+        return bytes(t - self.offset for t in token_ids if self.offset <= t < self.offset + 256)
 
 
 class HFTokenizer:
@@ -95,12 +98,8 @@ class IncrementalDecoder:
         return self.text + new_text[len(prefix_text):]
 
     def _bytes(self, token_ids: list[int]) -> bytes:
-        offset, start = self.tokenizer.offset, self._read
-        self._read = len(token_ids)
-        if self._read == start + 1:  # the common case: one new token
-            b = token_ids[start] - offset
-            return bytes((b,)) if 0 <= b < 256 else b""
-        return bytes(t - offset for t in token_ids[start:] if offset <= t < offset + 256)
+        start, self._read = self._read, len(token_ids)
+        return self.tokenizer.to_bytes(token_ids[start:])
 
     def _window(self, token_ids: list[int]) -> tuple[str, str]:
         decode = self.tokenizer.decode

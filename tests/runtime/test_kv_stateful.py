@@ -176,15 +176,6 @@ class KVCacheMachine(RuleBasedStateMachine):
         assert pool.num_shared == sum(h > 1 for h in holders)
 
     @invariant()
-    def step_arrays_agree_with_tables_and_slots(self) -> None:
-        ids = self.ids(SeqStatus.RUNNING)
-        counts = [min(self.m.num_tokens(s), (s % 3)) for s in ids]
-        tables, slots = self.m.step_arrays(ids, counts)
-        if ids:
-            assert np.array_equal(tables, self.m.block_tables(ids))
-        assert np.array_equal(slots, self.m.slot_mappings(ids, counts))
-
-    @invariant()
     def live_slots_count_each_written_slot_once(self) -> None:
         fill: dict[int, int] = {}  # the definition, block by block
         for seq_id in self.ids(SeqStatus.RUNNING):
