@@ -98,7 +98,7 @@ def report(r: dict) -> str:
         f"  sharing   peak {r['peak_blocks_shared']} blocks shared by parallel samples "
         f"({r['peak_table_entries']} block-table entries at that step; copy-on-write copies: {r['cow_copies']})"
         + (f", {saved} blocks saved" if saved > 0 else ""),
-        f"  slots     {r['slot_utilization']:.1%} of allocated slots hold live tokens (mean over steps)",
+        f"  slots     {r['slot_utilization']:.1%} of allocated slots hold live tokens (mean over every 4th step)",
         f"  prefix    {r['prefix_hits']} of {r['prefix_queries']} full prompt blocks found in the prefix cache",
         f"throughput  {r['sequences']} sequences, {r['tokens']} tokens in {r['seconds']:.2f} s: "
         f"{r['tokens_per_s']:.0f} tokens/s ({r['steps']} steps)",
