@@ -44,7 +44,7 @@ class CpuAttention(ScheduleRule):
         knobs = [Knob("vector_lanes", vec, vec[-1]), Knob("kv_heads_per_task", heads, heads[-1]),
                  Knob("prefetch", (0, 1), 1), Knob("prefetch_locality", (1, 2, 3), 2)]
         if self.kernel == "decode":
-            knobs.append(Knob("max_splits", (1, 2, 4, 8, 16), 8))
+            knobs += [Knob("max_splits", (1, 2, 4, 8, 16), 8), Knob("touch_v", (0, 1), 1)]
         else:
             # Query rows per register tile: the largest divisor of q_tile x group up to this.
             knobs += [Knob("q_tile", (1, 2, 4, 8, 16), 4), Knob("row_tile_max", (2, 4, 8), 4)]
@@ -82,8 +82,12 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     # NOTE: extend takes at most 4 rows per tile by default: 8 spill registers (the Llama prefill
     # took 44 ms with 8, 34.5 ms with 4) and waste more rows where a sequence has one new token.
     rtile = config.get("row_tile") or _row_tile(rows, 8 if decode else config.get("row_tile_max", 4))
-    # P·V register tile: rtile rows x cgrp vectors, plus one vector of V, within 32 registers.
-    cgrp = max(c for c in range(1, nd + 1) if nd % c == 0 and rtile * c * vl * 4 <= 512)
+    # P·V register tile: rtile rows x cgrp vectors, at most half the vector registers, kept in two
+    # halves of at most 512 bytes each (see the NOTE at the P·V loop).
+    regs = 16 if vl * 32 >= 512 else 8
+    cgrp = max(c for c in range(1, nd + 1) if nd % c == 0 and (rtile * c <= regs or c == 1) and rtile * ((c + 1) // 2) * vl * 4 <= 512)
+    hc = (cgrp + 1) // 2
+    touch_v = decode and bool(config.get("touch_v", 0))
     half = (vl // 2, max(vl // 4, 1), max(vl // 8, 1))
     prefetch = bool(config.get("prefetch", 1))
     per_line = 64 // elem_bytes(spec.kv_dtype)  # elements of one 64-byte cache line
@@ -125,7 +129,8 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
         out = T.match_buffer(out_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
         # Split-KV partials (decode only; extend never splits, so its workspace is one element).
         WO = T.alloc_buffer((B * hkv * smax * rows * d if decode else 1,), "float32")
-        WM = T.alloc_buffer((B * hkv * smax * rows * 2 if decode else 1,), "float32")
+        # ... and after them one slot per task that keeps the touch loads (below) alive.
+        WM = T.alloc_buffer((B * hkv * smax * (rows * 2 + 1) if decode else 1,), "float32")
         for task in T.parallel(B * (hkv // hpt) * max_q_tiles * num_splits):
             with T.sblock("attn"):
                 T.reads()
@@ -194,7 +199,9 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                     s = T.sblock_alloc_buffer((rtile, bs), "float32")
                                     part = T.sblock_alloc_buffer((rtile, vl), "float32")
                                     tree = T.sblock_alloc_buffer((rtile, vl), "float32")
-                                    tile = T.sblock_alloc_buffer((rtile, cgrp * vl), "float32")
+                                    tile = T.sblock_alloc_buffer((rtile, hc * vl), "float32")
+                                    tile2 = T.sblock_alloc_buffer((rtile, hc * vl), "float32")
+                                    touch = T.sblock_alloc_buffer((1,), "float32")
                                     sca = T.sblock_alloc_buffer((rtile, 2), "float32")
                                     page = T.sblock_alloc_buffer((1,), "int32")
                                     t_lo = T.sblock_alloc_buffer((1,), "int32")
@@ -204,6 +211,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                     t_lo[0] = T.max(k_lo[0] - blk * bs, 0)
                                     t_hi[0] = T.min(k_hi[0] - blk * bs, bs)
                                     R[0] = hh * rows + rt * rtile
+                                    touch[0] = T.float32(0)
                                     for r, t in T.grid(rtile, bs):
                                         s[r, t] = T.float32(NEG)
                                     for t in T.serial(t_lo[0], t_hi[0]):
@@ -216,6 +224,15 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                                     "void", "llvm.prefetch.p0",
                                                     T.address_of(kv_pool[block_tables[b[0], blk + 1], c, h0[0] + hh, t, ln * per_line]),
                                                     T.int32(0), T.int32(locality), T.int32(1)))
+                                        if touch_v and rt == 0:
+                                            # NOTE: one demand load per cache line of this key's V row, so
+                                            # the V rows stream in beside the K rows, many lines in flight.
+                                            # P·V then reads them from cache in column strips; left to the
+                                            # prefetch of the previous block alone, its first strip missed
+                                            # (decode at 32x4096 fp32: +7-10% with these loads; prefetch
+                                            # instructions in their place gained nothing).
+                                            for ln in T.unroll(lines):
+                                                touch[0] = T.max(touch[0], T.cast(kv_pool[page[0], 1, h0[0] + hh, t, ln * per_line], "float32"))
                                         for r in T.unroll(rtile):
                                             for v in T.vectorized(vl):
                                                 part[r, v] = T.float32(0)
@@ -240,6 +257,8 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                                     s[r, t] = T.tanh(tree[r, 0] * inv_cap) * cap_log2e
                                                 else:
                                                     s[r, t] = tree[r, 0]
+                                    if touch_v:
+                                        WM[B * hkv * smax * rows * 2 + task] = touch[0]
                                     # Online softmax per row: new max, rescale factor, weights.
                                     for r in T.serial(rtile):
                                         sca[r, 0] = mrow[R[0] + r]
@@ -256,20 +275,35 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                             lrow[R[0] + r] = lrow[R[0] + r] + s[r, t]
                                     # P·V in register tiles of rtile rows x cgrp vectors; rows in
                                     # [t_lo, t_hi) hold data (never NaN), so a weight of 0 is safe.
+                                    # NOTE: the tile is two buffers of at most 512 bytes: one larger
+                                    # buffer (1 KiB for 4 rows x 4 vectors) became a heap workspace
+                                    # that LLVM did not keep in registers (2.4x slower from L2).
                                     for cg in T.serial(nd // cgrp):
                                         for r in T.unroll(rtile):
                                             for c in T.unroll(cgrp):
-                                                for v in T.vectorized(vl):
-                                                    tile[r, c * vl + v] = acc[R[0] + r, (cg * cgrp + c) * vl + v] * sca[r, 1]
+                                                if c < hc:
+                                                    for v in T.vectorized(vl):
+                                                        tile[r, c * vl + v] = acc[R[0] + r, (cg * cgrp + c) * vl + v] * sca[r, 1]
+                                                else:
+                                                    for v in T.vectorized(vl):
+                                                        tile2[r, (c - hc) * vl + v] = acc[R[0] + r, (cg * cgrp + c) * vl + v] * sca[r, 1]
                                         for t in T.serial(t_lo[0], t_hi[0]):
                                             for c in T.unroll(cgrp):
                                                 for r in T.unroll(rtile):
-                                                    for v in T.vectorized(vl):
-                                                        tile[r, c * vl + v] = tile[r, c * vl + v] + s[r, t] * T.cast(kv_pool[page[0], 1, h0[0] + hh, t, (cg * cgrp + c) * vl + v], "float32")
+                                                    if c < hc:
+                                                        for v in T.vectorized(vl):
+                                                            tile[r, c * vl + v] = tile[r, c * vl + v] + s[r, t] * T.cast(kv_pool[page[0], 1, h0[0] + hh, t, (cg * cgrp + c) * vl + v], "float32")
+                                                    else:
+                                                        for v in T.vectorized(vl):
+                                                            tile2[r, (c - hc) * vl + v] = tile2[r, (c - hc) * vl + v] + s[r, t] * T.cast(kv_pool[page[0], 1, h0[0] + hh, t, (cg * cgrp + c) * vl + v], "float32")
                                         for r in T.unroll(rtile):
                                             for c in T.unroll(cgrp):
-                                                for v in T.vectorized(vl):
-                                                    acc[R[0] + r, (cg * cgrp + c) * vl + v] = tile[r, c * vl + v]
+                                                if c < hc:
+                                                    for v in T.vectorized(vl):
+                                                        acc[R[0] + r, (cg * cgrp + c) * vl + v] = tile[r, c * vl + v]
+                                                else:
+                                                    for v in T.vectorized(vl):
+                                                        acc[R[0] + r, (cg * cgrp + c) * vl + v] = tile2[r, (c - hc) * vl + v]
                     for hh, r in T.grid(hpt, rows):
                         if i0[0] + r // g < i1[0]:
                             if num_splits == 1:
