@@ -195,9 +195,9 @@ class PagedKernels:
 
     def _check(self, name: str, array, shape: tuple, dtype: str) -> None:
         got_shape, got_dtype, device_type = _meta(array, name)
-        want = tuple("*" if d is None else d for d in shape)
         if len(got_shape) != len(shape) or any(d is not None and d != g for d, g in zip(shape, got_shape)):
-            raise ShapeError(f"{name} has shape {got_shape}; expected {want} (* = any size)")
+            want = tuple("*" if d is None else d for d in shape)
+            raise ShapeError(f"{name} has shape {tuple(got_shape)}; expected {want} (* = any size)")
         if got_dtype != dtype:
             raise ShapeError(f"{name} has dtype {got_dtype}; expected {dtype} (cast it, or build for that dtype)")
         if device_type != self._device_type:
@@ -244,9 +244,17 @@ def extend_q_tiles(config: dict[str, Any], new_tokens: np.ndarray) -> int:
     return max(int(tiles), 1)
 
 
+# str(np.dtype) costs about a microsecond, and every kernel call checks 5-6 arrays.
+_DTYPE_NAMES: dict[np.dtype, str] = {}
+
+
 def _meta(array, name: str) -> tuple[tuple[int, ...], str, int]:
     if isinstance(array, np.ndarray):
-        return tuple(array.shape), str(array.dtype), 1
+        dtype = array.dtype
+        text = _DTYPE_NAMES.get(dtype)
+        if text is None:
+            text = _DTYPE_NAMES[dtype] = str(dtype)
+        return array.shape, text, 1
     try:
         tensor = array if isinstance(array, tvm_ffi.Tensor) else tvm_ffi.from_dlpack(array)
     except Exception as err:  # any object that is not a DLPack tensor
