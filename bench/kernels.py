@@ -138,14 +138,18 @@ def bench_decode(kernels, tvm_decode, read_kernel, torch, case: Case, bw: Bandwi
 
 def paged_read_kernel(spec):
     """A TVM kernel that only reads the cache: it sums every K/V row a decode would read through the
-    block table (one task per sequence and KV head, 16-float vectors). Decode's distance to it is
-    what its arithmetic and access order cost on top of the reads."""
+    block table (one task per sequence and KV head, 16-lane vectors). Decode's distance to it is
+    what its arithmetic and access order cost on top of the reads. A 16-bit cache is read as int32
+    pairs, summed with integer adds: converting every element to float would make this kernel
+    compute-bound, no ceiling at all. Returns a function (pool, tables, sums)."""
     import tvm
     from tvm.script import tirx as T
 
     from pgen.target import host_cpu_name
 
     H, BS, D, dt = spec.num_kv_heads, spec.block_size, spec.head_dim, spec.kv_dtype
+    if dt != "float32":
+        D, dt = D // 2, "int32"
     assert D % 64 == 0, "the read kernel takes 64 elements of a row per step"
 
     @T.prim_func(s_tir=True)
@@ -154,23 +158,25 @@ def paged_read_kernel(spec):
         NB, B, MB = T.int32(), T.int32(), T.int32()
         pool = T.match_buffer(pool_h, (NB, 2, H, BS, D), dt, align=2)
         bt = T.match_buffer(bt_h, (B, MB), "int32", align=4)
-        out = T.match_buffer(out_h, (B * H, 16), "float32", align=4)
+        out = T.match_buffer(out_h, (B * H, 16), dt, align=4)
         for task in T.parallel(B * H):
             with T.sblock("task"):
-                acc = T.sblock_alloc_buffer((4, 16), "float32")  # 4 independent add chains
+                acc = T.sblock_alloc_buffer((4, 16), dt)  # 4 independent add chains
                 for u in T.unroll(4):
                     for v in T.vectorized(16):
-                        acc[u, v] = T.float32(0)
+                        acc[u, v] = T.cast(0, dt)
                 for blk, c, t, dd in T.grid(MB, 2, BS, D // 64):
                     for u in T.unroll(4):
                         for v in T.vectorized(16):
-                            acc[u, v] = acc[u, v] + T.cast(
-                                pool[bt[task // H, blk], c, task % H, t, (dd * 4 + u) * 16 + v], "float32")
+                            acc[u, v] = acc[u, v] + pool[bt[task // H, blk], c, task % H, t, (dd * 4 + u) * 16 + v]
                 for v in T.vectorized(16):
                     out[task, v] = acc[0, v] + acc[1, v] + acc[2, v] + acc[3, v]
 
     lib = tvm.compile(tvm.IRModule({"main": read_all}), target=tvm.target.Target({"kind": "llvm", "mcpu": host_cpu_name()}))
-    return lib["main"]
+    fn = lib["main"]
+    if dt == "float32":
+        return fn
+    return lambda pool, tables, sums: fn(pool.view(np.int32), tables, sums.view(np.int32))
 
 
 def tvm_builtin_decode(spec):

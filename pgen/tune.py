@@ -98,7 +98,7 @@ def tune(spec: AttentionSpec, target: str | BuildTarget = "llvm", kernels: tuple
 
     _build_and_time(spec, target, todo, runner, jobs, record)
     for kernel in kernels:
-        if _confirm(spec, target, log, kernel, _workload(workloads or {}, kernel, target), runner):
+        if _confirm(spec, target, log, kernel, _workload(workloads or {}, kernel, target, spec), runner):
             tuning_log.save(path, log)
     return path
 
@@ -131,15 +131,15 @@ def _confirm(spec: AttentionSpec, target: BuildTarget, log: dict[str, Any], kern
     return True
 
 
-def _workload(workloads: dict[str, dict], kernel: str, target: BuildTarget) -> dict[str, Any]:
-    return workloads.get(kernel) or default_workload(kernel, "cuda" if target.kind == "cuda" else "cpu")
+def _workload(workloads: dict[str, dict], kernel: str, target: BuildTarget, spec: AttentionSpec) -> dict[str, Any]:
+    return workloads.get(kernel) or default_workload(kernel, "cuda" if target.kind == "cuda" else "cpu", spec)
 
 
 def _pending(spec: AttentionSpec, target: BuildTarget, kernels: tuple[str, ...], trials: int,
              workloads: dict[str, dict], done: set[str]) -> list[Candidate]:
     todo = []
     for kernel in kernels:
-        workload = _workload(workloads, kernel, target)
+        workload = _workload(workloads, kernel, target, spec)
         default = rule_for(kernel, target.kind).default(spec, target.info)
         for config in candidates(spec, target, kernel, trials):
             key = candidate_key(kernel, config, workload, target.kind)
@@ -307,7 +307,7 @@ def emit_bundle(spec: AttentionSpec, target: str | BuildTarget, out: Path, kerne
     for lib in cuda.tvm_runtime_lib_paths(cuda=target.kind == "cuda"):
         shutil.copy2(lib, out / "lib" / "tvm" / lib.name)
     kind = "cuda" if target.kind == "cuda" else "cpu"
-    workloads = {k: (workloads or {}).get(k) or default_workload(k, kind) for k in kernels}
+    workloads = {k: (workloads or {}).get(k) or default_workload(k, kind, spec) for k in kernels}
     todo = [(k, c) for k in kernels for c in candidates(spec, target, k, trials)]
     bar = _Progress(len(todo), progress, measured=False)
     entries = []

@@ -132,12 +132,14 @@ def current_records(data: dict[str, Any]) -> list[dict[str, Any]]:
 def best(data: dict[str, Any]) -> dict[str, tuple[dict[str, Any], float]]:
     """Per kernel, the fastest config and its time (`time_of`); failed candidates are inf.
 
-    Only records of the current schedule code count (`current`). Where a kernel's finalists were
+    Only records of the current schedule code count (`current`), and of the workload the kernel was
+    last tuned on: times of different workloads do not compare. Where a kernel's finalists were
     confirmed (re-timed together after the search), only they compete, on their confirmed times:
     a search time that was low by chance does not win.
     """
     out: dict[str, tuple[dict[str, Any], float]] = {}
-    records = current_records(data)
+    latest = {r["kernel"]: r.get("workload") for r in current_records(data)}
+    records = [r for r in current_records(data) if r.get("workload") == latest[r["kernel"]]]
     confirmed = {r["kernel"] for r in records if r.get("confirm_ms") is not None}
     for rec in records:
         t = time_of(rec)

@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import pgen
 from pgen import cli, tune, tuning_log
 from pgen.blocksize import length_samples, memory_model, study
 from pgen.build import choose_configs
 from pgen.schedules import rule_for
 from pgen.target import host_target_id, parse_targets
 from pgen_runtime.errors import TuneError
+from pgen_runtime.measure import CPU_DECODE_KV_BYTES, default_workload
 from pgen_runtime.spec import AttentionSpec
 
 SPEC = AttentionSpec(num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16, dtype="float32")
@@ -223,3 +225,24 @@ def test_a_new_run_drops_the_records_of_older_schedule_code(tuned, tmp_path):
     assert all(tuning_log.current(r, "llvm") for r in after)
     assert {r["kernel"] for r in after} == {"decode", "extend"}
     assert sum(r["kernel"] == "decode" for r in after) == sum(r["kernel"] == "decode" for r in data["records"])
+
+
+def test_times_of_another_workload_do_not_compete(tuned):
+    # An older run on a smaller workload has smaller times; the last workload's records decide.
+    data = json.loads(tuned.read_text())
+    decode = [r for r in data["records"] if r["kernel"] == "decode" and r["median_ms"] is not None]
+    slowest = max(decode, key=tuning_log.time_of)
+    small = {**slowest, "workload": {"seq_lens": [16]}, "median_ms": 1e-6, "confirm_ms": None,
+             "config": {**slowest["config"], "max_splits": 1}}
+    data["records"] = [small] + data["records"]
+    config, t = tuning_log.best(data)["decode"]
+    assert t >= min(tuning_log.time_of(r) for r in decode) and config != small["config"]
+    data["records"] = data["records"][1:] + [small]  # now the small workload is the latest
+    assert tuning_log.best(data)["decode"] == (small["config"], 1e-6)
+
+
+def test_cpu_decode_is_timed_on_a_kv_set_far_above_the_caches():
+    llama = pgen.load_spec(Path(__file__).parents[2] / "specs" / "llama3-8b.toml")
+    lens = default_workload("decode", "cpu", llama)["seq_lens"]
+    assert len(lens) * max(lens) * llama.block_bytes // llama.block_size >= CPU_DECODE_KV_BYTES
+    assert default_workload("decode", "cuda", llama) == {"seq_lens": [4096] * 32}
