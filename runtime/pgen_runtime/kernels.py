@@ -26,6 +26,10 @@ from .tensors import from_numpy, parse_device, to_numpy
 # A CPU split of 128 keys reads 1 MiB at the Llama-3-8B shape (fp32), against a merge of 2 KiB per
 # head: 1 x 512 fp32 decode went from 256 us on one thread to 167 us with 2 splits.
 MIN_KEYS_PER_SPLIT = {"cpu": 128, "cuda": 256}
+# Split-KV aims for this many decode thread blocks per SM. On the H200 (bench/results/gpu/probe_splits.json)
+# 2 per SM left 8 x 4096 and 8 x 16k tokens at 5 splits: 105 and 302 us, against 86 and 238-259 us
+# with 16-32 splits; from batch 32 up the factor moved times by a few percent.
+CUDA_BLOCKS_PER_SM = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +55,8 @@ class PagedKernels:
         device: "cpu" or "cuda:N".
         configs: kernel name -> schedule config the kernels were built with (decode's
             `max_splits`, extend's `q_tile` shape the plans).
-        parallelism: units of parallel work the device runs at once (CPU threads, or CUDA SMs x 2).
+        parallelism: decode tasks to aim for (CPU threads; CUDA: thread blocks, CUDA_BLOCKS_PER_SM
+            per SM of an H100/H200).
     """
 
     def __init__(self, spec: AttentionSpec, functions: dict[str, Callable], device: str,
@@ -63,7 +68,7 @@ class PagedKernels:
         self._kind = "cuda" if device.startswith("cuda") else "cpu"
         self._device_type = 2 if self._kind == "cuda" else 1
         self._aranges: dict[int, Any] = {}
-        self.parallelism = parallelism or (2 * 132 if self._kind == "cuda" else (os.cpu_count() or 1))
+        self.parallelism = parallelism or (CUDA_BLOCKS_PER_SM * 132 if self._kind == "cuda" else (os.cpu_count() or 1))
 
     # ---- plans ---------------------------------------------------------------------------
 
