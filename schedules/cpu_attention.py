@@ -92,7 +92,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     # P·V prefetches the next head's K rows (1) or K and V rows (2).
     pf_head = decode and bool(config.get("prefetch_next_head", 0))
     pf_kinds = 2 if config.get("prefetch_next_head", 0) == 2 else 1
-    half = (vl // 2, max(vl // 4, 1), max(vl // 8, 1))
+    half = (vl // 2, max(vl // 4, 1), max(vl // 8, 1))  # lane counts of the tree sum's levels
     prefetch = bool(config.get("prefetch", 1))
     per_line = 64 // elem_bytes(spec.kv_dtype)  # elements of one 64-byte cache line
     lines = max(d // per_line, 1)
@@ -100,7 +100,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     # the next head's rows (all of them in the first pass when they do not divide evenly).
     passes = nd // cgrp
     k_lines = lines // passes if lines % passes == 0 else lines
-    locality = config.get("prefetch_locality", 2)  # lane counts of the tree sum's levels
+    locality = config.get("prefetch_locality", 2)
     dtype, kv_dtype = spec.dtype, spec.kv_dtype
     cap = spec.logit_softcap
     # Scores live in log2 units so the softmax uses exp2. With a soft-cap the scale is applied
@@ -301,7 +301,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                                     for v in T.vectorized(vl):
                                                         tile2[r, (c - hc) * vl + v] = acc[R[0] + r, (cg * cgrp + c) * vl + v] * sca[r, 1]
                                         for t in T.serial(t_lo[0], t_hi[0]):
-                                            if pf_head and (passes * k_lines == lines or cg == 0):
+                                            if pf_head and rt == 0 and (passes * k_lines == lines or cg == 0):
                                                 # Memory stays busy while P·V computes from cache. At 32x4096
                                                 # and 8x16k: K rows +3-9% over none; K and V rows a further
                                                 # +15-26% (fp32) and +11-16% (fp16).
