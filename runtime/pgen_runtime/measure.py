@@ -26,9 +26,10 @@ from .tensors import copy_from_bytes, empty, from_numpy, parse_device
 BUNDLE = "bundle.json"
 
 
-# CPU decode is timed on at least this much KV: every call reads the same blocks, and a smaller
-# set stays partly in the caches between calls (8 x 4096 tokens of the Llama-3-8B shape in fp16,
-# 128 MiB, chose a config that ran 17-34% slower than the default on a cache 4x larger).
+# CPU decode is timed on at least this much KV, far above the caches (every call reads the same
+# blocks). Timed on 8 x 4096 tokens of the Llama-3-8B shape in fp16 (128 MiB), tuning chose a
+# config that ran 17-34% slower than the default in bench/kernels.py, where each call reads other
+# blocks.
 CPU_DECODE_KV_BYTES = 512 << 20
 
 
