@@ -14,7 +14,7 @@ import shutil
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import jinja2
 
@@ -34,7 +34,8 @@ _TEMPLATES = jinja2.Environment(
 
 
 def package(spec: AttentionSpec, targets: str | Iterable[BuildTarget], out: str | Path,
-            name: str | None = None, as_tar: bool = False, progress=print) -> Path:
+            name: str | None = None, as_tar: bool = False, progress=print,
+            overrides: dict[str, dict[str, Any]] | None = None) -> Path:
     """Build `spec` for every target and write a package.
 
     Args:
@@ -44,6 +45,7 @@ def package(spec: AttentionSpec, targets: str | Iterable[BuildTarget], out: str 
         name: package name (default: the folder's name without suffix).
         as_tar: write one uncompressed tar instead of a folder.
         progress: called with one line of text per step.
+        overrides: kernel name -> schedule config to build instead of the tuned or default one.
 
     Returns:
         The path written.
@@ -57,7 +59,7 @@ def package(spec: AttentionSpec, targets: str | Iterable[BuildTarget], out: str 
     built: list[BuiltLibrary] = []
     for target in targets:
         progress(f"[{len(built) + 1}/{len(targets)}] building {spec.uri} for {target.name} ...")
-        lib = build_library(spec, target)
+        lib = build_library(spec, target, overrides)
         progress(lib.summary())
         built.append(lib)
     return publish(out, lambda root: assemble(spec, built, root, name), as_tar=as_tar, progress=progress)

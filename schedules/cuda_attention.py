@@ -2,7 +2,8 @@
 
 A thread block (CTA) owns `q_tile` query rows of one sequence times the `group` query heads of one
 KV head, and one split of that sequence's key range. Threads are laid out as
-(tx: head_dim / vector lanes) x (ty: query rows) x (tz: key lanes). Each iteration the CTA gathers a
+(tx: head_dim / vector lanes) x (ty: query rows, or in decode groups of `group_rows` rows that one
+thread serves from each K/V element it loads) x (tz: key lanes). Each iteration the CTA gathers a
 tile of `tz * tokens_per_lane` keys through the block table into shared memory (16-byte loads where
 the dtype allows), every (ty, tz) pair scores its keys with a reduction across tx, updates its
 online softmax, and accumulates P·V in registers. The tz lanes are merged through shared memory at
@@ -46,6 +47,10 @@ class CudaAttention(ScheduleRule):
         ]
         if self.kernel == "decode":
             knobs.append(Knob("max_splits", (1, 8, 16, 32, 64), 32))
+            if spec.group_size > 1:
+                # Query rows of the GQA group per thread: 1, or the whole group (each K/V element
+                # is then read from shared memory and converted once for all of them).
+                knobs.append(Knob("group_rows", (1, spec.group_size), 1))
         else:
             knobs.append(Knob("q_tile", (1, 2, 4, 8), 4 if spec.group_size <= 4 else 2))
         return tuple(knobs)
@@ -54,7 +59,13 @@ class CudaAttention(ScheduleRule):
         if spec.head_dim % config["vector"] or spec.head_dim // config["vector"] > 64:
             return f"vector {config['vector']} leaves head_dim {spec.head_dim} not in <= 64 lanes"
         rows = config.get("q_tile", 1) * spec.group_size
-        threads = spec.head_dim // config["vector"] * rows * config["key_lanes"]
+        if rows % config.get("group_rows", 1):
+            return f"group_rows {config['group_rows']} does not divide the {rows} query rows of a block"
+        lanes = spec.head_dim // config["vector"]
+        if config.get("group_rows", 1) > 1 and (lanes > 32 or lanes & (lanes - 1)):
+            # TVM's generic allreduce, unrolled over the rows, fails to lower (duplicate load remap).
+            return f"group_rows > 1 needs a warp-shuffle reduction: head_dim / vector = {lanes} lanes"
+        threads = spec.head_dim // config["vector"] * rows // config.get("group_rows", 1) * config["key_lanes"]
         if threads > target.max_threads_per_block:
             return f"{threads} threads per block > the target's limit {target.max_threads_per_block}"
         smem = _shared_bytes(spec, config)
@@ -82,11 +93,13 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     bdx = d // vec
     qt = 1 if decode else config["q_tile"]
     rows = qt * g
+    rpt = config.get("group_rows", 1) if decode else 1
+    nty = rows // rpt  # threadIdx.y: groups of rpt query rows
     bdz = config["key_lanes"]
     tpz = config["tokens_per_lane"]
     tile = bdz * tpz
     smax = config["max_splits"] if decode else 1
-    load_iters = (tile + rows * bdz - 1) // (rows * bdz)
+    load_iters = (tile + nty * bdz - 1) // (nty * bdz)
     # Reduce the tx lanes by xor-shuffles when they form aligned power-of-two groups of a warp;
     # otherwise TVM's generic allreduce (through shared memory) does it.
     butterfly = bdx & (bdx - 1) == 0 and bdx <= 32
@@ -127,7 +140,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
         for bx in T.thread_binding(B * max_q_tiles, thread="blockIdx.x"):
             for by in T.thread_binding(hkv * num_splits, thread="blockIdx.y"):
                 for tz in T.thread_binding(bdz, thread="threadIdx.z"):
-                    for ty in T.thread_binding(rows, thread="threadIdx.y"):
+                    for ty in T.thread_binding(nty, thread="threadIdx.y"):
                         for tx in T.thread_binding(bdx, thread="threadIdx.x"):
                             with T.sblock("attn"):
                                 T.reads()
@@ -136,13 +149,14 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                 vs = T.sblock_alloc_buffer((tile, d), kv_dtype, scope="shared")
                                 mo = T.sblock_alloc_buffer((bdz, rows, d), "float32", scope="shared")
                                 mml = T.sblock_alloc_buffer((bdz, rows, 2), "float32", scope="shared")
-                                ql = T.sblock_alloc_buffer((vec,), "float32", scope="local")
-                                ol = T.sblock_alloc_buffer((vec,), "float32", scope="local")
-                                pj = T.sblock_alloc_buffer((tpz,), "float32", scope="local")
+                                ql = T.sblock_alloc_buffer((rpt, vec), "float32", scope="local")
+                                ol = T.sblock_alloc_buffer((rpt, vec), "float32", scope="local")
+                                pj = T.sblock_alloc_buffer((rpt, tpz), "float32", scope="local")
                                 kl = T.sblock_alloc_buffer((vec,), kv_dtype, scope="local")
+                                kf = T.sblock_alloc_buffer((vec,), "float32", scope="local")
                                 red = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                                sc = T.sblock_alloc_buffer((tpz,), "float32", scope="local")
-                                st = T.sblock_alloc_buffer((3,), "float32", scope="local")
+                                sc = T.sblock_alloc_buffer((rpt, tpz), "float32", scope="local")
+                                st = T.sblock_alloc_buffer((rpt, 3), "float32", scope="local")
                                 kr = T.sblock_alloc_buffer((load_iters, vec), kv_dtype, scope="local")
                                 vr = T.sblock_alloc_buffer((load_iters, vec), kv_dtype, scope="local")
                                 b = bx // max_q_tiles
@@ -153,7 +167,9 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                 n_new = q_indptr[b + 1] - row0
                                 length = seq_lens[b]
                                 i1 = T.min(n_new, i0 + qt)
-                                mine = i0 + ty // g
+                                # The query token of all of this thread's rows: with group_rows > 1
+                                # (decode only, one token per block) they share it.
+                                mine = i0 + ty * rpt // g
                                 pos = length - n_new + mine
                                 k_hi = length - n_new + i1
                                 k_lo = T.max(length - n_new + i0 - window + 1, 0)
@@ -161,16 +177,18 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                 c_lo = k_lo + split * per
                                 c_hi = T.min(k_hi, c_lo + per)
                                 n_iter = T.ceildiv(T.max(c_hi - c_lo, 0), tile)
-                                st[0] = T.float32(NEG)
-                                st[1] = T.float32(0)
-                                for v in T.unroll(vec):
-                                    ol[v] = T.float32(0)
-                                    ql[v] = T.cast(q[T.min(row0 + mine, NT - 1), h * g + ty % g, tx * vec + v], "float32") * q_scale
+                                # Row ty * rpt + rr of the block: query token i0 + row // g, head h * g + row % g.
+                                for rr in T.unroll(rpt):
+                                    st[rr, 0] = T.float32(NEG)
+                                    st[rr, 1] = T.float32(0)
+                                    for v in T.unroll(vec):
+                                        ol[rr, v] = T.float32(0)
+                                        ql[rr, v] = T.cast(q[T.min(row0 + mine, NT - 1), h * g + (ty * rpt + rr) % g, tx * vec + v], "float32") * q_scale
                                 # K/V tiles go global -> registers -> shared memory. With
                                 # `prefetch`, the next tile's loads are issued before this tile's
                                 # math, so they are in flight while it runs.
                                 for j in T.serial(load_iters):
-                                    row = j * (rows * bdz) + tz * rows + ty
+                                    row = j * (nty * bdz) + tz * nty + ty
                                     if row < tile and c_lo + row < c_hi:
                                         for v in T.vectorized(vec):
                                             kr[j, v] = kv_pool[block_tables[b, (c_lo + row) // bs], 0, h, (c_lo + row) % bs, tx * vec + v]
@@ -183,7 +201,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                             vr[j, v] = T.cast(0, kv_dtype)
                                 for it in T.serial(n_iter):
                                     for j in T.serial(load_iters):
-                                        row = j * (rows * bdz) + tz * rows + ty
+                                        row = j * (nty * bdz) + tz * nty + ty
                                         if row < tile:
                                             for v in T.vectorized(vec):
                                                 ks[row, tx * vec + v] = kr[j, v]
@@ -191,7 +209,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                                 vs[row, tx * vec + v] = vr[j, v]
                                     T.tvm_storage_sync("shared")
                                     for j in T.serial(load_iters):
-                                        row = j * (rows * bdz) + tz * rows + ty
+                                        row = j * (nty * bdz) + tz * nty + ty
                                         key = c_lo + (it + 1) * tile + row
                                         if row < tile and key < c_hi:
                                             for v in T.vectorized(vec):
@@ -203,76 +221,102 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                                 kr[j, v] = T.cast(0, kv_dtype)
                                             for v in T.vectorized(vec):
                                                 vr[j, v] = T.cast(0, kv_dtype)
-                                    st[2] = st[0]
+                                    for rr in T.unroll(rpt):
+                                        st[rr, 2] = st[rr, 0]
                                     # All of this lane's dot products first (independent chains), then
-                                    # their reductions across tx interleaved, then the masks.
+                                    # their reductions across tx interleaved, then the masks. Each K
+                                    # and V element is converted once for the thread's rpt rows.
                                     for j in T.unroll(tpz):
                                         for v in T.vectorized(vec):
                                             kl[v] = ks[tz * tpz + j, tx * vec + v]
-                                        pj[j] = T.float32(0)
-                                        for v in T.unroll(vec):
-                                            pj[j] = pj[j] + ql[v] * T.cast(kl[v], "float32")
+                                        if rpt > 1:
+                                            for v in T.unroll(vec):
+                                                kf[v] = T.cast(kl[v], "float32")
+                                            for rr in T.unroll(rpt):
+                                                pj[rr, j] = T.float32(0)
+                                                for v in T.unroll(vec):
+                                                    pj[rr, j] = pj[rr, j] + ql[rr, v] * kf[v]
+                                        else:
+                                            pj[0, j] = T.float32(0)
+                                            for v in T.unroll(vec):
+                                                pj[0, j] = pj[0, j] + ql[0, v] * T.cast(kl[v], "float32")
                                     if butterfly:
                                         for lv in T.unroll(levels):
-                                            for j in T.unroll(tpz):
-                                                pj[j] = pj[j] + T.tvm_warp_shuffle_xor(T.tvm_warp_activemask(), pj[j], (bdx >> 1) >> lv, 32, 32)
+                                            for rr in T.unroll(rpt):
+                                                for j in T.unroll(tpz):
+                                                    pj[rr, j] = pj[rr, j] + T.tvm_warp_shuffle_xor(T.tvm_warp_activemask(), pj[rr, j], (bdx >> 1) >> lv, 32, 32)
                                     else:
-                                        for j in T.serial(tpz):
-                                            with T.sblock("score_allreduce"):
-                                                T.reads(pj[j])
-                                                T.writes(red[0])
-                                                T.attr(T.comm_reducer(lambda x, y: x + y, [T.float32(0)]), "reduce_scope", T.int32(0))
-                                                T.tvm_thread_allreduce(T.uint32(1), pj[j], True, red[0], tx, dtype="void")
-                                            pj[j] = red[0]
-                                    for j in T.unroll(tpz):
-                                        key = c_lo + it * tile + tz * tpz + j
-                                        if key < c_hi and key <= pos and key > pos - window and mine < i1:
-                                            if has_cap:
-                                                sc[j] = T.tanh(pj[j] * inv_cap) * cap_log2e
+                                        for rr in T.unroll(rpt):
+                                            for j in T.serial(tpz):
+                                                with T.sblock("score_allreduce"):
+                                                    T.reads(pj[rr, j])
+                                                    T.writes(red[0])
+                                                    T.attr(T.comm_reducer(lambda x, y: x + y, [T.float32(0)]), "reduce_scope", T.int32(0))
+                                                    T.tvm_thread_allreduce(T.uint32(1), pj[rr, j], True, red[0], tx, dtype="void")
+                                                pj[rr, j] = red[0]
+                                    for rr in T.unroll(rpt):
+                                        for j in T.unroll(tpz):
+                                            key = c_lo + it * tile + tz * tpz + j
+                                            if (key < c_hi and key <= pos
+                                                    and key > pos - window
+                                                    and mine < i1):
+                                                if has_cap:
+                                                    sc[rr, j] = T.tanh(pj[rr, j] * inv_cap) * cap_log2e
+                                                else:
+                                                    sc[rr, j] = pj[rr, j]
                                             else:
-                                                sc[j] = pj[j]
-                                        else:
-                                            sc[j] = T.float32(NEG)
-                                        st[2] = T.max(st[2], sc[j])
-                                    # Rescale the running state to the new max, then add this tile.
-                                    st[1] = st[1] * T.exp2(st[0] - st[2])
-                                    for v in T.unroll(vec):
-                                        ol[v] = ol[v] * T.exp2(st[0] - st[2])
-                                    st[0] = st[2]
+                                                sc[rr, j] = T.float32(NEG)
+                                            st[rr, 2] = T.max(st[rr, 2], sc[rr, j])
+                                        # Rescale the running state to the new max, then weigh this tile.
+                                        st[rr, 1] = st[rr, 1] * T.exp2(st[rr, 0] - st[rr, 2])
+                                        for v in T.unroll(vec):
+                                            ol[rr, v] = ol[rr, v] * T.exp2(st[rr, 0] - st[rr, 2])
+                                        st[rr, 0] = st[rr, 2]
                                     for j in T.unroll(tpz):
-                                        sc[j] = T.if_then_else(sc[j] > T.float32(NEG), T.exp2(sc[j] - st[0]), T.float32(0))
-                                        st[1] = st[1] + sc[j]
+                                        for rr in T.unroll(rpt):
+                                            sc[rr, j] = T.if_then_else(sc[rr, j] > T.float32(NEG), T.exp2(sc[rr, j] - st[rr, 0]), T.float32(0))
+                                            st[rr, 1] = st[rr, 1] + sc[rr, j]
                                         for v in T.vectorized(vec):
                                             kl[v] = vs[tz * tpz + j, tx * vec + v]
-                                        for v in T.unroll(vec):
-                                            ol[v] = ol[v] + sc[j] * T.cast(kl[v], "float32")
+                                        if rpt > 1:
+                                            for v in T.unroll(vec):
+                                                kf[v] = T.cast(kl[v], "float32")
+                                            for rr in T.unroll(rpt):
+                                                for v in T.unroll(vec):
+                                                    ol[rr, v] = ol[rr, v] + sc[rr, j] * kf[v]
+                                        else:
+                                            for v in T.unroll(vec):
+                                                ol[0, v] = ol[0, v] + sc[0, j] * T.cast(kl[v], "float32")
                                     T.tvm_storage_sync("shared")
                                 # Merge the key lanes (tz) through shared memory.
-                                for v in T.unroll(vec):
-                                    mo[tz, ty, tx * vec + v] = ol[v]
-                                mml[tz, ty, 0] = st[0]
-                                mml[tz, ty, 1] = st[1]
-                                T.tvm_storage_sync("shared")
-                                st[2] = T.float32(NEG)
-                                for z in T.serial(bdz):
-                                    st[2] = T.max(st[2], mml[z, ty, 0])
-                                st[1] = T.float32(0)
-                                for v in T.unroll(vec):
-                                    ol[v] = T.float32(0)
-                                for z in T.serial(bdz):
-                                    st[0] = T.exp2(mml[z, ty, 0] - st[2])
-                                    st[1] = st[1] + mml[z, ty, 1] * st[0]
+                                for rr in T.unroll(rpt):
                                     for v in T.unroll(vec):
-                                        ol[v] = ol[v] + mo[z, ty, tx * vec + v] * st[0]
-                                if tz == 0 and mine < i1:
-                                    if num_splits == 1:
+                                        mo[tz, ty * rpt + rr, tx * vec + v] = ol[rr, v]
+                                    mml[tz, ty * rpt + rr, 0] = st[rr, 0]
+                                    mml[tz, ty * rpt + rr, 1] = st[rr, 1]
+                                T.tvm_storage_sync("shared")
+                                for rr in T.unroll(rpt):
+                                    st[rr, 2] = T.float32(NEG)
+                                    for z in T.serial(bdz):
+                                        st[rr, 2] = T.max(st[rr, 2], mml[z, ty * rpt + rr, 0])
+                                    st[rr, 1] = T.float32(0)
+                                    for v in T.unroll(vec):
+                                        ol[rr, v] = T.float32(0)
+                                    for z in T.serial(bdz):
+                                        st[rr, 0] = T.exp2(mml[z, ty * rpt + rr, 0] - st[rr, 2])
+                                        st[rr, 1] = st[rr, 1] + mml[z, ty * rpt + rr, 1] * st[rr, 0]
                                         for v in T.unroll(vec):
-                                            out[row0 + mine, h * g + ty % g, tx * vec + v] = T.cast(ol[v] / T.max(st[1], T.float32(1e-30)), dtype)
-                                    else:
-                                        for v in T.unroll(vec):
-                                            WO[(((b * hkv + h) * smax + split) * rows + ty) * d + tx * vec + v] = ol[v]
-                                        WM[(((b * hkv + h) * smax + split) * rows + ty) * 2] = st[2]
-                                        WM[(((b * hkv + h) * smax + split) * rows + ty) * 2 + 1] = st[1]
+                                            ol[rr, v] = ol[rr, v] + mo[z, ty * rpt + rr, tx * vec + v] * st[rr, 0]
+                                    if tz == 0 and mine < i1:
+                                        if num_splits == 1:
+                                            for v in T.unroll(vec):
+                                                out[row0 + mine, h * g + (ty * rpt + rr) % g, tx * vec + v] = T.cast(
+                                                    ol[rr, v] / T.max(st[rr, 1], T.float32(1e-30)), dtype)
+                                        else:
+                                            for v in T.unroll(vec):
+                                                WO[(((b * hkv + h) * smax + split) * rows + ty * rpt + rr) * d + tx * vec + v] = ol[rr, v]
+                                            WM[(((b * hkv + h) * smax + split) * rows + ty * rpt + rr) * 2] = st[rr, 2]
+                                            WM[(((b * hkv + h) * smax + split) * rows + ty * rpt + rr) * 2 + 1] = st[rr, 1]
         # NOTE: a grid of zero blocks is a launch error, so without splits one idle block runs.
         for bx in T.thread_binding(T.if_then_else(num_splits > 1, B * hq, 1), thread="blockIdx.x"):
             for tx in T.thread_binding(d, thread="threadIdx.x"):

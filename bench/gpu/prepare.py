@@ -50,6 +50,11 @@ def main() -> int:
             spec = dataclasses.replace(base, dtype=dtype, kv_dtype=dtype)
             package(spec, "llvm,cuda:sm_80,sm_90", out / "packages" / f"{name}-{dtype}.pgenpkg",
                     progress=lambda line: print(line.splitlines()[0], flush=True))
+    # Decode with one thread serving a whole GQA group (group_rows), checked beside the tuned one.
+    for name, rows in (("llama3-8b", 4), ("qwen2.5-0.5b", 7)):
+        spec = dataclasses.replace(pgen.load_spec(REPO / "specs" / f"{name}.toml"), dtype="float16", kv_dtype="float16")
+        package(spec, "llvm,cuda:sm_90", out / "packages" / f"{name}-float16-group{rows}.pgenpkg",
+                progress=lambda line: print(line.splitlines()[0], flush=True), overrides={"decode": {"group_rows": rows}})
     for name in EXTRA_SPECS:
         package(pgen.load_spec(REPO / "specs" / f"{name}.toml"), "llvm,cuda:sm_90", out / "packages" / f"{name}.pgenpkg",
                 progress=lambda line: print(line.splitlines()[0], flush=True))

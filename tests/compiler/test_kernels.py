@@ -110,3 +110,19 @@ def test_chunked_prefill_continues_where_the_last_chunk_stopped(spec, build_kern
         reference.assert_attention_close(spec, out, whole[done : done + n].astype(np.float64), f"chunk at {done}")
         done += n
     reference.assert_same_bytes(pool, case["pool"], "kv_pool after extend")
+
+
+def test_cuda_group_rows_knob_only_where_it_lowers():
+    from pgen.schedules.cuda_attention import CudaAttention
+    from pgen.target import parse_targets
+
+    info = parse_targets("cuda:sm_90")[0].info
+    rule = CudaAttention("decode")
+    llama = pgen.AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float16")
+    phi = pgen.AttentionSpec(num_q_heads=32, num_kv_heads=32, head_dim=96, block_size=16, dtype="float16")
+    assert "group_rows" in {k.name for k in rule.knobs(llama, info)}
+    assert "group_rows" not in {k.name for k in rule.knobs(phi, info)}  # no GQA group to share
+    base = {**rule.default(llama, info), "group_rows": 4}
+    assert rule.check(llama, info, {**base, "vector": 8}) is None  # 16 lanes: warp shuffles
+    assert "warp-shuffle" in rule.check(llama, info, {**base, "vector": 2})  # 64 lanes: generic allreduce
+    assert "does not divide" in rule.check(llama, info, {**base, "group_rows": 3})
