@@ -138,8 +138,9 @@ def best(data: dict[str, Any]) -> dict[str, tuple[dict[str, Any], float]]:
     a search time that was low by chance does not win.
     """
     out: dict[str, tuple[dict[str, Any], float]] = {}
-    latest = {r["kernel"]: r.get("workload") for r in current_records(data)}
-    records = [r for r in current_records(data) if r.get("workload") == latest[r["kernel"]]]
+    records = current_records(data)
+    latest = {r["kernel"]: r.get("workload") for r in records}
+    records = [r for r in records if r.get("workload") == latest[r["kernel"]]]
     confirmed = {r["kernel"] for r in records if r.get("confirm_ms") is not None}
     for rec in records:
         t = time_of(rec)

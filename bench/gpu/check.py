@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import pgen_runtime
-from pgen_runtime.measure import measure_bundle
+from pgen_runtime.measure import measure_bundle, time_calls
 
 DEV = "cuda:0"
 TOL = {"float16": 2e-3, "bfloat16": 1.6e-2}
@@ -217,6 +217,9 @@ def copy_bandwidth(nbytes=4 << 30):
 
 
 def cuda_time(fn, reps=20, warmup=3):
+    """Milliseconds per call of `fn`: CUDA events on the GPU, wall time on the CPU (dry runs)."""
+    if not DEV.startswith("cuda"):
+        return float(np.median(time_calls(fn, warmup=warmup, repeats=5, min_seconds=0.0)))
     for _ in range(warmup):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -231,6 +234,20 @@ def cuda_time(fn, reps=20, warmup=3):
     return float(np.median(times))
 
 
+def decode_case(kernels, batch: int, ctx: int):
+    """A decode step of `batch` sequences of `ctx` tokens: random pool, blocks in random order."""
+    s = kernels.spec
+    bs = s.block_size
+    nb = batch * ctx // bs + 1
+    pool = torch.randn((nb, 2, s.num_kv_heads, bs, s.head_dim), device=DEV).to(_dt(s.kv_dtype))
+    tables_np = (1 + np.random.permutation(nb - 1)).reshape(batch, -1).astype(np.int32)
+    lens_np = np.full(batch, ctx, np.int32)
+    q = torch.randn((batch, s.num_q_heads, s.head_dim), device=DEV).to(_dt(s.dtype))
+    plan = kernels.plan_decode(tables_np, lens_np, nb)
+    return (pool, torch.from_numpy(tables_np).to(DEV), torch.from_numpy(lens_np).to(DEV), q,
+            torch.empty_like(q), plan)
+
+
 def time_decode(kernels, copy_gbps):
     s = kernels.spec
     rows = []
@@ -240,16 +257,7 @@ def time_decode(kernels, copy_gbps):
         for ctx in (1024, 4096, 16384):
             if batch * ctx > 64 * 8192:
                 continue
-            bs = s.block_size
-            nb = batch * ctx // bs + 1
-            pool = torch.randn((nb, 2, s.num_kv_heads, bs, s.head_dim), device=DEV).to(_dt(s.kv_dtype))
-            tables_np = (1 + np.random.permutation(nb - 1)).reshape(batch, -1).astype(np.int32)
-            tables = torch.from_numpy(tables_np).to(DEV)
-            lens_np = np.full(batch, ctx, np.int32)
-            lens = torch.from_numpy(lens_np).to(DEV)
-            q = torch.randn((batch, s.num_q_heads, s.head_dim), device=DEV).to(_dt(s.dtype))
-            out = torch.empty_like(q)
-            plan = kernels.plan_decode(tables_np, lens_np, nb)
+            pool, tables, lens, q, out, plan = decode_case(kernels, batch, ctx)
             ours = cuda_time(lambda: kernels.decode(q, pool, tables, lens, out, plan=plan))
             k = torch.randn((batch, s.num_kv_heads, ctx, s.head_dim), device=DEV).to(_dt(s.dtype))
             v = torch.randn_like(k)
@@ -264,7 +272,7 @@ def time_decode(kernels, copy_gbps):
             rows.append(row)
             print(f"  {batch:>5} {ctx:>6} {row['ours_us']:>9.1f} {row['sdpa_us']:>9.1f} {row['speedup_vs_sdpa']:>7.2f}x "
                   f"{gbps:>8.0f} {row['pct_copy_bw']:>6.1f}%", flush=True)
-            del pool, k, v
+            pool = k = v = None  # free the GPU memory before the next shape
     return rows
 
 

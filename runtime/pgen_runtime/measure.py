@@ -36,11 +36,10 @@ CPU_DECODE_KV_BYTES = 512 << 20
 def default_workload(kernel: str, device_kind: str, spec: AttentionSpec | None = None) -> dict[str, Any]:
     """A representative step: long-context decode, chunked-prefill extend (smaller on the CPU)."""
     if kernel == "decode":
-        batch = 32
-        if device_kind == "cpu":
-            per_seq = 4096 * spec.block_bytes // spec.block_size if spec is not None else 0
-            batch = min(128, max(8, -(-CPU_DECODE_KV_BYTES // per_seq))) if per_seq else 8
-        return {"seq_lens": [4096] * batch}
+        if device_kind != "cpu":
+            return {"seq_lens": [4096] * 32}
+        per_seq = 4096 * spec.block_bytes // spec.block_size if spec is not None else CPU_DECODE_KV_BYTES // 8
+        return {"seq_lens": [4096] * min(128, max(8, -(-CPU_DECODE_KV_BYTES // per_seq)))}
     if kernel == "extend":
         return {"seq_lens": [1024] * (2 if device_kind == "cpu" else 8), "new_tokens": [256] * (2 if device_kind == "cpu" else 8)}
     return {"num_tokens": 4096 if device_kind == "cpu" else 32768}
