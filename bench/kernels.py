@@ -12,6 +12,10 @@ batch and context it times, on the same inputs:
   - a TVM kernel that only reads (sums) the same paged blocks, one task per sequence and KV head,
     without prefetches: what a plain paged read reaches (not a hard ceiling: decode's own access
     order with prefetches reads faster in the machine's fast phases),
+  - pgen paged decode with every table entry pointing at one of 4 blocks, which then stay in L2:
+    decode's arithmetic rate with no memory traffic (`L2 GB/s`, in KV bytes the call would read).
+    Decode cannot beat the lesser of that and the read bandwidth (`roof`); with GQA it is the
+    lesser for fp16, whose 2-byte elements cost as many FMAs as fp32's 4-byte ones,
 and measures this machine's read and copy bandwidth (torch, all threads) again for every decode
 row, interleaved with that row's timings: %read and %copy compare against bandwidth measured at the
 same moment (it moves by a third within minutes on this shared machine). Extend is timed as a
@@ -100,8 +104,9 @@ def bench_decode(kernels, tvm_decode, read_kernel, torch, case: Case, bw: Bandwi
            "num_splits": plan.num_splits}
     # Rounds of (read, copy, paged, contiguous) side by side; each quantity keeps its median.
     times: dict[str, list[float]] = {"read_gbps": [], "copy_gbps_rw": [], "paged_read_ms": [], "paged_ms": [],
-                                     "contig_ms": []}
+                                     "contig_ms": [], "l2_ms": []}
     sums = np.empty((case.batch * s.num_kv_heads, 16), np.float32)
+    l2_table = (1 + np.arange(case.tables[0].size) % 4).reshape(case.tables[0].shape).astype(np.int32)
     for _ in range(rounds):
         times["read_gbps"].append(bw.read_gbps())
         times["copy_gbps_rw"].append(bw.copy_gbps())
@@ -110,6 +115,8 @@ def bench_decode(kernels, tvm_decode, read_kernel, torch, case: Case, bw: Bandwi
                                                                 case.lens, case.out, plan=plan), repeats=5))
         times["contig_ms"].append(best_ms(lambda: kernels.decode(case.q, case.pool, case.next_tables(True),
                                                                  case.lens, case.out, plan=plan), repeats=5))
+        times["l2_ms"].append(best_ms(lambda: kernels.decode(case.q, case.pool, l2_table, case.lens, case.out, plan=plan),
+                                      repeats=5))
     row.update({k: float(np.median(v)) for k, v in times.items()})
     if tvm_decode is not None:
         row["tvm_ms"] = tvm_decode(case)
@@ -135,6 +142,8 @@ def bench_decode(kernels, tvm_decode, read_kernel, torch, case: Case, bw: Bandwi
     row["gather_sdpa_ms"] = best_ms(lambda: sdpa(tq, *gather(case.next_tables(False)), enable_gqa=True), repeats=3)
     row["paged_gbps"] = case.kv_bytes / row["paged_ms"] / 1e6
     row["paged_read_gbps"] = case.kv_bytes / row["paged_read_ms"] / 1e6
+    row["l2_gbps"] = case.kv_bytes / row["l2_ms"] / 1e6
+    row["roof_gbps"] = min(row["read_gbps"], row["l2_gbps"])
     return row
 
 
@@ -266,7 +275,7 @@ def main() -> int:
     print(f"threads {threads}; copy {rates['copy_gbps_rw']:.1f} GB/s (read+write), read {rates['read_gbps']:.1f} GB/s, "
           f"fp32 matmul {rates['matmul_gflops']:.0f} GFLOP/s", flush=True)
     head = (f"{'dtype':<8}{'B':>4}{'ctx':>7}{'KV MB':>8}{'paged ms':>10}{'contig':>8}{'p/c':>6}{'GB/s':>7}{'%read':>7}"
-            f"{'%copy':>7}{'rd GB/s':>8}{'%rd':>5}"
+            f"{'%copy':>7}{'rd GB/s':>8}{'%rd':>5}{'L2 GB/s':>8}{'%roof':>6}"
             f"{'sdpa':>8}{'x sdpa':>7}{'gath+sdpa':>10}{'tvm ms':>9}{'x tvm':>7}")
     print(head, flush=True)
     rows, extend_rows = [], []
@@ -290,6 +299,7 @@ def main() -> int:
                       f"{row['paged_ms'] / row['contig_ms']:>6.2f}{row['paged_gbps']:>7.1f}{row['pct_read_bw']:>6.0f}%"
                       f"{row['pct_copy_bw']:>6.0f}%{row['paged_read_gbps']:>8.1f}"
                       f"{100 * row['paged_gbps'] / row['paged_read_gbps']:>4.0f}%"
+                      f"{row['l2_gbps']:>8.1f}{100 * row['paged_gbps'] / row['roof_gbps']:>5.0f}%"
                       f"{row['sdpa_contig_ms']:>8.3f}{row['sdpa_contig_ms'] / row['paged_ms']:>7.2f}"
                       f"{row['gather_sdpa_ms']:>10.3f}{(tvm or float('nan')):>9.2f}"
                       f"{(tvm or float('nan')) / row['paged_ms']:>7.1f}", flush=True)

@@ -49,6 +49,8 @@ class CpuAttention(ScheduleRule):
         else:
             # Query rows per register tile: the largest divisor of q_tile x group up to this.
             knobs += [Knob("q_tile", (1, 2, 4, 8, 16), 4), Knob("row_tile_max", (2, 4, 8), 4)]
+        # Scores of vector_lanes keys at once: their lane sums are reduced together by shuffles.
+        knobs.append(Knob("qk_transpose", (0, 1), int(self.kernel == "extend" and spec.block_size % vec[-1] == 0)))
         return tuple(knobs)
 
     def check(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]) -> str | None:
@@ -56,6 +58,8 @@ class CpuAttention(ScheduleRule):
             return f"head_dim {spec.head_dim} is not a multiple of vector_lanes {config['vector_lanes']}"
         if spec.num_kv_heads % config["kv_heads_per_task"]:
             return f"kv_heads_per_task {config['kv_heads_per_task']} does not divide num_kv_heads"
+        if config.get("qk_transpose") and spec.block_size % config["vector_lanes"]:
+            return f"qk_transpose needs block_size {spec.block_size} to be a multiple of vector_lanes {config['vector_lanes']}"
         rows = config.get("q_tile", 1) * spec.group_size * config["kv_heads_per_task"]
         if rows * spec.head_dim * 4 * 2 > 512 * 1024:
             return "the per-task accumulators would not fit in L2"
@@ -65,6 +69,20 @@ class CpuAttention(ScheduleRule):
         if target.kind != "llvm":
             return None
         return _attention(spec, self.kernel == "decode", config)
+
+
+def _merge(a, b, lanes: int, level: int):
+    """One level of a transposed lane reduction of two vectors, keeping key order.
+
+    `a` and `b` hold segments of 2w lanes, one segment per key (a's keys before b's); the result
+    holds the same keys in order, each summed down to w = lanes >> (level + 1) lanes. From one
+    vector of partial products per key, levels 0 .. log2(lanes) - 1 leave one lane per key.
+    """
+    w = lanes >> (level + 1)
+    segs = range(lanes // (2 * w))
+    lo = [src + s * 2 * w + i for src in (0, lanes) for s in segs for i in range(w)]
+    hi = [i + w for i in lo]
+    return T.Shuffle([a, b], lo) + T.Shuffle([a, b], hi)
 
 
 def _row_tile(rows: int, most: int = 8) -> int:
@@ -88,6 +106,19 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     regs = 16 if vl * 32 >= 512 else 8
     cgrp = max(c for c in range(1, nd + 1) if nd % c == 0 and (rtile * c <= regs or c == 1) and rtile * ((c + 1) // 2) * vl * 4 <= 512)
     hc = (cgrp + 1) // 2
+    # Transposed QK (qk_transpose): scores of vector_lanes keys at once. Keys go in groups of `kg`,
+    # their partial-product vectors in registers and each q vector loaded once for the group;
+    # shuffle levels (_merge) leave one lane per key, and group results meet in a binary counter
+    # (g0, g1, g2). It saves the per-key lane sums: extend at 2k tokens ran 9-15% faster. Decode
+    # keeps the per-key loop by default: from DRAM the transposed one was no faster (A/Bs at
+    # 32x4096 and 8x16k, fp32 and fp16), though up to 13% faster with the blocks in L2.
+    qk_t = bool(config.get("qk_transpose", 0)) and bs % vl == 0
+    kg = min(4 if rtile <= 4 else 2, vl)
+    hk = kg // 2
+    l0 = kg.bit_length() - 1
+    nlev = (vl.bit_length() - 1) - l0
+    ngrp = vl // kg
+    wide_softmax = bs % 16 == 0
     touch_v = decode and bool(config.get("touch_v", 0))
     # P·V prefetches the next head's K rows (1) or K and V rows (2).
     pf_head = decode and bool(config.get("prefetch_next_head", 0))
@@ -112,6 +143,10 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     has_cap = cap is not None
     inv_cap = 1.0 / cap if has_cap else 1.0
     cap_log2e = cap * LOG2E if has_cap else 1.0
+
+    def capped(x):
+        """A score in log2 units, soft-capped where the spec asks for it."""
+        return T.tanh(x * inv_cap) * cap_log2e if has_cap else x
 
     @T.prim_func(s_tir=True)
     def attention(
@@ -210,6 +245,13 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                     tile = T.sblock_alloc_buffer((rtile, hc * vl), "float32")
                                     tile2 = T.sblock_alloc_buffer((rtile, hc * vl), "float32")
                                     touch = T.sblock_alloc_buffer((1,), "float32")
+                                    pa = T.sblock_alloc_buffer((hk, rtile, vl), "float32")
+                                    pb = T.sblock_alloc_buffer((hk, rtile, vl), "float32")
+                                    g0 = T.sblock_alloc_buffer((rtile, vl), "float32")
+                                    g1 = T.sblock_alloc_buffer((rtile, vl), "float32")
+                                    g2 = T.sblock_alloc_buffer((rtile, vl), "float32")
+                                    fin = T.sblock_alloc_buffer((rtile, vl), "float32")
+                                    red = T.sblock_alloc_buffer((rtile, 16), "float32")
                                     sca = T.sblock_alloc_buffer((rtile, 2), "float32")
                                     page = T.sblock_alloc_buffer((1,), "int32")
                                     nxt = T.sblock_alloc_buffer((2,), "int32")
@@ -227,65 +269,164 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                     nxt[1] = T.if_then_else(hh + 1 < hpt, h0[0] + hh + 1, h0[0])
                                     for r, t in T.grid(rtile, bs):
                                         s[r, t] = T.float32(NEG)
-                                    for t in T.serial(t_lo[0], t_hi[0]):
-                                        if prefetch and rt == 0 and blk + 1 < blk_hi[0]:
-                                            # The next block of this head is elsewhere in the pool, and
-                                            # hardware prefetchers stop at page boundaries: request its
-                                            # row t now, a few lines per key, into L2.
-                                            for c, ln in T.grid(2, lines):
-                                                T.evaluate(T.call_llvm_intrin(
-                                                    "void", "llvm.prefetch.p0",
-                                                    T.address_of(kv_pool[block_tables[b[0], blk + 1], c, h0[0] + hh, t, ln * per_line]),
-                                                    T.int32(0), T.int32(locality), T.int32(1)))
-                                        if touch_v and rt == 0:
-                                            # NOTE: one demand load per cache line of this key's V row, so
-                                            # the V rows stream in beside the K rows, many lines in flight.
-                                            # P·V then reads them from cache in column strips; left to the
-                                            # prefetch of the previous block alone, its first strip missed
-                                            # (decode at 32x4096 fp32: +7-10% with these loads; prefetch
-                                            # instructions in their place gained nothing).
-                                            for ln in T.unroll(lines):
-                                                touch[0] = T.max(touch[0], T.cast(kv_pool[page[0], 1, h0[0] + hh, t, ln * per_line], "float32"))
+                                    if qk_t:
+                                        # NOTE: group results pass from one unrolled `grp` iteration to a
+                                        # later one. Touched first inside the loop, TVM's StorageRewrite
+                                        # would share their stack slots with pa/pb (wrong scores); this
+                                        # write before the loop keeps them live across it.
                                         for r in T.unroll(rtile):
                                             for v in T.vectorized(vl):
-                                                part[r, v] = T.float32(0)
-                                        for c in T.serial(nd):
+                                                g0[r, v] = T.float32(0)
+                                                g1[r, v] = T.float32(0)
+                                                g2[r, v] = T.float32(0)
+                                        for ch in T.serial(bs // vl):
+                                            if ch * vl < t_hi[0] and ch * vl + vl > t_lo[0]:
+                                                for grp in T.unroll(ngrp):
+                                                    for k, r in T.grid(hk, rtile):
+                                                        for v in T.vectorized(vl):
+                                                            pa[k, r, v] = T.float32(0)
+                                                            pb[k, r, v] = T.float32(0)
+                                                    # NOTE: rows past t_hi are read too (they are inside the block,
+                                                    # maybe NaN); each lane below sums one key only, and the mask
+                                                    # selects NEG for those keys.
+                                                    for k in T.unroll(kg):
+                                                        if prefetch and rt == 0 and blk + 1 < blk_hi[0]:
+                                                            for c, ln in T.grid(2, lines):
+                                                                T.evaluate(T.call_llvm_intrin(
+                                                                    "void", "llvm.prefetch.p0",
+                                                                    T.address_of(kv_pool[block_tables[b[0], blk + 1], c, h0[0] + hh, ch * vl + grp * kg + k, ln * per_line]),
+                                                                    T.int32(0), T.int32(locality), T.int32(1)))
+                                                        if touch_v and rt == 0:
+                                                            for ln in T.unroll(lines):
+                                                                touch[0] = T.max(touch[0], T.cast(kv_pool[page[0], 1, h0[0] + hh, ch * vl + grp * kg + k, ln * per_line], "float32"))
+                                                        for c in T.serial(nd):
+                                                            for r in T.unroll(rtile):
+                                                                if k < hk:
+                                                                    for v in T.vectorized(vl):
+                                                                        pa[k, r, v] = pa[k, r, v] + qf[R[0] + r, c * vl + v] * T.cast(kv_pool[page[0], 0, h0[0] + hh, ch * vl + grp * kg + k, c * vl + v], "float32")
+                                                                else:
+                                                                    for v in T.vectorized(vl):
+                                                                        pb[k - hk, r, v] = pb[k - hk, r, v] + qf[R[0] + r, c * vl + v] * T.cast(kv_pool[page[0], 0, h0[0] + hh, ch * vl + grp * kg + k, c * vl + v], "float32")
+                                                    for r in T.unroll(rtile):
+                                                        if kg == 2:
+                                                            pa[0, r, T.Ramp(0, 1, vl)] = _merge(pa[0, r, T.Ramp(0, 1, vl)], pb[0, r, T.Ramp(0, 1, vl)], vl, 0)
+                                                        else:
+                                                            pa[0, r, T.Ramp(0, 1, vl)] = _merge(pa[0, r, T.Ramp(0, 1, vl)], pa[1, r, T.Ramp(0, 1, vl)], vl, 0)
+                                                            pb[0, r, T.Ramp(0, 1, vl)] = _merge(pb[0, r, T.Ramp(0, 1, vl)], pb[1, r, T.Ramp(0, 1, vl)], vl, 0)
+                                                            pa[0, r, T.Ramp(0, 1, vl)] = _merge(pa[0, r, T.Ramp(0, 1, vl)], pb[0, r, T.Ramp(0, 1, vl)], vl, 1)
+                                                        # pa[0, r] now holds this group's kg keys; combine with earlier groups.
+                                                        if nlev == 0:
+                                                            fin[r, T.Ramp(0, 1, vl)] = pa[0, r, T.Ramp(0, 1, vl)]
+                                                        elif grp % 2 == 0:
+                                                            g0[r, T.Ramp(0, 1, vl)] = pa[0, r, T.Ramp(0, 1, vl)]
+                                                        elif nlev == 1:
+                                                            fin[r, T.Ramp(0, 1, vl)] = _merge(g0[r, T.Ramp(0, 1, vl)], pa[0, r, T.Ramp(0, 1, vl)], vl, l0)
+                                                        elif grp // 2 % 2 == 0:
+                                                            g1[r, T.Ramp(0, 1, vl)] = _merge(g0[r, T.Ramp(0, 1, vl)], pa[0, r, T.Ramp(0, 1, vl)], vl, l0)
+                                                        elif nlev == 2:
+                                                            fin[r, T.Ramp(0, 1, vl)] = _merge(g1[r, T.Ramp(0, 1, vl)], _merge(g0[r, T.Ramp(0, 1, vl)], pa[0, r, T.Ramp(0, 1, vl)], vl, l0), vl, l0 + 1)
+                                                        elif grp // 4 % 2 == 0:
+                                                            g2[r, T.Ramp(0, 1, vl)] = _merge(g1[r, T.Ramp(0, 1, vl)], _merge(g0[r, T.Ramp(0, 1, vl)], pa[0, r, T.Ramp(0, 1, vl)], vl, l0), vl, l0 + 1)
+                                                        else:
+                                                            fin[r, T.Ramp(0, 1, vl)] = _merge(g2[r, T.Ramp(0, 1, vl)], _merge(g1[r, T.Ramp(0, 1, vl)], _merge(g0[r, T.Ramp(0, 1, vl)], pa[0, r, T.Ramp(0, 1, vl)], vl, l0), vl, l0 + 1), vl, l0 + 2)
+                                                for r in T.unroll(rtile):
+                                                    for v in T.vectorized(vl):
+                                                        s[r, ch * vl + v] = T.if_then_else(
+                                                            blk * bs + ch * vl + v <= length[0] - n_new[0] + i0[0] + (rt * rtile + r) // g
+                                                            and i0[0] + (rt * rtile + r) // g < i1[0]
+                                                            and blk * bs + ch * vl + v > length[0] - n_new[0] + i0[0] + (rt * rtile + r) // g - window_or_inf,
+                                                            capped(fin[r, v]),
+                                                            T.float32(NEG))
+                                    else:
+                                        for t in T.serial(t_lo[0], t_hi[0]):
+                                            if prefetch and rt == 0 and blk + 1 < blk_hi[0]:
+                                                # The next block of this head is elsewhere in the pool, and
+                                                # hardware prefetchers stop at page boundaries: request its
+                                                # row t now, a few lines per key, into L2.
+                                                for c, ln in T.grid(2, lines):
+                                                    T.evaluate(T.call_llvm_intrin(
+                                                        "void", "llvm.prefetch.p0",
+                                                        T.address_of(kv_pool[block_tables[b[0], blk + 1], c, h0[0] + hh, t, ln * per_line]),
+                                                        T.int32(0), T.int32(locality), T.int32(1)))
+                                            if touch_v and rt == 0:
+                                                # NOTE: one demand load per cache line of this key's V row, so
+                                                # the V rows stream in beside the K rows, many lines in flight.
+                                                # P·V then reads them from cache in column strips; left to the
+                                                # prefetch of the previous block alone, its first strip missed
+                                                # (decode at 32x4096 fp32: +7-10% with these loads; prefetch
+                                                # instructions in their place gained nothing).
+                                                for ln in T.unroll(lines):
+                                                    touch[0] = T.max(touch[0], T.cast(kv_pool[page[0], 1, h0[0] + hh, t, ln * per_line], "float32"))
                                             for r in T.unroll(rtile):
                                                 for v in T.vectorized(vl):
-                                                    part[r, v] = part[r, v] + qf[R[0] + r, c * vl + v] * T.cast(kv_pool[page[0], 0, h0[0] + hh, t, c * vl + v], "float32")
-                                        for r in T.unroll(rtile):
-                                            # Pairwise (tree) sum of the lanes: a short dependency chain.
-                                            for v in T.vectorized(vl // 2):
-                                                tree[r, v] = part[r, v] + part[r, v + vl // 2]
-                                            for v in T.vectorized(half[1]):
-                                                tree[r, v] = tree[r, v] + T.if_then_else(vl >= 8, tree[r, v + half[1]], T.float32(0))
-                                            for v in T.vectorized(half[2]):
-                                                tree[r, v] = tree[r, v] + T.if_then_else(vl >= 16, tree[r, v + half[2]], T.float32(0))
-                                            tree[r, 0] = tree[r, 0] + tree[r, 1]
-                                            # key position (blk * bs + t) vs this row's position, causal and windowed
-                                            if (blk * bs + t <= length[0] - n_new[0] + i0[0] + (rt * rtile + r) // g
-                                                    and i0[0] + (rt * rtile + r) // g < i1[0]
-                                                    and blk * bs + t > length[0] - n_new[0] + i0[0] + (rt * rtile + r) // g - window_or_inf):
-                                                if has_cap:
-                                                    s[r, t] = T.tanh(tree[r, 0] * inv_cap) * cap_log2e
-                                                else:
-                                                    s[r, t] = tree[r, 0]
+                                                    part[r, v] = T.float32(0)
+                                            for c in T.serial(nd):
+                                                for r in T.unroll(rtile):
+                                                    for v in T.vectorized(vl):
+                                                        part[r, v] = part[r, v] + qf[R[0] + r, c * vl + v] * T.cast(kv_pool[page[0], 0, h0[0] + hh, t, c * vl + v], "float32")
+                                            for r in T.unroll(rtile):
+                                                # Pairwise (tree) sum of the lanes: a short dependency chain.
+                                                for v in T.vectorized(vl // 2):
+                                                    tree[r, v] = part[r, v] + part[r, v + vl // 2]
+                                                for v in T.vectorized(half[1]):
+                                                    tree[r, v] = tree[r, v] + T.if_then_else(vl >= 8, tree[r, v + half[1]], T.float32(0))
+                                                for v in T.vectorized(half[2]):
+                                                    tree[r, v] = tree[r, v] + T.if_then_else(vl >= 16, tree[r, v + half[2]], T.float32(0))
+                                                tree[r, 0] = tree[r, 0] + tree[r, 1]
+                                                # key position (blk * bs + t) vs this row's position, causal and windowed
+                                                if (blk * bs + t <= length[0] - n_new[0] + i0[0] + (rt * rtile + r) // g
+                                                        and i0[0] + (rt * rtile + r) // g < i1[0]
+                                                        and blk * bs + t > length[0] - n_new[0] + i0[0] + (rt * rtile + r) // g - window_or_inf):
+                                                    if has_cap:
+                                                        s[r, t] = T.tanh(tree[r, 0] * inv_cap) * cap_log2e
+                                                    else:
+                                                        s[r, t] = tree[r, 0]
                                     if touch_v:
                                         WM[B * hkv * smax * rows * 2 + task] = touch[0]
-                                    # Online softmax per row: new max, rescale factor, weights.
+                                    # Online softmax per row: new max, rescale factor, weights. With
+                                    # blocks of 16 keys or more, max and sum go through 16-lane
+                                    # vectors and a halving tree instead of one scalar chain per key.
                                     for r in T.serial(rtile):
-                                        sca[r, 0] = mrow[R[0] + r]
-                                        for t in T.serial(bs):
-                                            sca[r, 0] = T.max(sca[r, 0], s[r, t])
+                                        if wide_softmax:
+                                            for v in T.vectorized(16):
+                                                red[r, v] = s[r, v]
+                                            for ch in T.serial(1, bs // 16):
+                                                for v in T.vectorized(16):
+                                                    red[r, v] = T.max(red[r, v], s[r, ch * 16 + v])
+                                            for v in T.vectorized(8):
+                                                red[r, v] = T.max(red[r, v], red[r, v + 8])
+                                            for v in T.vectorized(4):
+                                                red[r, v] = T.max(red[r, v], red[r, v + 4])
+                                            for v in T.vectorized(2):
+                                                red[r, v] = T.max(red[r, v], red[r, v + 2])
+                                            sca[r, 0] = T.max(mrow[R[0] + r], T.max(red[r, 0], red[r, 1]))
+                                        else:
+                                            sca[r, 0] = mrow[R[0] + r]
+                                            for t in T.serial(bs):
+                                                sca[r, 0] = T.max(sca[r, 0], s[r, t])
                                         sca[r, 1] = fast_exp2(mrow[R[0] + r] - sca[r, 0])
                                         mrow[R[0] + r] = sca[r, 0]
                                         # NOTE: a masked score stays exactly NEG and gets weight 0 even
                                         # while the row's running max is still NEG (nothing seen yet).
                                         for t in T.vectorized(bs):
                                             s[r, t] = T.if_then_else(s[r, t] > T.float32(NEG), fast_exp2(s[r, t] - sca[r, 0]), T.float32(0))
-                                        lrow[R[0] + r] = lrow[R[0] + r] * sca[r, 1]
-                                        for t in T.serial(bs):
-                                            lrow[R[0] + r] = lrow[R[0] + r] + s[r, t]
+                                        if wide_softmax:
+                                            for v in T.vectorized(16):
+                                                red[r, v] = s[r, v]
+                                            for ch in T.serial(1, bs // 16):
+                                                for v in T.vectorized(16):
+                                                    red[r, v] = red[r, v] + s[r, ch * 16 + v]
+                                            for v in T.vectorized(8):
+                                                red[r, v] = red[r, v] + red[r, v + 8]
+                                            for v in T.vectorized(4):
+                                                red[r, v] = red[r, v] + red[r, v + 4]
+                                            for v in T.vectorized(2):
+                                                red[r, v] = red[r, v] + red[r, v + 2]
+                                            lrow[R[0] + r] = lrow[R[0] + r] * sca[r, 1] + (red[r, 0] + red[r, 1])
+                                        else:
+                                            lrow[R[0] + r] = lrow[R[0] + r] * sca[r, 1]
+                                            for t in T.serial(bs):
+                                                lrow[R[0] + r] = lrow[R[0] + r] + s[r, t]
                                     # P·V in register tiles of rtile rows x cgrp vectors; rows in
                                     # [t_lo, t_hi) hold data (never NaN), so a weight of 0 is safe.
                                     # NOTE: the tile is two buffers of at most 512 bytes: one larger

@@ -126,3 +126,19 @@ def test_cuda_group_rows_knob_only_where_it_lowers():
     assert rule.check(llama, info, {**base, "vector": 8}) is None  # 16 lanes: warp shuffles
     assert "warp-shuffle" in rule.check(llama, info, {**base, "vector": 2})  # 64 lanes: generic allreduce
     assert "does not divide" in rule.check(llama, info, {**base, "group_rows": 3})
+
+
+@pytest.mark.parametrize("spec", ALL)
+def test_both_cpu_score_loops_match_the_reference(spec):
+    # Decode and extend default to different QK loops (per key / transposed across vector lanes):
+    # build each kernel with the other one, wherever the block size allows the transposed loop.
+    lanes = pgen.build_kernels(spec).configs["decode"]["vector_lanes"]
+    if spec.block_size % lanes:
+        pytest.skip(f"block_size {spec.block_size} is not a multiple of vector_lanes {lanes}")
+    kernels = pgen.build_kernels(spec, overrides={"decode": {"qk_transpose": 1}, "extend": {"qk_transpose": 0}})
+    assert (kernels.configs["decode"]["qk_transpose"], kernels.configs["extend"]["qk_transpose"]) == (1, 0)
+    case = reference.paged_case(spec, lengths(spec), _extend_tokens(spec), seed=spec.head_dim + 1)
+    want = reference.expected(spec, case)
+    got = reference.run_kernels(kernels, case)
+    for what in ("decode", "extend"):
+        reference.assert_attention_close(spec, got[what], want[what], what)
