@@ -49,8 +49,8 @@ class CpuAttention(ScheduleRule):
         else:
             # Query rows per register tile: the largest divisor of q_tile x group up to this.
             knobs += [Knob("q_tile", (1, 2, 4, 8, 16), 4), Knob("row_tile_max", (2, 4, 8), 4)]
-        # Scores of vector_lanes keys at once: their lane sums are reduced together by shuffles.
-        knobs.append(Knob("qk_transpose", (0, 1), int(self.kernel == "extend" and spec.block_size % vec[-1] == 0)))
+        # Scores of vector_lanes keys at once, their lane sums reduced together by shuffles.
+        knobs.append(Knob("qk_transpose", (0, 1), 0))
         return tuple(knobs)
 
     def check(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]) -> str | None:
@@ -109,9 +109,12 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     # Transposed QK (qk_transpose): scores of vector_lanes keys at once. Keys go in groups of `kg`,
     # their partial-product vectors in registers and each q vector loaded once for the group;
     # shuffle levels (_merge) leave one lane per key, and group results meet in a binary counter
-    # (g0, g1, g2). It saves the per-key lane sums: extend at 2k tokens ran 9-15% faster. Decode
-    # keeps the per-key loop by default: from DRAM the transposed one was no faster (A/Bs at
-    # 32x4096 and 8x16k, fp32 and fp16), though up to 13% faster with the blocks in L2.
+    # (g0, g1, g2). It saves the per-key lane sums, so it wins where the blocks come from cache:
+    # a 2k-token prefill ran 6-15% faster, decode with its blocks in L2 up to 13%. Where they come
+    # from L3 or DRAM it loses, so the per-key loop is the default and the tuner chooses: decode
+    # from DRAM no faster (32x4096, 8x16k), decode with blocks in L3 -12%, and extend steps of one
+    # token per sequence (the engine's decode step) 13-26% slower (32x4096, 8x512, fp16). Making
+    # it a runtime choice per task inside one kernel slowed both loops.
     qk_t = bool(config.get("qk_transpose", 0)) and bs % vl == 0
     kg = min(4 if rtile <= 4 else 2, vl)
     hk = kg // 2

@@ -128,15 +128,16 @@ def test_cuda_group_rows_knob_only_where_it_lowers():
     assert "does not divide" in rule.check(llama, info, {**base, "group_rows": 3})
 
 
+@pytest.mark.parametrize("extend_qk", [0, 1])
 @pytest.mark.parametrize("spec", ALL)
-def test_both_cpu_score_loops_match_the_reference(spec):
-    # Decode and extend default to different QK loops (per key / transposed across vector lanes):
-    # build each kernel with the other one, wherever the block size allows the transposed loop.
+def test_both_cpu_score_loops_match_the_reference(spec, extend_qk):
+    # The default QK loop goes key by key; tuning logs may pick the transposed one (across vector
+    # lanes): build decode with it and extend with each loop, wherever the block size allows it.
     lanes = pgen.build_kernels(spec).configs["decode"]["vector_lanes"]
     if spec.block_size % lanes:
         pytest.skip(f"block_size {spec.block_size} is not a multiple of vector_lanes {lanes}")
-    kernels = pgen.build_kernels(spec, overrides={"decode": {"qk_transpose": 1}, "extend": {"qk_transpose": 0}})
-    assert (kernels.configs["decode"]["qk_transpose"], kernels.configs["extend"]["qk_transpose"]) == (1, 0)
+    kernels = pgen.build_kernels(spec, overrides={"decode": {"qk_transpose": 1}, "extend": {"qk_transpose": extend_qk}})
+    assert (kernels.configs["decode"]["qk_transpose"], kernels.configs["extend"]["qk_transpose"]) == (1, extend_qk)
     case = reference.paged_case(spec, lengths(spec), _extend_tokens(spec), seed=spec.head_dim + 1)
     want = reference.expected(spec, case)
     got = reference.run_kernels(kernels, case)
