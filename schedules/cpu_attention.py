@@ -121,7 +121,6 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     l0 = kg.bit_length() - 1
     nlev = (vl.bit_length() - 1) - l0
     ngrp = vl // kg
-    wide_softmax = bs % 16 == 0
     touch_v = decode and bool(config.get("touch_v", 0))
     # P·V prefetches the next head's K rows (1) or K and V rows (2).
     pf_head = decode and bool(config.get("prefetch_next_head", 0))
@@ -254,7 +253,6 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                     g1 = T.sblock_alloc_buffer((rtile, vl), "float32")
                                     g2 = T.sblock_alloc_buffer((rtile, vl), "float32")
                                     fin = T.sblock_alloc_buffer((rtile, vl), "float32")
-                                    red = T.sblock_alloc_buffer((rtile, 16), "float32")
                                     sca = T.sblock_alloc_buffer((rtile, 2), "float32")
                                     page = T.sblock_alloc_buffer((1,), "int32")
                                     nxt = T.sblock_alloc_buffer((2,), "int32")
@@ -386,50 +384,20 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                                         s[r, t] = tree[r, 0]
                                     if touch_v:
                                         WM[B * hkv * smax * rows * 2 + task] = touch[0]
-                                    # Online softmax per row: new max, rescale factor, weights. With
-                                    # blocks of 16 keys or more, max and sum go through 16-lane
-                                    # vectors and a halving tree instead of one scalar chain per key.
+                                    # Online softmax per row: new max, rescale factor, weights.
                                     for r in T.serial(rtile):
-                                        if wide_softmax:
-                                            for v in T.vectorized(16):
-                                                red[r, v] = s[r, v]
-                                            for ch in T.serial(1, bs // 16):
-                                                for v in T.vectorized(16):
-                                                    red[r, v] = T.max(red[r, v], s[r, ch * 16 + v])
-                                            for v in T.vectorized(8):
-                                                red[r, v] = T.max(red[r, v], red[r, v + 8])
-                                            for v in T.vectorized(4):
-                                                red[r, v] = T.max(red[r, v], red[r, v + 4])
-                                            for v in T.vectorized(2):
-                                                red[r, v] = T.max(red[r, v], red[r, v + 2])
-                                            sca[r, 0] = T.max(mrow[R[0] + r], T.max(red[r, 0], red[r, 1]))
-                                        else:
-                                            sca[r, 0] = mrow[R[0] + r]
-                                            for t in T.serial(bs):
-                                                sca[r, 0] = T.max(sca[r, 0], s[r, t])
+                                        sca[r, 0] = mrow[R[0] + r]
+                                        for t in T.serial(bs):
+                                            sca[r, 0] = T.max(sca[r, 0], s[r, t])
                                         sca[r, 1] = fast_exp2(mrow[R[0] + r] - sca[r, 0])
                                         mrow[R[0] + r] = sca[r, 0]
                                         # NOTE: a masked score stays exactly NEG and gets weight 0 even
                                         # while the row's running max is still NEG (nothing seen yet).
                                         for t in T.vectorized(bs):
                                             s[r, t] = T.if_then_else(s[r, t] > T.float32(NEG), fast_exp2(s[r, t] - sca[r, 0]), T.float32(0))
-                                        if wide_softmax:
-                                            for v in T.vectorized(16):
-                                                red[r, v] = s[r, v]
-                                            for ch in T.serial(1, bs // 16):
-                                                for v in T.vectorized(16):
-                                                    red[r, v] = red[r, v] + s[r, ch * 16 + v]
-                                            for v in T.vectorized(8):
-                                                red[r, v] = red[r, v] + red[r, v + 8]
-                                            for v in T.vectorized(4):
-                                                red[r, v] = red[r, v] + red[r, v + 4]
-                                            for v in T.vectorized(2):
-                                                red[r, v] = red[r, v] + red[r, v + 2]
-                                            lrow[R[0] + r] = lrow[R[0] + r] * sca[r, 1] + (red[r, 0] + red[r, 1])
-                                        else:
-                                            lrow[R[0] + r] = lrow[R[0] + r] * sca[r, 1]
-                                            for t in T.serial(bs):
-                                                lrow[R[0] + r] = lrow[R[0] + r] + s[r, t]
+                                        lrow[R[0] + r] = lrow[R[0] + r] * sca[r, 1]
+                                        for t in T.serial(bs):
+                                            lrow[R[0] + r] = lrow[R[0] + r] + s[r, t]
                                     # P·V in register tiles of rtile rows x cgrp vectors; rows in
                                     # [t_lo, t_hi) hold data (never NaN), so a weight of 0 is safe.
                                     # NOTE: the tile is two buffers of at most 512 bytes: one larger
