@@ -110,7 +110,8 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     # their partial-product vectors in registers and each q vector loaded once for the group;
     # shuffle levels (_merge) leave one lane per key, and group results meet in a binary counter
     # (g0, g1, g2). It saves the per-key lane sums, so it wins where the blocks come from cache:
-    # a 2k-token prefill ran 6-15% faster, decode with its blocks in L2 up to 13%. Where they come
+    # a 2k-token prefill ran 6-15% faster (before the tile order below spread prefill over the
+    # threads), decode with its blocks in L2 up to 13%. Where they come
     # from L3 or DRAM it loses, so the per-key loop is the default and the tuner chooses: decode
     # from DRAM no faster (32x4096, 8x16k), decode with blocks in L3 -12%, and extend steps of one
     # token per sequence (the engine's decode step) 13-26% slower (32x4096, 8x512, fp16). Making
@@ -149,6 +150,28 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     def capped(x):
         """A score in log2 units, soft-capped where the spec asks for it."""
         return T.tanh(x * inv_cap) * cap_log2e if has_cap else x
+
+    @T.macro(hygienic=False)
+    def key_loads(t, next_block):
+        """Memory requests issued beside key t's scores, in both QK loops. Other names resolve in the
+        "rows" block (hence the noqa: F821); `next_block`, the prefetch knob, is an argument because
+        the call site does not see it otherwise."""
+        if next_block and rt == 0 and blk + 1 < blk_hi[0]:  # noqa: F821
+            # The next block of this head is elsewhere in the pool, and hardware prefetchers stop
+            # at page boundaries: request its row t now, a few lines per key, into L2.
+            for c, ln in T.grid(2, lines):
+                T.evaluate(T.call_llvm_intrin(
+                    "void", "llvm.prefetch.p0",
+                    T.address_of(kv_pool[block_tables[b[0], blk + 1], c, h0[0] + hh, t, ln * per_line]),  # noqa: F821
+                    T.int32(0), T.int32(locality), T.int32(1)))
+        if touch_v and rt == 0:  # noqa: F821
+            # NOTE: one demand load per cache line of this key's V row, so the V rows stream in
+            # beside the K rows, many lines in flight. P·V then reads them from cache in column
+            # strips; left to the prefetch of the previous block alone, its first strip missed
+            # (decode at 32x4096 fp32: +7-10% with these loads; prefetch instructions in their
+            # place gained nothing).
+            for ln in T.unroll(lines):
+                touch[0] = T.max(touch[0], T.cast(kv_pool[page[0], 1, h0[0] + hh, t, ln * per_line], "float32"))  # noqa: F821
 
     @T.prim_func(s_tir=True)
     def attention(
@@ -296,15 +319,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                                     # maybe NaN); each lane below sums one key only, and the mask
                                                     # selects NEG for those keys.
                                                     for k in T.unroll(kg):
-                                                        if prefetch and rt == 0 and blk + 1 < blk_hi[0]:
-                                                            for c, ln in T.grid(2, lines):
-                                                                T.evaluate(T.call_llvm_intrin(
-                                                                    "void", "llvm.prefetch.p0",
-                                                                    T.address_of(kv_pool[block_tables[b[0], blk + 1], c, h0[0] + hh, ch * vl + grp * kg + k, ln * per_line]),
-                                                                    T.int32(0), T.int32(locality), T.int32(1)))
-                                                        if touch_v and rt == 0:
-                                                            for ln in T.unroll(lines):
-                                                                touch[0] = T.max(touch[0], T.cast(kv_pool[page[0], 1, h0[0] + hh, ch * vl + grp * kg + k, ln * per_line], "float32"))
+                                                        key_loads(ch * vl + grp * kg + k, prefetch)
                                                         for c in T.serial(nd):
                                                             for r in T.unroll(rtile):
                                                                 if k < hk:
@@ -345,24 +360,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                                             T.float32(NEG))
                                     else:
                                         for t in T.serial(t_lo[0], t_hi[0]):
-                                            if prefetch and rt == 0 and blk + 1 < blk_hi[0]:
-                                                # The next block of this head is elsewhere in the pool, and
-                                                # hardware prefetchers stop at page boundaries: request its
-                                                # row t now, a few lines per key, into L2.
-                                                for c, ln in T.grid(2, lines):
-                                                    T.evaluate(T.call_llvm_intrin(
-                                                        "void", "llvm.prefetch.p0",
-                                                        T.address_of(kv_pool[block_tables[b[0], blk + 1], c, h0[0] + hh, t, ln * per_line]),
-                                                        T.int32(0), T.int32(locality), T.int32(1)))
-                                            if touch_v and rt == 0:
-                                                # NOTE: one demand load per cache line of this key's V row, so
-                                                # the V rows stream in beside the K rows, many lines in flight.
-                                                # P·V then reads them from cache in column strips; left to the
-                                                # prefetch of the previous block alone, its first strip missed
-                                                # (decode at 32x4096 fp32: +7-10% with these loads; prefetch
-                                                # instructions in their place gained nothing).
-                                                for ln in T.unroll(lines):
-                                                    touch[0] = T.max(touch[0], T.cast(kv_pool[page[0], 1, h0[0] + hh, t, ln * per_line], "float32"))
+                                            key_loads(t, prefetch)
                                             for r in T.unroll(rtile):
                                                 for v in T.vectorized(vl):
                                                     part[r, v] = T.float32(0)
