@@ -9,9 +9,9 @@ batch and context it times, on the same inputs:
   - torch SDPA on a contiguous cache (one copy per block-table set, taken in turn, so its working
     set is as far above the caches as ours), and torch gather (index_select through the block
     table) + SDPA,
-  - a TVM kernel that only reads (sums) the same paged blocks, one task per sequence and KV head,
-    without prefetches: what a plain paged read reaches (not a hard ceiling: decode's own access
-    order with prefetches reads faster in the machine's fast phases),
+  - a TVM kernel that only reads (sums) the same paged blocks in decode's order and task split,
+    without prefetches: what a plain paged read reaches (`rd GB/s`; not a hard ceiling, decode's
+    prefetches may read faster),
   - pgen paged decode with every table entry pointing at one of 4 blocks, which then stay in L2:
     decode's arithmetic rate with no memory traffic (`L2 GB/s`, in KV bytes the call would read).
     Decode cannot beat the lesser of that and the read bandwidth (`roof`); with GQA it is the
@@ -36,6 +36,7 @@ import numpy as np
 
 import pgen
 from pgen_runtime.measure import time_calls
+from pgen_runtime.tensors import host_zeros, huge_page_share
 
 L3_BYTES = 480 << 20
 SPEC = dict(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16)
@@ -51,12 +52,13 @@ class Bandwidth:
 
     NOTE: the machine is shared and its bandwidth moves by a third within minutes, so every decode
     row measures it again, interleaved with its own timings, and quotes its percentages against that.
+    The buffers sit on huge pages where Linux offers them, as the KV pools do (`on_huge_pages`).
     """
 
     def __init__(self, torch) -> None:
         self.n = 1 << 28
-        self.x = torch.ones(self.n, dtype=torch.float32)
-        self.y = torch.empty_like(self.x)
+        self.x = on_huge_pages(torch, torch.ones(self.n, dtype=torch.float32))
+        self.y = on_huge_pages(torch, torch.zeros(self.n, dtype=torch.float32))
 
     def read_gbps(self) -> float:
         return self.n * 4 / best_ms(lambda: self.x.sum(), repeats=3) / 1e6
@@ -64,6 +66,14 @@ class Bandwidth:
     def copy_gbps(self) -> float:
         """Bytes read plus bytes written, per second."""
         return 2 * self.n * 4 / best_ms(lambda: self.y.copy_(self.x), repeats=3) / 1e6
+
+
+def on_huge_pages(torch, t):
+    """A copy of CPU tensor `t` in memory allocated like the runtime's KV pools (huge pages where
+    Linux offers them: see pgen_runtime.tensors.host_zeros), so baselines read memory as ours do."""
+    out = torch.from_numpy(host_zeros(tuple(t.shape), str(t.dtype).removeprefix("torch.")))
+    out.copy_(t)
+    return out
 
 
 def machine_rates(torch, bw: Bandwidth) -> dict:
@@ -82,8 +92,11 @@ class Case:
         kv_bytes = batch * ctx * spec.block_bytes // spec.block_size
         self.sets = max(1, min(int(3 * L3_BYTES // kv_bytes), max_pool_bytes // kv_bytes))
         nb = self.sets * batch * per_seq + 1
-        self.pool = _aligned_empty((nb, 2, spec.num_kv_heads, spec.block_size, spec.head_dim), spec.kv_dtype)
+        # The pool as the runtime allocates it (PagedKernels.new_pool: 2 MiB huge pages where Linux
+        # offers them); `huge_pct` records how much of it got them.
+        self.pool = host_zeros((nb, 2, spec.num_kv_heads, spec.block_size, spec.head_dim), spec.kv_dtype)
         self.pool[...] = rng.standard_normal(self.pool.shape[-1], dtype=np.float32).astype(spec.kv_dtype)
+        self.huge_pct = 100 * (huge_page_share(self.pool) or 0.0)
         self.tables = (1 + rng.permutation(nb - 1)).reshape(self.sets, batch, per_seq).astype(np.int32)
         self.contig = (1 + np.arange(nb - 1)).reshape(self.sets, batch, per_seq).astype(np.int32)
         self.lens = np.full(batch, ctx, np.int32)
@@ -101,16 +114,16 @@ def bench_decode(kernels, tvm_decode, read_kernel, torch, case: Case, bw: Bandwi
     s = case.spec
     plan = kernels.plan_decode(case.tables[0], case.lens)
     row = {"dtype": s.dtype, "batch": case.batch, "ctx": case.ctx, "kv_mb": case.kv_bytes / 2**20,
-           "num_splits": plan.num_splits}
+           "num_splits": plan.num_splits, "pool_huge_page_pct": case.huge_pct}
     # Rounds of (read, copy, paged, contiguous) side by side; each quantity keeps its median.
     times: dict[str, list[float]] = {"read_gbps": [], "copy_gbps_rw": [], "paged_read_ms": [], "paged_ms": [],
                                      "contig_ms": [], "l2_ms": []}
-    sums = np.empty((case.batch * s.num_kv_heads, 16), np.float32)
+    per = -(-case.tables.shape[2] // plan.num_splits)  # the read kernel's runs: decode's splits
     l2_table = (1 + np.arange(case.tables[0].size) % 4).reshape(case.tables[0].shape).astype(np.int32)
     for _ in range(rounds):
         times["read_gbps"].append(bw.read_gbps())
         times["copy_gbps_rw"].append(bw.copy_gbps())
-        times["paged_read_ms"].append(best_ms(lambda: read_kernel(case.pool, case.next_tables(False), sums), repeats=5))
+        times["paged_read_ms"].append(best_ms(lambda: read_kernel(case.pool, case.next_tables(False), per), repeats=5))
         times["paged_ms"].append(best_ms(lambda: kernels.decode(case.q, case.pool, case.next_tables(False),
                                                                 case.lens, case.out, plan=plan), repeats=5))
         times["contig_ms"].append(best_ms(lambda: kernels.decode(case.q, case.pool, case.next_tables(True),
@@ -134,7 +147,7 @@ def bench_decode(kernels, tvm_decode, read_kernel, torch, case: Case, bw: Bandwi
 
     # One contiguous K/V copy per block-table set, taken in turn: SDPA's working set is as far
     # above the cache as the paged timings' (one reused copy would stay in L3 at small sizes).
-    copies = [tuple(t.contiguous() for t in gather(case.tables[i])) for i in range(case.sets)]
+    copies = [tuple(on_huge_pages(torch, t) for t in gather(case.tables[i])) for i in range(case.sets)]
     turn = itertools.cycle(copies)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     row["sdpa_contig_ms"] = best_ms(lambda: sdpa(tq, *next(turn), enable_gqa=True))
@@ -148,11 +161,13 @@ def bench_decode(kernels, tvm_decode, read_kernel, torch, case: Case, bw: Bandwi
 
 
 def paged_read_kernel(spec):
-    """A TVM kernel that only reads the cache: it sums every K/V row a decode would read through the
-    block table (one task per sequence and KV head, 16-lane vectors). Decode's distance to it is
-    what its arithmetic and access order cost on top of the reads. A 16-bit cache is read as int32
-    pairs, summed with integer adds: converting every element to float would make this kernel
-    compute-bound, no ceiling at all. Returns a function (pool, tables, sums)."""
+    """A TVM kernel that only reads the cache, in decode's order: each task sums every K/V row of a
+    run of one sequence's blocks, all KV heads of a block together (K then V of each head), as
+    decode's default `kv_heads_per_task` does; runs of `per` blocks (split-KV) give short batches
+    tasks for every thread. No prefetches and no arithmetic beyond 16-lane adds: what the hardware
+    reads through the block table on its own. A 16-bit cache is read as int32 pairs with integer
+    adds (converting every element would make this kernel compute-bound). Returns a function
+    (pool, tables, per)."""
     import tvm
     from tvm.script import tirx as T
 
@@ -164,30 +179,35 @@ def paged_read_kernel(spec):
     assert D % 64 == 0, "the read kernel takes 64 elements of a row per step"
 
     @T.prim_func(s_tir=True)
-    def read_all(pool_h: T.handle, bt_h: T.handle, out_h: T.handle):
+    def read_all(pool_h: T.handle, bt_h: T.handle, out_h: T.handle, per: T.int32):
         T.func_attr({"tirx.noalias": True})
-        NB, B, MB = T.int32(), T.int32(), T.int32()
+        NB, B, MB, NT = T.int32(), T.int32(), T.int32(), T.int32()
         pool = T.match_buffer(pool_h, (NB, 2, H, BS, D), dt, align=2)
         bt = T.match_buffer(bt_h, (B, MB), "int32", align=4)
-        out = T.match_buffer(out_h, (B * H, 16), dt, align=4)
-        for task in T.parallel(B * H):
+        out = T.match_buffer(out_h, (NT, 16), dt, align=4)
+        for task in T.parallel(NT):
             with T.sblock("task"):
                 acc = T.sblock_alloc_buffer((4, 16), dt)  # 4 independent add chains
                 for u in T.unroll(4):
                     for v in T.vectorized(16):
                         acc[u, v] = T.cast(0, dt)
-                for blk, c, t, dd in T.grid(MB, 2, BS, D // 64):
-                    for u in T.unroll(4):
-                        for v in T.vectorized(16):
-                            acc[u, v] = acc[u, v] + pool[bt[task // H, blk], c, task % H, t, (dd * 4 + u) * 16 + v]
+                for i, h, c, t, dd in T.grid(per, H, 2, BS, D // 64):
+                    if task % T.ceildiv(MB, per) * per + i < MB:
+                        for u in T.unroll(4):
+                            for v in T.vectorized(16):
+                                acc[u, v] = acc[u, v] + pool[bt[task // T.ceildiv(MB, per), task % T.ceildiv(MB, per) * per + i], c, h, t, (dd * 4 + u) * 16 + v]
                 for v in T.vectorized(16):
                     out[task, v] = acc[0, v] + acc[1, v] + acc[2, v] + acc[3, v]
 
     lib = tvm.compile(tvm.IRModule({"main": read_all}), target=tvm.target.Target({"kind": "llvm", "mcpu": host_cpu_name()}))
     fn = lib["main"]
-    if dt == "float32":
-        return fn
-    return lambda pool, tables, sums: fn(pool.view(np.int32), tables, sums.view(np.int32))
+
+    def run(pool, tables, per: int) -> None:
+        b, mb = tables.shape
+        sums = np.empty((b * -(-mb // per), 16), np.float32 if dt == "float32" else np.int32)
+        fn(pool if dt == "float32" else pool.view(np.int32), tables, sums, per)
+
+    return run
 
 
 def tvm_builtin_decode(spec):

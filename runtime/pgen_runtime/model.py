@@ -73,8 +73,7 @@ class PagedModel:
             raise PackageError(f"loading {target['model_library']} failed: {err}") from err
         s = self.spec
         num_blocks = num_blocks or 1 + 4096 // s.block_size
-        shape = (num_blocks, 2, s.num_kv_heads, s.block_size, s.head_dim)
-        self.pools = [np.zeros(shape, s.kv_dtype) for _ in range(self.info["num_layers"])]
+        self.pools = [self.kernels.new_pool(num_blocks) for _ in range(self.info["num_layers"])]
         self._has_positions = self.info["has_positions"]
 
     @property

@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import reference
 import tvm_ffi
@@ -18,7 +19,9 @@ from pgen.lower import KERNELS
 from pgen.package import package
 from pgen_runtime import _tvm_libs, load_package
 from pgen_runtime import target as runtime_target
+from pgen_runtime.errors import ConfigError
 from pgen_runtime.package import FORMAT_VERSION, MANIFEST
+from pgen_runtime.tensors import HUGE_PAGE_BYTES, huge_page_eligible
 
 SPEC = AttentionSpec(num_q_heads=14, num_kv_heads=2, head_dim=64, block_size=16, dtype="float16")
 LENS, NEW = [1, 15, 17, 2100], [1, 15, 2, 67]
@@ -84,6 +87,34 @@ def test_loaded_package_runs_all_six_kernels(pkg, case):
     kernels = load_package(pkg)
     assert kernels.spec == SPEC and kernels.device == "cpu"
     reference.assert_kernels_match(SPEC, reference.run_kernels(kernels, case), reference.expected(SPEC, case))
+
+
+def _thp_mode() -> str | None:
+    """Linux's transparent huge page mode (always, madvise, never), None where there is none."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else None
+
+
+def test_new_pool_is_zeroed_2mib_aligned_advised_for_huge_pages_and_runs_decode(pkg, case):
+    kernels = load_package(pkg)
+    big = kernels.new_pool(1000)  # 8 MB: pools below one huge page are plain numpy arrays
+    assert big.shape == (1000, 2, 2, 16, 64) and big.dtype == SPEC.kv_dtype and not big.any()
+    assert big.ctypes.data % HUGE_PAGE_BYTES == 0 and big.flags.c_contiguous and big.flags.writeable
+    if _thp_mode() in ("always", "madvise"):
+        assert huge_page_eligible(big) is True
+    want = case["pool"]
+    pool = kernels.new_pool(len(want))
+    assert pool.shape == want.shape and pool.dtype == want.dtype and not pool.any()
+    pool[...] = want
+    got = np.full(case["q_decode"].shape, np.nan, case["q_decode"].dtype)
+    kernels.decode(case["q_decode"], pool, case["block_tables"], case["seq_lens"], got)
+    reference.assert_attention_close(SPEC, got, reference.expected(SPEC, case)["decode"], "decode")
+    for bad in (1, 0, 2.5, True):
+        with pytest.raises(ConfigError, match="num_blocks"):
+            kernels.new_pool(bad)
 
 
 def test_package_runs_in_a_process_that_never_imports_tvm(pkg, case, tmp_path):
