@@ -21,7 +21,7 @@ import numpy as np
 
 from .kernels import PagedKernels
 from .spec import AttentionSpec
-from .tensors import copy_from_bytes, empty, from_numpy, parse_device
+from .tensors import HUGE_PAGE_BYTES, copy_from_bytes, empty, from_numpy, host_zeros, parse_device
 
 BUNDLE = "bundle.json"
 
@@ -201,6 +201,11 @@ def _random(rng: np.random.Generator, shape: tuple, dtype: str) -> tuple[np.ndar
 
 
 def _place(array: np.ndarray, dtype: str, dev):
+    if dev.dlpack_device_type() == 1 and dtype != "bfloat16" and array.nbytes >= HUGE_PAGE_BYTES:
+        # Large host arrays (the KV pool) in memory allocated as the runtime's pools are.
+        out = host_zeros(array.shape, dtype)
+        out[...] = array
+        return out
     if dtype == "bfloat16":
         out = empty(array.shape, dtype, dev)
         copy_from_bytes(out, array)
