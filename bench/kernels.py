@@ -19,7 +19,7 @@ batch and context it times, on the same inputs:
 and measures this machine's read and copy bandwidth (torch, all threads) again for every decode
 row, interleaved with that row's timings: %read and %copy compare against bandwidth measured at the
 same moment (it moves by a third within minutes on this shared machine). Extend is timed as a
-2k-token prefill against the fp32 matmul rate.
+2k-token prefill against the fp32 matmul rate, and on an engine-like mixed step against its parts.
 Prints a table and writes JSON (default bench/results/kernels.json).
 """
 
@@ -276,6 +276,25 @@ def bench_extend(kernels, torch, spec, n: int, rates: dict, rng) -> dict:
             "pct_matmul": 100 * flops / ms / 1e6 / rates["matmul_gflops"], "sdpa_ms": sdpa}
 
 
+def bench_mixed_step(kernels, spec) -> dict:
+    """An engine-like CPU step through extend: 2 prefill chunks of 128 tokens at 1k beside 32
+    one-token sequences at 4k, against its two parts run apart (equal when the work is spread
+    evenly over the threads)."""
+    from pgen_runtime.measure import make_inputs
+
+    parts = {"mixed": ([1024] * 2 + [4096] * 32, [128] * 2 + [1] * 32),
+             "prefill": ([1024] * 2, [128] * 2), "rows": ([4096] * 32, [1] * 32)}
+    args = {n: make_inputs(spec, "extend", {"seq_lens": lens, "new_tokens": new}, "cpu")
+            for n, (lens, new) in parts.items()}
+    times = {n: [] for n in parts}
+    for _ in range(3):
+        for n, a in args.items():
+            times[n].append(best_ms(lambda: kernels.extend(*a), repeats=3))
+    ms = {n: float(np.median(v)) for n, v in times.items()}
+    return {"dtype": spec.dtype, "mixed_ms": ms["mixed"], "prefill_ms": ms["prefill"], "rows_ms": ms["rows"],
+            "mixed_over_parts": ms["mixed"] / (ms["prefill"] + ms["rows"])}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels.json"))
@@ -298,7 +317,7 @@ def main() -> int:
             f"{'%copy':>7}{'rd GB/s':>8}{'%rd':>5}{'L2 GB/s':>8}{'%roof':>6}"
             f"{'sdpa':>8}{'x sdpa':>7}{'gath+sdpa':>10}{'tvm ms':>9}{'x tvm':>7}")
     print(head, flush=True)
-    rows, extend_rows = [], []
+    rows, extend_rows, mixed_rows = [], [], []
     for dtype in args.dtypes.split(","):
         spec = pgen.AttentionSpec(**SPEC, dtype=dtype)
         kernels = pgen.build_kernels(spec)
@@ -328,8 +347,12 @@ def main() -> int:
         e = extend_rows[-1]
         print(f"extend {dtype} 2048 new tokens: {e['ms']:.1f} ms, {e['gflops']:.1f} GFLOP/s = {e['pct_matmul']:.0f}% "
               f"of fp32 matmul; torch SDPA {e['sdpa_ms']:.1f} ms", flush=True)
+        mixed_rows.append(bench_mixed_step(kernels, spec))
+        m = mixed_rows[-1]
+        print(f"extend {dtype} mixed step (2 x 128 new at 1k + 32 x 1 at 4k): {m['mixed_ms']:.1f} ms; its parts apart "
+              f"{m['prefill_ms']:.1f} + {m['rows_ms']:.1f} ms ({m['mixed_over_parts']:.2f}x their sum)", flush=True)
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": threads, **rates},
-              "decode": rows, "extend": extend_rows}
+              "decode": rows, "extend": extend_rows, "extend_mixed_step": mixed_rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
