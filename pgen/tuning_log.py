@@ -15,6 +15,7 @@ import inspect
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from pgen_runtime.spec import AttentionSpec
 from .schedules import rule_for
 
 FORMAT = 1
+_NUMBER_LIST = re.compile(r"\[\s+([-+0-9.eE,\s]+?)\s+\]")
 
 
 def logs_root() -> Path:
@@ -70,7 +72,11 @@ def save(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data["date"] = datetime.date.today().isoformat()
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    # Lists of numbers (workloads' lengths, search times) on one line each: one element per line
+    # made a log of 24 records 3k lines long.
+    text = _NUMBER_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]",
+                            json.dumps(data, indent=1, sort_keys=True))
+    tmp.write_text(text + "\n")
     os.replace(tmp, path)
 
 
