@@ -253,8 +253,8 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                 split[0] = item[0] % num_splits
                 h0[0] = item[0] // num_splits % (hkv // hpt) * hpt
                 if decode:
-                    qtile[0] = 0
-                    b[0] = item[0] // (num_splits * (hkv // hpt))
+                    qtile[0] = item[0] // (num_splits * (hkv // hpt)) % max_q_tiles
+                    b[0] = item[0] // (num_splits * (hkv // hpt) * max_q_tiles)
                 else:
                     # Tile number item // (splits x head groups) among the non-empty tiles: find
                     # its sequence (tiles counted in `item[1]`); past the last, b = B (no work).

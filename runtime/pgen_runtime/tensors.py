@@ -72,12 +72,12 @@ def host_zeros(shape, dtype: str) -> np.ndarray:
     """A zero-filled host array in its own mapping, which Linux may back with 2 MiB huge pages.
 
     NOTE: for KV pools. Decode reads blocks in block-table order, i.e. from random places in the
-    pool; on 4 KiB pages every page of a block is a TLB miss, and software prefetches of the next
-    block start late. On transparent huge pages (the mapping is 2 MiB aligned and advised
-    MADV_HUGEPAGE; Linux's default THP mode, `madvise`, only backs advised memory) a pure read of
-    random 128 KiB blocks ran at 66-73 GB/s against 61-65 on 4 KiB pages (2 threads, sequential
-    read 75 GB/s), and Llama-3-8B decode at 32 x 4096 tokens gained 2-4%. Where the OS offers
-    no huge pages the mapping is an ordinary one (anonymous memory is zero-filled either way).
+    pool, and on 4 KiB pages every page of a block is a TLB miss. On transparent huge pages (the
+    mapping is 2 MiB aligned and advised MADV_HUGEPAGE; Linux's default THP mode, `madvise`, only
+    backs advised memory) a pure read of random 128 KiB blocks ran at 66-73 GB/s against 61-65 on
+    4 KiB pages (2 threads, sequential read 75 GB/s), and Llama-3-8B decode at 32 x 4096 and
+    8 x 4096 tokens gained 1-8% side by side. Where the OS offers no huge pages the mapping is an
+    ordinary one (anonymous memory is zero-filled either way). Arrays under 2 MiB are plain numpy.
     """
     shape = tuple(int(s) for s in shape)
     dt = np.dtype(dtype)
