@@ -133,7 +133,7 @@ def kernel_args(spec: AttentionSpec, cand: Candidate, parallelism: int, kind: st
         return [q, pool, tables, indptr, lens, out, (splits, "int32"), (1, "int32")]
     if cand.kernel == "extend":
         q, pool, tables, indptr, lens, out = arrays
-        tiles = extend_q_tiles(cand.config, np.diff(indptr[0]))
+        tiles = extend_q_tiles(cand.config, np.diff(indptr[0]), kind)
         return [q, pool, tables, indptr, lens, out, (1, "int32"), (tiles, "int32")]
     raise TuneError(f"RPC tuning times decode and extend; {cand.kernel!r} has no knobs to tune")
 

@@ -257,7 +257,10 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                     b[0] = item[0] // (num_splits * (hkv // hpt) * max_q_tiles)
                 else:
                     # Tile number item // (splits x head groups) among the non-empty tiles: find
-                    # its sequence (tiles counted in `item[1]`); past the last, b = B (no work).
+                    # its sequence (tiles counted in `item[1]`). Items past the last tile get the
+                    # last sequence's first tile past its end: no work. So the launch needs only
+                    # B x max_q_tiles >= all tiles (the runtime passes the least such max_q_tiles,
+                    # not the longest sequence's tile count: fewer empty tasks, each scanning B).
                     item[1] = 0
                     item[2] = item[0] // (num_splits * (hkv // hpt))
                     b[0] = B
@@ -268,8 +271,9 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                 b[0] = bb
                                 qtile[0] = item[2] - item[1]
                             item[1] = item[1] + T.ceildiv(q_indptr[bb + 1] - q_indptr[bb], qt)
-                    b[0] = T.min(b[0], B - 1)
-                    qtile[0] = T.if_then_else(item[2] < item[1], qtile[0], max_q_tiles)
+                    if b[0] == B:
+                        b[0] = B - 1
+                        qtile[0] = T.ceildiv(q_indptr[B] - q_indptr[B - 1], qt)
                 row0[0] = q_indptr[b[0]]
                 n_new[0] = q_indptr[b[0] + 1] - row0[0]
                 length[0] = seq_lens[b[0]]

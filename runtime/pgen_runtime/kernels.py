@@ -109,7 +109,7 @@ class PagedKernels:
             b = int(np.argmax(new > lens))
             raise ShapeError(f"sequence {b} has {int(new[b])} new tokens but seq_lens[{b}]={int(lens[b])}; "
                              "seq_lens must count the new tokens too")
-        return ExtendPlan(max_q_tiles=extend_q_tiles(self.configs["extend"], new), batch=len(lens),
+        return ExtendPlan(max_q_tiles=extend_q_tiles(self.configs["extend"], new, self._kind), batch=len(lens),
                           num_tokens=int(indptr[-1]))
 
     # ---- kernels -------------------------------------------------------------------------
@@ -260,10 +260,20 @@ def decode_splits(spec: AttentionSpec, config: dict[str, Any], seq_lens: np.ndar
     return max(1, min(splits, longest // MIN_KEYS_PER_SPLIT[kind]))
 
 
-def extend_q_tiles(config: dict[str, Any], new_tokens: np.ndarray) -> int:
-    """Query tiles of the longest new-token run of an extend step (at least one)."""
-    tiles = math.ceil(int(new_tokens.max()) / config.get("q_tile", 1)) if len(new_tokens) else 0
-    return max(int(tiles), 1)
+def extend_q_tiles(config: dict[str, Any], new_tokens: np.ndarray, kind: str) -> int:
+    """Query-tile slots per sequence an extend launch needs (at least one).
+
+    CUDA: the longest sequence's tile count (a thread block per slot). CPU: the kernel numbers
+    only non-empty tiles across the batch, so batch x slots need only cover all tiles; fewer slots
+    mean fewer empty tasks (a 512-token chunk beside 255 one-token rows: 28.0 ms against 36.8 with
+    the longest sequence's count, fp16 Llama-3-8B shape).
+    """
+    if not len(new_tokens):
+        return 1
+    tiles = -(-new_tokens.astype(np.int64) // config.get("q_tile", 1))
+    if kind == "cpu":
+        return max(int(-(-int(tiles.sum()) // len(tiles))), 1)
+    return max(int(tiles.max()), 1)
 
 
 # str(np.dtype) costs about a microsecond, and every kernel call checks 5-6 arrays.

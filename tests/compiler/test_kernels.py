@@ -112,6 +112,24 @@ def test_chunked_prefill_continues_where_the_last_chunk_stopped(spec, build_kern
     reference.assert_same_bytes(pool, case["pool"], "kv_pool after extend")
 
 
+@pytest.mark.parametrize("spec", ALL)
+def test_cpu_extend_launches_only_the_slots_all_tiles_need(spec, build_kernels):
+    """One long run beside one-token rows: the CPU plan asks for batch x slots >= all query tiles
+    (far fewer than the longest run's tiles per sequence), and every row still comes out right."""
+    kernels = build_kernels(spec)
+    qt = kernels.configs["extend"]["q_tile"]
+    tiles = -(-64 // qt) + 15
+    for lens, new in (([70] + [5] * 15, [64] + [1] * 15), ([5] * 15 + [70], [1] * 15 + [64])):
+        case = reference.paged_case(spec, lens, new, seed=5)
+        args = (case["block_tables"], case["q_indptr"], case["seq_lens"])
+        plan = kernels.plan_extend(*args)
+        assert plan.max_q_tiles == -(-tiles // 16) < -(-64 // qt)
+        out = np.full_like(case["q_extend"], np.nan)
+        kernels.extend(case["q_extend"], case["pool"], *args, out, plan=plan)
+        want = reference.extend(spec, case["q_extend"], case["pool"], *args)
+        reference.assert_attention_close(spec, out, want, f"extend, long run {'first' if new[0] > 1 else 'last'}")
+
+
 def test_cuda_group_rows_knob_only_where_it_lowers():
     from pgen.schedules.cuda_attention import CudaAttention
     from pgen.target import parse_targets
