@@ -25,7 +25,8 @@ from pgen_runtime.spec import AttentionSpec
 from .schedules import rule_for
 
 FORMAT = 1
-_NUMBER_LIST = re.compile(r"\[\s+([-+0-9.eE,\s]+?)\s+\]")
+# A list json.dumps spread over lines (raw newlines: never inside a JSON string) holding numbers only.
+_NUMBER_LIST = re.compile(r"\[\n\s*([-+0-9.eE,\s]+?)\n\s*\]")
 
 
 def logs_root() -> Path:

@@ -255,3 +255,16 @@ def test_cpu_extend_is_timed_on_a_step_that_mixes_prefill_and_decode_rows():
     new = w["new_tokens"]
     assert len(new) == len(w["seq_lens"]) and all(1 <= n <= s for n, s in zip(new, w["seq_lens"]))
     assert new.count(1) >= 16 and max(new) >= 128
+
+
+def test_log_writes_number_lists_on_one_line_and_leaves_strings_alone(tmp_path):
+    data = {"records": [{"workload": {"seq_lens": [4096] * 64}, "times": [1.5e-3, 2.0], "nested": [[1, 2], [3]],
+                         "error": "shape [ 2, 3 ] is wrong"}]}
+    path = tmp_path / "log.json"
+    tuning_log.save(path, json.loads(json.dumps(data)))
+    text = path.read_text()
+    assert '"seq_lens": [' + ", ".join(["4096"] * 64) + "]" in text and '"times": [0.0015, 2.0]' in text
+    assert '"error": "shape [ 2, 3 ] is wrong"' in text
+    saved = json.loads(text)
+    saved.pop("date")
+    assert saved == data
