@@ -20,7 +20,7 @@ import tvm_ffi
 
 from .errors import ConfigError, ShapeError
 from .spec import NULL_BLOCK_ID, AttentionSpec
-from .tensors import copy_from_bytes, empty, from_numpy, host_zeros, parse_device, to_numpy
+from .tensors import from_numpy, parse_device, to_numpy, zeros
 
 # Keep a split at least this many keys long: shorter ones cost more to merge than they save.
 # A CPU split of 128 keys reads 1 MiB at the Llama-3-8B shape (fp32), against a merge of 2 KiB per
@@ -74,18 +74,14 @@ class PagedKernels:
 
     def new_pool(self, num_blocks: int):
         """A zero-filled KV pool [num_blocks, 2, num_kv_heads, block_size, head_dim] of kv_dtype on
-        the kernels' device; on the CPU in memory Linux may back with 2 MiB huge pages (see
-        `tensors.host_zeros`)."""
+        the kernels' device (`tensors.zeros`); on the CPU in memory Linux may back with 2 MiB huge
+        pages (`tensors.host_zeros`)."""
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer)) or num_blocks < 2:
             raise ConfigError(f"num_blocks={num_blocks!r} must be an integer >= 2 (block {NULL_BLOCK_ID} is "
                               "reserved as the null block); give the pool more blocks")
         s = self.spec
         shape = (int(num_blocks), 2, s.num_kv_heads, s.block_size, s.head_dim)
-        if self._kind == "cpu" and s.kv_dtype != "bfloat16":  # numpy has no bfloat16
-            return host_zeros(shape, s.kv_dtype)
-        pool = empty(shape, s.kv_dtype, parse_device(self.device))
-        copy_from_bytes(pool, np.zeros(shape, np.uint16 if s.kv_dtype == "bfloat16" else s.kv_dtype))
-        return pool
+        return zeros(shape, s.kv_dtype, parse_device(self.device))
 
     # ---- plans ---------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from .errors import ShapeError
 
 _DEVICE_TYPES = {"cpu": 1, "cuda": 2}
 HUGE_PAGE_BYTES = 2 << 20
+_ZERO_CHUNK_BYTES = 64 << 20
 
 
 def parse_device(device: str) -> tvm_ffi.Device:
@@ -36,6 +37,28 @@ def empty(shape, dtype: str, device: tvm_ffi.Device):
         raise ShapeError(f"allocating {dtype} on {device} needs TVM's runtime library: load a package "
                          "(pgen_runtime.load_package) or build kernels (pgen.build_kernels) first")
     return alloc(tvm_ffi.Shape([int(s) for s in shape]), tvm_ffi.dtype(dtype), device, None)
+
+
+def zeros(shape, dtype: str, device: tvm_ffi.Device):
+    """A zero-filled tensor on `device`: host memory from `host_zeros` on the CPU (numpy), else
+    `empty` zeroed in chunks, so a large device pool needs no host copy of its size."""
+    if device.dlpack_device_type() == 1 and dtype != "bfloat16":
+        return host_zeros(shape, dtype)
+    out = empty(shape, dtype, device)
+    _zero_fill(out, dtype)
+    return out
+
+
+def _zero_fill(tensor, dtype: str) -> None:
+    """Write zeros over a tvm_ffi tensor, _ZERO_CHUNK_BYTES at a time through flat views."""
+    itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+    total = int(np.prod(tuple(tensor.shape)))
+    step = max(1, _ZERO_CHUNK_BYTES // itemsize)
+    zero = np.zeros(min(total, step) * itemsize, np.uint8)
+    view = tvm_ffi.get_global_func("runtime.TVMTensorCreateView")
+    for start in range(0, total, step):
+        n = min(step, total - start)
+        copy_from_bytes(view(tensor, tvm_ffi.Shape([n]), tvm_ffi.dtype(dtype), start * itemsize), zero[: n * itemsize])
 
 
 def from_numpy(array: np.ndarray, device: tvm_ffi.Device):

@@ -21,6 +21,7 @@ from pgen_runtime import _tvm_libs, load_package
 from pgen_runtime import target as runtime_target
 from pgen_runtime.errors import ConfigError
 from pgen_runtime.package import FORMAT_VERSION, MANIFEST
+from pgen_runtime import tensors
 from pgen_runtime.tensors import HUGE_PAGE_BYTES, huge_page_eligible
 
 SPEC = AttentionSpec(num_q_heads=14, num_kv_heads=2, head_dim=64, block_size=16, dtype="float16")
@@ -115,6 +116,24 @@ def test_new_pool_is_zeroed_2mib_aligned_advised_for_huge_pages_and_runs_decode(
     for bad in (1, 0, 2.5, True):
         with pytest.raises(ConfigError, match="num_blocks"):
             kernels.new_pool(bad)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_device_zeros_overwrite_every_chunk(pkg, dtype, monkeypatch):
+    """The path a CUDA (or bfloat16) pool takes: zeroed through flat views, chunk by chunk, over
+    memory that held ones; a chunk size that does not divide the tensor leaves a short last one."""
+    load_package(pkg)  # TVM's runtime library, for tensors.empty
+    monkeypatch.setattr(tensors, "_ZERO_CHUNK_BYTES", 1000)
+    shape = (7, 3, 101)
+    cpu = tensors.parse_device("cpu")
+    t = tensors.empty(shape, dtype, cpu)
+    ones = np.ones(shape, np.float32)
+    tensors.copy_from_bytes(t, (ones.view(np.uint32) >> 16).astype(np.uint16) if dtype == "bfloat16" else ones)
+    assert tensors.to_numpy(t, dtype).any()
+    tensors._zero_fill(t, dtype)
+    assert not tensors.to_numpy(t, dtype).any()
+    z = tensors.zeros(shape, dtype, cpu)
+    assert tuple(z.shape) == shape and not tensors.to_numpy(z, dtype).any()
 
 
 def test_package_runs_in_a_process_that_never_imports_tvm(pkg, case, tmp_path):
