@@ -3,8 +3,8 @@
 `python -m pgen_runtime.measure BUNDLE --device cuda:0 -o results.json` needs only this runtime
 (numpy + apache-tvm-ffi): it loads every candidate library of a bundle written by `pgen tune
 --offline`, times each on the bundle's workload, and writes the results file that `pgen tune
---ingest` turns into a tuning log. A candidate that fails to load or run gets no time and its
-error, and the run goes on.
+--ingest` turns into a tuning log. A candidate that fails to load or run, or whose decode /
+extend output disagrees with a float64 reference, gets no time and its error, and the run goes on.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from . import reference
 from .kernels import PagedKernels
 from .spec import AttentionSpec
-from .tensors import HUGE_PAGE_BYTES, copy_from_bytes, empty, from_numpy, host_zeros, parse_device
+from .tensors import HUGE_PAGE_BYTES, copy_from_bytes, empty, from_numpy, host_zeros, parse_device, to_numpy
 
 BUNDLE = "bundle.json"
 
@@ -142,6 +143,8 @@ def measure_bundle(bundle: str | Path, device: str, progress=print) -> dict[str,
     load_tvm_runtime_libs(root / "lib" / "tvm", cuda=device.startswith("cuda"))
     results = []
     inputs: dict[str, tuple] = {}  # one set per kernel: every candidate sees the same data
+    expected: dict[str, np.ndarray | None] = {}
+    dev = parse_device(device)
     for i, cand in enumerate(meta["candidates"]):
         record = {k: cand.get(k) for k in ("kernel", "config", "key", "schedule")}
         try:
@@ -149,8 +152,11 @@ def measure_bundle(bundle: str | Path, device: str, progress=print) -> dict[str,
             kernels = PagedKernels(spec, {cand["kernel"]: module[cand["kernel"]]}, device, {cand["kernel"]: cand["config"]})
             workload = meta["workloads"][cand["kernel"]]
             if cand["kernel"] not in inputs:
-                inputs[cand["kernel"]] = make_inputs(spec, cand["kernel"], workload, device)
+                arrays = make_arrays(spec, cand["kernel"], workload)
+                inputs[cand["kernel"]] = tuple(_place(a, dtype, dev) for a, dtype in arrays)
+                expected[cand["kernel"]] = reference_output(spec, cand["kernel"], arrays)
             times = time_kernel(kernels, cand["kernel"], inputs[cand["kernel"]])
+            check_output(spec, inputs[cand["kernel"]][-1], expected[cand["kernel"]])
             record.update(times_ms=times, median_ms=statistics.median(times), error=None, workload=workload)
         except Exception as err:  # a broken candidate is recorded, never fatal
             record.update(times_ms=[], median_ms=None, error=f"{type(err).__name__}: {err}")
@@ -159,6 +165,43 @@ def measure_bundle(bundle: str | Path, device: str, progress=print) -> dict[str,
         progress(f"[{i + 1}/{len(meta['candidates'])}] {cand['kernel']} {json.dumps(cand['config'], sort_keys=True)}: {shown}")
     return {"bundle": meta["bundle_id"], "spec": meta["spec"], "target_kind": meta["target_kind"],
             "device": device_info(device), "results": results}
+
+
+# Largest error relative to the output's largest magnitude a tuning candidate may have.
+TOLERANCE = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
+
+
+def _as_float(array: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":  # uint16 bits of bfloat16
+        return (array.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return array.astype(np.float64)
+
+
+def reference_output(spec: AttentionSpec, kernel: str, arrays: tuple) -> np.ndarray | None:
+    """Float64 reference of an attention kernel's output on `make_arrays` inputs (None: not attention)."""
+    if kernel not in ("decode", "extend"):
+        return None
+    values = [_as_float(a, dtype) if dtype != "int32" else a for a, dtype in arrays]
+    if kernel == "decode":
+        q, pool, tables, lens, _ = values
+        return reference.decode(spec, q, pool, tables, lens)
+    q, pool, tables, indptr, lens, _ = values
+    return reference.extend(spec, q, pool, tables, indptr, lens)
+
+
+def check_output(spec: AttentionSpec, out, want: np.ndarray | None) -> None:
+    """Raise ValueError when a candidate's output `out` is not `want` within the dtype's tolerance.
+
+    A tuning run keeps only candidates that compute the right thing: a fast wrong kernel (a knob
+    combination no test covered, on a device no test ran on) must never become a tuned config.
+    """
+    if want is None:
+        return
+    got = _as_float(to_numpy(out, spec.dtype), spec.dtype)
+    err = float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-6))
+    if not np.isfinite(err) or err > TOLERANCE[spec.dtype]:
+        raise ValueError(f"wrong result: max relative error {err:.3g} > {TOLERANCE[spec.dtype]:g} "
+                         f"against the float64 reference")
 
 
 def device_info(device: str) -> dict[str, Any]:

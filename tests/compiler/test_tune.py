@@ -268,3 +268,20 @@ def test_log_writes_number_lists_on_one_line_and_leaves_strings_alone(tmp_path):
     saved = json.loads(text)
     saved.pop("date")
     assert saved == data
+
+
+def test_offline_bundle_keeps_only_candidates_whose_output_matches_the_reference(tmp_path, monkeypatch):
+    from pgen_runtime import measure
+
+    bundle = tune.emit_bundle(SPEC, "llvm", tmp_path / "bundle", trials=1, workloads=WORKLOAD, jobs=1)
+    results = measure.measure_bundle(bundle, "cpu", progress=lambda line: None)
+    assert [r["kernel"] for r in results["results"]] == ["decode", "extend"]
+    assert all(r["error"] is None and r["median_ms"] > 0 for r in results["results"])
+    # Against a wrong reference every candidate is rejected, with no time: ingest can never pick it.
+    right = measure.reference_output
+    monkeypatch.setattr(measure, "reference_output", lambda *args: right(*args) + 0.5)
+    results = measure.measure_bundle(bundle, "cpu", progress=lambda line: None)
+    assert all(r["median_ms"] is None and "wrong result" in r["error"] for r in results["results"])
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    log = tuning_log.load(tune.ingest(tmp_path / "results.json", bundle, tmp_path / "logs"), SPEC, "llvm")
+    assert tuning_log.best(log) == {}
