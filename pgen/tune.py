@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import datetime
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -47,10 +48,22 @@ _SPAWN = multiprocessing.get_context("spawn")
 
 
 def candidates(spec: AttentionSpec, target: BuildTarget, kernel: str, trials: int, seed: int = 0) -> list[dict]:
-    """Up to `trials` valid configs of `kernel`'s rule: the default, then a seeded sample of the rest."""
-    space = list(rule_for(kernel, target.kind).space(spec, target.info))
+    """Up to `trials` valid configs of `kernel`'s rule: the default, then a seeded sample of the rest.
+
+    A rule with kernel families of very different space sizes (CUDA extend: a few tensor-core
+    configs beside hundreds of CUDA-core ones) names them with `stratum(config)`; the sample then
+    takes the families in turn, so a small family is not crowded out.
+    """
+    rule = rule_for(kernel, target.kind)
+    space = list(rule.space(spec, target.info))
     default, rest = space[0], space[1:]
     random.Random(seed).shuffle(rest)
+    stratum = getattr(rule, "stratum", None)
+    if stratum is not None:
+        families: dict[str, list[dict]] = {}
+        for config in rest:
+            families.setdefault(stratum(config), []).append(config)
+        rest = [c for group in itertools.zip_longest(*families.values()) for c in group if c is not None]
     return [default] + rest[: max(trials - 1, 0)]
 
 

@@ -118,9 +118,12 @@ def _schedule_version(kernel: str, target_kind: str) -> str:
     from . import lower
     from .schedules import base
 
-    rule_file = Path(inspect.getfile(type(rule_for(kernel, target_kind))))
+    # The rule's own file and those of the rules it builds on (CudaExtend runs CudaAttention's template).
+    rule_files = {Path(inspect.getfile(cls)) for cls in type(rule_for(kernel, target_kind)).__mro__
+                  if cls.__module__.startswith(rule_for.__module__)}
+    schedules_dir = Path(base.__file__).parent
     h = hashlib.sha256()
-    for path in sorted({rule_file, Path(base.__file__), rule_file.parent / "_math.py", Path(lower.__file__)}):
+    for path in sorted(rule_files | {Path(base.__file__), schedules_dir / "_math.py", Path(lower.__file__)}):
         if path.is_file():
             h.update(path.read_bytes())
     return h.hexdigest()[:12]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .base import Knob, ScheduleRule, TargetInfo
 from .cpu_attention import CpuAttention
 from .cuda_attention import CudaAttention
+from .cuda_extend import CudaExtend
 from .data_movement import DataMovement
 
 _DATA_MOVEMENT = ("cache_write", "copy_blocks", "swap_out", "swap_in")
@@ -13,7 +14,9 @@ _DATA_MOVEMENT = ("cache_write", "copy_blocks", "swap_out", "swap_in")
 def rule_for(kernel: str, target_kind: str) -> ScheduleRule:
     """The rule that schedules `kernel` ("decode", "extend", ...) for "llvm" or "cuda"."""
     if kernel in ("decode", "extend"):
-        return CpuAttention(kernel) if target_kind == "llvm" else CudaAttention(kernel)
+        if target_kind == "llvm":
+            return CpuAttention(kernel)
+        return CudaAttention(kernel) if kernel == "decode" else CudaExtend()
     if kernel in _DATA_MOVEMENT:
         return DataMovement(kernel, target_kind)
     raise KeyError(f"no schedule rule for kernel {kernel!r}")

@@ -1,9 +1,11 @@
 """The GPU check, build-host half: gather into .gpu/ everything bench/gpu/check.py needs on the GPU.
 
 - packages/: fat pgen packages (llvm + sm_80 + sm_90) for Llama-3-8B and Qwen2.5-0.5B shapes,
-  fp16 and bf16;
-- bundles/: offline tuning bundles (decode/extend candidates) for the specs in --tune (fp16); the
-  TVM runtime libraries travel once, in the first bundle, and run.sh copies them to the others;
+  fp16 and bf16; the other specs in fp16; decode with `group_rows`; CUDA extend on tensor cores
+  (`mma`) for every spec. The TVM runtime libraries travel in the first package only (run.sh
+  copies them back: they are the same files, so the manifests' hashes still hold);
+- bundles/: offline tuning bundles for the entries of --tune (`spec[@dtype][/kernel+kernel]`);
+  runtime libraries likewise in the first bundle only;
 - runtime/: the pgen_runtime sources (the device has no pgen and no apache-tvm);
 - wheels/: apache-tvm-ffi for the device's Python 3.12.
 
@@ -25,21 +27,27 @@ TVM_FFI = "apache-tvm-ffi==0.1.14.post0"
 SPECS = ("llama3-8b", "qwen2.5-0.5b")
 # Checked in fp16 only: sliding window, soft-cap, head_dim 256 and 96 (a non-power-of-two lane count).
 EXTRA_SPECS = ("mistral-7b", "gemma2-9b", "phi3-mini")
-# Llama-3-8B fp16 is tuned (tuning_logs/cuda-sm_90-nvidia-h200); these shapes were not yet.
-TUNE_SPECS = ("qwen2.5-0.5b", "mistral-7b", "gemma2-9b", "phi3-mini")
+# What the H200 logs lack: extend of every fp16 spec (the tensor-core knobs made its records
+# stale), and bf16 Llama-3-8B (never tuned).
+TUNE = ("llama3-8b/extend", "qwen2.5-0.5b/extend", "mistral-7b/extend", "gemma2-9b/extend", "phi3-mini/extend",
+        "llama3-8b@bfloat16/decode+extend")
+# Tensor-core extend checked on every spec: (spec, dtype, mma tokens per block, keys per tile).
+MMA_CHECKS = (("llama3-8b", "float16", 16, 32), ("llama3-8b", "bfloat16", 16, 32), ("qwen2.5-0.5b", "float16", 16, 16),
+              ("mistral-7b", "float16", 16, 32), ("gemma2-9b", "float16", 16, 32), ("phi3-mini", "float16", 32, 32))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / ".gpu"))
     parser.add_argument("--trials", type=int, default=24, help="tuning candidates per kernel")
-    parser.add_argument("--tune", default=",".join(TUNE_SPECS),
-                        help="comma list of specs/<name>.toml to build tuning bundles for ('' for none)")
+    parser.add_argument("--tune", default=",".join(TUNE),
+                        help="comma list of specs/<name>.toml to build tuning bundles for, each as "
+                             "name[@dtype][/kernel+kernel] ('' for none)")
     args = parser.parse_args()
 
     import pgen
     from pgen.package import package
-    from pgen.tune import emit_bundle
+    from pgen.tune import TUNABLE, emit_bundle
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -58,10 +66,23 @@ def main() -> int:
     for name in EXTRA_SPECS:
         package(pgen.load_spec(REPO / "specs" / f"{name}.toml"), "llvm,cuda:sm_90", out / "packages" / f"{name}.pgenpkg",
                 progress=lambda line: print(line.splitlines()[0], flush=True))
+    for name, dtype, tokens, keys in MMA_CHECKS:
+        spec = dataclasses.replace(pgen.load_spec(REPO / "specs" / f"{name}.toml"), dtype=dtype, kv_dtype=dtype)
+        package(spec, "cuda:sm_90", out / "packages" / f"{name}-{dtype}-mma{tokens}.pgenpkg",
+                progress=lambda line: print(line.splitlines()[0], flush=True),
+                overrides={"extend": {"mma": tokens, "mma_keys": keys}})
+    # The carry is size-limited: packages after the first travel without the runtime libraries.
+    for pkg in sorted((out / "packages").glob("*.pgenpkg"))[1:]:
+        shutil.rmtree(pkg / "lib")
     libs = None
-    for name in filter(None, args.tune.split(",")):
+    for entry in filter(None, args.tune.split(",")):
+        name, _, kernels = entry.partition("/")
+        name, _, dtype = name.partition("@")
         spec = pgen.load_spec(REPO / "specs" / f"{name}.toml")
+        if dtype:
+            spec = dataclasses.replace(spec, dtype=dtype, kv_dtype=dtype)
         bundle = emit_bundle(spec, "cuda:sm_90", out / "bundles" / spec.uri, trials=args.trials,
+                             kernels=tuple(kernels.split("+")) if kernels else TUNABLE,
                              progress=lambda line: print(line, flush=True))
         # The carry is size-limited: later bundles borrow the first one's runtime libraries.
         if libs is None:

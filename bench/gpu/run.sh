@@ -6,13 +6,14 @@ cd "$(dirname "$0")/../.."
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/pgen-site .gpu/wheels/*.whl
-# Bundles after the first carry no runtime libraries (see prepare.py): give them the first one's.
+# Packages and bundles after the first carry no runtime libraries (see prepare.py): give them
+# the first one's.
 first=""
-for b in .gpu/bundles/*/; do
+for b in .gpu/packages/*/ .gpu/bundles/*/; do
   if [ -d "$b/lib" ]; then first="${first:-$b}"; fi
 done
-for b in .gpu/bundles/*/; do
-  if [ ! -d "$b/lib" ] && [ -n "$first" ]; then cp -r "$first/lib" "$b/lib"; fi
+for b in .gpu/packages/*/ .gpu/bundles/*/; do
+  if [ -d "$b" ] && [ ! -d "$b/lib" ] && [ -n "$first" ]; then cp -r "$first/lib" "$b/lib"; fi
 done
 export PYTHONPATH="/tmp/pgen-site:$PWD/.gpu/runtime" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true

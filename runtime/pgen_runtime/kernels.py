@@ -266,7 +266,8 @@ def extend_q_tiles(config: dict[str, Any], new_tokens: np.ndarray, kind: str) ->
     """
     if not len(new_tokens):
         return 1
-    tiles = -(-new_tokens.astype(np.int64) // config.get("q_tile", 1))
+    # CUDA extend's tensor-core kernel (`mma` > 0) takes `mma` query tokens per thread block.
+    tiles = -(-new_tokens.astype(np.int64) // (config.get("mma") or config.get("q_tile", 1)))
     if kind == "cpu":
         return max(int(-(-int(tiles.sum()) // len(tiles))), 1)
     return max(int(tiles.max()), 1)

@@ -158,3 +158,19 @@ def test_every_smoke_spec_builds_sass_for_sm80_and_sm90_without_spills(spec, cud
             assert 0 < k["registers"] <= 255 and k["shared_bytes"] <= 48 * 1024, (arch, k)
     summary = lib.summary()
     assert "sm_80 decode_kernel" in summary and "spill_st=0" in summary
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_tensor_core_extend_builds_hmma_sass_for_sm80_and_sm90(dtype, cuda_toolchain):
+    from pgen import cuda
+
+    spec = AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype=dtype)
+    lib = build_library(spec, "cuda:sm_80,sm_90", overrides={"extend": {"mma": 16, "mma_keys": 32}})
+    for arch, kernels in lib.sass.items():
+        (extend,) = [k for k in kernels if k["name"] == "extend_kernel"]
+        # ptxas keeps one 8-byte stack slot in the fp16 sm_80 build (as in SPILLS above); no more.
+        assert extend["local_stores"] <= 1 and extend["local_loads"] <= 1 and extend["registers"] <= 255, (arch, extend)
+        sass = cuda._cuobjdump("--dump-sass", lib.path.parent / f"kernels.{arch}.cubin")
+        body = sass[sass.index("extend_kernel"):]
+        assert "HMMA" in body, f"{arch}: no tensor-core instruction in extend_kernel"

@@ -161,3 +161,39 @@ def test_both_cpu_score_loops_match_the_reference(spec, extend_qk):
     got = reference.run_kernels(kernels, case)
     for what in ("decode", "extend"):
         reference.assert_attention_close(spec, got[what], want[what], what)
+
+
+def test_cuda_extend_tensor_core_knobs_and_plan():
+    from pgen.schedules.cuda_extend import CudaExtend, mma_shared_bytes
+    from pgen.target import parse_targets
+    from pgen.tune import candidates
+    from pgen_runtime.kernels import extend_q_tiles
+
+    target = parse_targets("cuda:sm_80,sm_90")[0]
+    info = target.info
+    rule = CudaExtend()
+    llama = pgen.AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float16")
+    fp32 = pgen.AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float32")
+    mixed = pgen.AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float32",
+                               kv_dtype="float16")
+    assert {"mma", "mma_keys"} <= {k.name for k in rule.knobs(llama, info)}
+    for spec in (fp32, mixed):  # wmma needs one 16-bit type for both operands
+        assert "mma" not in {k.name for k in rule.knobs(spec, info)}
+    default = rule.default(llama, info)
+    assert default["mma"] == 0  # the CUDA-core kernel stays the default until a log picks mma
+    mma = {**default, "mma": 16, "mma_keys": 32}
+    assert rule.check(llama, info, mma) is None
+    assert "keep their defaults" in rule.check(llama, info, {**mma, "q_tile": 1})  # no duplicate configs
+    assert "only applies" in rule.check(llama, info, {**default, "mma_keys": 64})
+    assert "opt-in limit" in rule.check(llama, info, {**mma, "mma": 32})  # 198 KiB of shared memory
+    assert mma_shared_bytes(llama, mma) > 99 * 1024
+    sm86 = parse_targets("cuda:sm_86")[0].info  # 99 KiB per block on the consumer archs
+    assert "opt-in limit" in rule.check(llama, sm86, mma)
+    # A tuning sample holds every tensor-core config beside CUDA-core ones.
+    space = [c for c in rule.space(llama, info) if c["mma"]]
+    sample = candidates(llama, target, "extend", 12)
+    assert all(c in sample for c in space) and len(space) == 3
+    assert sum(1 for c in sample if not c["mma"]) >= 12 - len(space)
+    # The launch plan counts query tiles of `mma` tokens.
+    assert extend_q_tiles(mma, np.array([100, 1]), "cuda") == 7
+    assert extend_q_tiles(default, np.array([100, 1]), "cuda") == 25

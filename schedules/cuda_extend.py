@@ -1,0 +1,309 @@
+"""CUDA rule for extend (prefill over the paged cache): the CUDA-core template, or tensor cores.
+
+`mma` > 0 selects a WMMA kernel (fp16/bf16 with q and KV of one dtype, head_dim a multiple of 16):
+a thread block owns `mma` query tokens of one sequence times the GQA group of one KV head (16 query
+rows per warp) and walks the key range in tiles of `mma_keys` keys gathered through the block table
+into shared memory. Per tile each warp computes its 16 x mma_keys scores with m16n16k16 tensor-core
+products (fp32 accumulators), applies scale / soft-cap / causal and window masks and the online
+softmax in registers (two lanes per row), writes P in the input dtype, and adds P·V, computed one
+16-column slice at a time, into an fp32 output tile in shared memory, rescaling that tile's rows by
+the softmax correction as it goes. No accumulator fragment is ever read element-wise or loaded back
+(their register layout is not specified by CUDA), and only the warp's own rows are touched between
+__syncwarp barriers.
+
+NOTE: wmma pointers must be 256-bit aligned. Every shared buffer's size is a multiple of 32 bytes and
+every fragment's row and column offsets are multiples of 16 elements, so the offsets TVM gives the
+buffers in its one dynamic shared allocation keep that alignment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvm.script import tirx as T
+
+from pgen_runtime.spec import AttentionSpec
+
+from .base import Knob, TargetInfo, elem_bytes
+from .cuda_attention import LOG2E, NEG, CudaAttention
+
+# Dynamic shared memory a block may opt into: 163 KiB on sm_80/sm_87 (227 KiB on sm_90 is not
+# used: a tuned sm_90 config must also build for the sm_80 half of a fat package); 99 KiB on the
+# consumer archs.
+DYN_SHARED_LIMIT = 163 * 1024
+DYN_SHARED_LIMIT_SMALL = {"sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_120": 99 * 1024}
+MMA_TOKENS = (0, 16, 32, 64)
+MMA_KEYS = (16, 32, 64)
+VEC = 8  # 16-byte global loads of fp16/bf16
+CHUNK = 16  # output-tile elements a lane updates per barrier (16 x head_dim / 32 is a multiple)
+
+
+class CudaExtend(CudaAttention):
+    """Extend on CUDA: the shared CUDA-core template (`mma` 0) or the tensor-core kernel."""
+
+    def __init__(self) -> None:
+        super().__init__("extend")
+
+    def knobs(self, spec: AttentionSpec, target: TargetInfo) -> tuple[Knob, ...]:
+        knobs = super().knobs(spec, target)
+        if not _mma_possible(spec):
+            return knobs
+        return knobs + (Knob("mma", MMA_TOKENS, 0), Knob("mma_keys", MMA_KEYS, 32))
+
+    def check(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]) -> str | None:
+        if not config.get("mma"):
+            if config.get("mma_keys", 32) != 32:
+                return "mma_keys only applies with mma > 0"
+            return super().check(spec, target, config)
+        if not _mma_possible(spec):
+            return (f"mma needs q and KV in one 16-bit dtype and head_dim a multiple of 16 "
+                    f"(dtype {spec.dtype}, kv_dtype {spec.kv_dtype}, head_dim {spec.head_dim})")
+        defaults = {k.name: k.default for k in super().knobs(spec, target)}
+        if any(config[name] != value for name, value in defaults.items()):
+            return "the CUDA-core knobs do not apply with mma > 0 (keep their defaults)"
+        threads = config["mma"] * spec.group_size // 16 * 32
+        if threads > target.max_threads_per_block:
+            return f"{threads} threads per block > the target's limit {target.max_threads_per_block}"
+        smem = mma_shared_bytes(spec, config)
+        limit = DYN_SHARED_LIMIT_SMALL.get(target.arch.rstrip("a"), DYN_SHARED_LIMIT)
+        if smem > limit:
+            return f"{smem} bytes of shared memory > {limit}, the opt-in limit of {target.arch}"
+        return None
+
+    def stratum(self, config: dict[str, Any]) -> str:
+        """Tuning samples the two kernel families side by side (see pgen.tune.candidates)."""
+        return "mma" if config.get("mma") else "simt"
+
+    def apply(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]):
+        if target.kind != "cuda":
+            return None
+        if config.get("mma"):
+            return _mma_extend(spec, config)
+        return super().apply(spec, target, config)
+
+
+def _mma_possible(spec: AttentionSpec) -> bool:
+    return spec.dtype == spec.kv_dtype and spec.dtype in ("float16", "bfloat16") and spec.head_dim % 16 == 0
+
+
+def mma_shared_bytes(spec: AttentionSpec, config: dict[str, Any]) -> int:
+    rows, nk, d = config["mma"] * spec.group_size, config["mma_keys"], spec.head_dim
+    return (rows * (d + 8) * 2 + 2 * nk * (d + 8) * 2 + rows * (max(nk, d) + 4) * 4 + rows * (nk + 8) * 2
+            + rows * d * 4 + rows * 4)
+
+
+def _mma_extend(spec: AttentionSpec, config: dict[str, Any]):
+    hq, hkv, d, bs, g = spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.block_size, spec.group_size
+    qt = config["mma"]
+    nk = config["mma_keys"]
+    rows = qt * g
+    warps = rows // 16
+    threads = warps * 32
+    nfs = nk // 16  # score fragments per warp (16 keys each)
+    nfd = d // 16  # 16-wide slices of head_dim
+    ldq, ldk, lds, ldp, ldo = d + 8, d + 8, max(nk, d) + 4, nk + 8, d
+    # Offsets (elements) of the tiles in the two shared buffers: 16-bit Q, K, V, P; fp32 scores /
+    # P·V scratch, output and per-row factors. Every tile is a multiple of 16 rows, so every
+    # offset keeps wmma's 256-bit pointer alignment.
+    # NOTE: one buffer per type, not one per tile: TVM's storage rewrite reuses a dead tile's
+    # memory for a tile of the other type, which breaks tvm_access_ptr's type check.
+    QO, KO = 0, rows * ldq
+    VO = KO + nk * ldk
+    PO = VO + nk * ldk
+    H_ELEMS = PO + rows * ldp
+    SO, OO = 0, rows * lds
+    AO = OO + rows * ldo
+    F_ELEMS = AO + rows
+    dv = d // VEC
+    q_loads = (rows * dv + threads - 1) // threads
+    kv_loads = (nk * dv + threads - 1) // threads
+    per_lane = 16 * d // 32  # elements of the warp's 16 x d output tile per lane
+    half = nk // 2  # keys per lane in the softmax (two lanes per row)
+    dtype = spec.dtype
+    has_cap = spec.logit_softcap is not None
+    q_scale = spec.scale if has_cap else spec.scale * LOG2E
+    inv_cap = 1.0 / spec.logit_softcap if has_cap else 1.0
+    cap_log2e = spec.logit_softcap * LOG2E if has_cap else 1.0
+    window = spec.sliding_window if spec.sliding_window is not None else 1 << 30
+
+    @T.prim_func(s_tir=True)
+    def attention(
+        q_h: T.handle,
+        pool_h: T.handle,
+        bt_h: T.handle,
+        indptr_h: T.handle,
+        lens_h: T.handle,
+        out_h: T.handle,
+        num_splits: T.int32,
+        max_q_tiles: T.int32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        B = T.int32()
+        NT = T.int32()
+        NB = T.int32()
+        MB = T.int32()
+        q = T.match_buffer(q_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
+        kv_pool = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), dtype, align=elem_bytes(dtype))
+        block_tables = T.match_buffer(bt_h, (B, MB), "int32", align=4)
+        q_indptr = T.match_buffer(indptr_h, (B + 1,), "int32", align=4)
+        seq_lens = T.match_buffer(lens_h, (B,), "int32", align=4)
+        out = T.match_buffer(out_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
+        for bx in T.thread_binding(B * max_q_tiles, thread="blockIdx.x"):
+            for h in T.thread_binding(hkv, thread="blockIdx.y"):
+                for ty in T.thread_binding(warps, thread="threadIdx.y"):
+                    for tx in T.thread_binding(32, thread="threadIdx.x"):
+                        with T.sblock("attn_mma"):
+                            T.reads()
+                            T.writes()
+                            # Two shared buffers, one per element type, carved into tiles (see
+                            # the offsets above): both live through the whole kernel.
+                            hb = T.sblock_alloc_buffer((H_ELEMS,), dtype, scope="shared.dyn")
+                            fb = T.sblock_alloc_buffer((F_ELEMS,), "float32", scope="shared.dyn")
+                            fq = T.sblock_alloc_buffer((16, 16 * nfd), dtype, scope="wmma.matrix_a")
+                            fp = T.sblock_alloc_buffer((16, 16 * nfs), dtype, scope="wmma.matrix_a")
+                            fk = T.sblock_alloc_buffer((16, 16), dtype, scope="wmma.matrix_b")
+                            fv = T.sblock_alloc_buffer((16, 16), dtype, scope="wmma.matrix_b")
+                            fs = T.sblock_alloc_buffer((16, 16 * nfs), "float32", scope="wmma.accumulator")
+                            fo = T.sblock_alloc_buffer((16, 16), "float32", scope="wmma.accumulator")
+                            st = T.sblock_alloc_buffer((4,), "float32", scope="local")
+                            sv = T.sblock_alloc_buffer((half,), "float32", scope="local")
+                            ov = T.sblock_alloc_buffer((CHUNK,), "float32", scope="local")
+                            b = bx // max_q_tiles
+                            i0 = bx % max_q_tiles * qt
+                            row0 = q_indptr[b]
+                            n_new = q_indptr[b + 1] - row0
+                            length = seq_lens[b]
+                            i1 = T.min(n_new, i0 + qt)
+                            k_hi = length - n_new + i1
+                            k_lo = T.max(length - n_new + i0 - window + 1, 0)
+                            # A slot past this sequence's last tile has nothing to do.
+                            n_iter = T.if_then_else(i0 < n_new, T.ceildiv(T.max(k_hi - k_lo, 0), nk), 0)
+                            # This lane's softmax row (two lanes per row) and its query token.
+                            r = ty * 16 + tx // 2
+                            hf = tx % 2
+                            tok = i0 + r // g
+                            pos = length - n_new + tok
+                            # Q rows (token-major, then the group's heads), zero past the new tokens.
+                            for j in T.serial(q_loads):
+                                if j * threads + ty * 32 + tx < rows * dv:
+                                    if i0 + (j * threads + ty * 32 + tx) // dv // g < n_new:
+                                        for v in T.vectorized(VEC):
+                                            hb[QO + ((j * threads + ty * 32 + tx) // dv) * ldq + (j * threads + ty * 32 + tx) % dv * VEC + v] = q[
+                                                row0 + i0 + (j * threads + ty * 32 + tx) // dv // g,
+                                                h * g + (j * threads + ty * 32 + tx) // dv % g,
+                                                (j * threads + ty * 32 + tx) % dv * VEC + v]
+                                    else:
+                                        for v in T.vectorized(VEC):
+                                            hb[QO + ((j * threads + ty * 32 + tx) // dv) * ldq + (j * threads + ty * 32 + tx) % dv * VEC + v] = T.cast(0, dtype)
+                            for e in T.serial(per_lane):
+                                fb[OO + (ty * 16 + (e * 32 + tx) // d) * ldo + (e * 32 + tx) % d] = T.float32(0)
+                            T.tvm_storage_sync("shared")
+                            # The warp's Q stays in registers (one fragment per 16 columns of head_dim).
+                            for kk in T.unroll(nfd):
+                                T.evaluate(T.tvm_load_matrix_sync(
+                                    fq.data, 16, 16, 16, kk,
+                                    T.tvm_access_ptr(T.type_annotation(dtype), hb.data, QO + ty * 16 * ldq + kk * 16, 16 * ldq, 1),
+                                    ldq, "row_major", dtype="void"))
+                            st[0] = T.float32(NEG)
+                            st[1] = T.float32(0)
+                            for it in T.serial(n_iter):
+                                # K/V tile through the block table; rows past the range are zero
+                                # (P is 0 there, and 0 x a NaN of an unused slot would be NaN).
+                                for j in T.serial(kv_loads):
+                                    if j * threads + ty * 32 + tx < nk * dv:
+                                        if k_lo + it * nk + (j * threads + ty * 32 + tx) // dv < k_hi:
+                                            for v in T.vectorized(VEC):
+                                                hb[KO + ((j * threads + ty * 32 + tx) // dv) * ldk + (j * threads + ty * 32 + tx) % dv * VEC + v] = kv_pool[
+                                                    block_tables[b, (k_lo + it * nk + (j * threads + ty * 32 + tx) // dv) // bs], 0, h,
+                                                    (k_lo + it * nk + (j * threads + ty * 32 + tx) // dv) % bs, (j * threads + ty * 32 + tx) % dv * VEC + v]
+                                            for v in T.vectorized(VEC):
+                                                hb[VO + ((j * threads + ty * 32 + tx) // dv) * ldk + (j * threads + ty * 32 + tx) % dv * VEC + v] = kv_pool[
+                                                    block_tables[b, (k_lo + it * nk + (j * threads + ty * 32 + tx) // dv) // bs], 1, h,
+                                                    (k_lo + it * nk + (j * threads + ty * 32 + tx) // dv) % bs, (j * threads + ty * 32 + tx) % dv * VEC + v]
+                                        else:
+                                            for v in T.vectorized(VEC):
+                                                hb[KO + ((j * threads + ty * 32 + tx) // dv) * ldk + (j * threads + ty * 32 + tx) % dv * VEC + v] = T.cast(0, dtype)
+                                            for v in T.vectorized(VEC):
+                                                hb[VO + ((j * threads + ty * 32 + tx) // dv) * ldk + (j * threads + ty * 32 + tx) % dv * VEC + v] = T.cast(0, dtype)
+                                T.tvm_storage_sync("shared")
+                                # S = Q K^T for the warp's 16 rows, then to shared memory.
+                                for n in T.unroll(nfs):
+                                    T.evaluate(T.tvm_fill_fragment(fs.data, 16, 16, 16, n, T.float32(0), dtype="void"))
+                                for kk in T.unroll(nfd):
+                                    for n in T.unroll(nfs):
+                                        T.evaluate(T.tvm_load_matrix_sync(
+                                            fk.data, 16, 16, 16, 0,
+                                            T.tvm_access_ptr(T.type_annotation(dtype), hb.data, KO + n * 16 * ldk + kk * 16, 16 * ldk, 1),
+                                            ldk, "col_major", dtype="void"))
+                                        T.evaluate(T.tvm_mma_sync(fs.data, n, fq.data, kk, fk.data, 0, fs.data, n, dtype="void"))
+                                for n in T.unroll(nfs):
+                                    T.evaluate(T.tvm_store_matrix_sync(
+                                        fs.data, 16, 16, 16, n,
+                                        T.tvm_access_ptr(T.type_annotation("float32"), fb.data, SO + ty * 16 * lds + n * 16, 16 * lds, 2),
+                                        lds, "row_major", dtype="void"))
+                                T.evaluate(T.call_extern("void", "__syncwarp"))
+                                # Online softmax of row r over this lane's half of the tile.
+                                st[2] = st[0]
+                                for j in T.unroll(half):
+                                    if (k_lo + it * nk + hf * half + j < k_hi and k_lo + it * nk + hf * half + j <= pos
+                                            and k_lo + it * nk + hf * half + j > pos - window and tok < i1):
+                                        if has_cap:
+                                            sv[j] = T.tanh(fb[SO + (r) * lds + hf * half + j] * q_scale * inv_cap) * cap_log2e
+                                        else:
+                                            sv[j] = fb[SO + (r) * lds + hf * half + j] * q_scale
+                                    else:
+                                        sv[j] = T.float32(NEG)
+                                    st[2] = T.max(st[2], sv[j])
+                                st[2] = T.max(st[2], T.tvm_warp_shuffle_xor(T.tvm_warp_activemask(), st[2], 1, 32, 32))
+                                st[3] = T.exp2(st[0] - st[2])
+                                st[1] = st[1] * st[3]
+                                for j in T.unroll(half):
+                                    sv[j] = T.if_then_else(sv[j] > T.float32(NEG), T.exp2(sv[j] - st[2]), T.float32(0))
+                                    st[1] = st[1] + sv[j]
+                                    hb[PO + (r) * ldp + hf * half + j] = T.cast(sv[j], dtype)
+                                if hf == 0:
+                                    fb[AO + r] = st[3]
+                                st[0] = st[2]
+                                T.evaluate(T.call_extern("void", "__syncwarp"))
+                                # P V for the warp's rows, 16 columns at a time, into its rows of ss
+                                # (the scores are read by now).
+                                for kk in T.unroll(nfs):
+                                    T.evaluate(T.tvm_load_matrix_sync(
+                                        fp.data, 16, 16, 16, kk,
+                                        T.tvm_access_ptr(T.type_annotation(dtype), hb.data, PO + ty * 16 * ldp + kk * 16, 16 * ldp, 1),
+                                        ldp, "row_major", dtype="void"))
+                                for dn in T.serial(nfd):
+                                    T.evaluate(T.tvm_fill_fragment(fo.data, 16, 16, 16, 0, T.float32(0), dtype="void"))
+                                    for kk in T.unroll(nfs):
+                                        T.evaluate(T.tvm_load_matrix_sync(
+                                            fv.data, 16, 16, 16, 0,
+                                            T.tvm_access_ptr(T.type_annotation(dtype), hb.data, VO + kk * 16 * ldk + dn * 16, 16 * ldk, 1),
+                                            ldk, "row_major", dtype="void"))
+                                        T.evaluate(T.tvm_mma_sync(fo.data, 0, fp.data, kk, fv.data, 0, fo.data, 0, dtype="void"))
+                                    T.evaluate(T.tvm_store_matrix_sync(
+                                        fo.data, 16, 16, 16, 0,
+                                        T.tvm_access_ptr(T.type_annotation("float32"), fb.data, SO + ty * 16 * lds + dn * 16, 16 * lds, 2),
+                                        lds, "row_major", dtype="void"))
+                                T.evaluate(T.call_extern("void", "__syncwarp"))
+                                # O = alpha O + P V on the warp's rows; each lane keeps to its elements.
+                                # NOTE: read a chunk into registers, then write it: TVM's barrier
+                                # insertion cannot tell lanes' elements apart and puts a
+                                # __syncthreads before every write that follows a read of the tile.
+                                for c in T.serial(per_lane // CHUNK):
+                                    for e in T.unroll(CHUNK):
+                                        ov[e] = (fb[OO + (ty * 16 + ((c * CHUNK + e) * 32 + tx) // d) * ldo + ((c * CHUNK + e) * 32 + tx) % d]
+                                                 * fb[AO + ty * 16 + ((c * CHUNK + e) * 32 + tx) // d]
+                                                 + fb[SO + (ty * 16 + ((c * CHUNK + e) * 32 + tx) // d) * lds + ((c * CHUNK + e) * 32 + tx) % d])
+                                    for e in T.unroll(CHUNK):
+                                        fb[OO + (ty * 16 + ((c * CHUNK + e) * 32 + tx) // d) * ldo + ((c * CHUNK + e) * 32 + tx) % d] = ov[e]
+                                T.tvm_storage_sync("shared")
+                            st[1] = st[1] + T.tvm_warp_shuffle_xor(T.tvm_warp_activemask(), st[1], 1, 32, 32)
+                            if hf == 0:
+                                fb[AO + r] = st[1]
+                            T.tvm_storage_sync("shared")
+                            for e in T.serial(per_lane):
+                                if n_iter > 0 and i0 + (ty * 16 + (e * 32 + tx) // d) // g < i1:
+                                    out[row0 + i0 + (ty * 16 + (e * 32 + tx) // d) // g, h * g + (ty * 16 + (e * 32 + tx) // d) % g, (e * 32 + tx) % d] = T.cast(
+                                        fb[OO + (ty * 16 + (e * 32 + tx) // d) * ldo + (e * 32 + tx) % d] / T.max(fb[AO + ty * 16 + (e * 32 + tx) // d], T.float32(1e-30)), dtype)
+
+    return attention
