@@ -50,6 +50,23 @@ class CudaExtend(CudaAttention):
             return knobs
         return knobs + (Knob("mma", MMA_TOKENS, 0), Knob("mma_keys", MMA_KEYS, 32))
 
+    def default(self, spec: AttentionSpec, target: TargetInfo) -> dict[str, Any]:
+        """The tensor-core kernel where it applies and fits the target (4-8x the CUDA-core one on
+        an H200 for every spec pgen ships), else the CUDA-core template's default."""
+        config = super().default(spec, target)
+        if _mma_possible(spec):
+            # At least 4 warps (64 query rows) per block where shared memory allows: one or two
+            # warps leave each thread so many K/V loads to stage that registers spill.
+            most = next(t for t in MMA_TOKENS[1:] if t * spec.group_size >= 64 or t == MMA_TOKENS[-1])
+            for tokens in sorted((t for t in MMA_TOKENS[1:] if t <= most), reverse=True):
+                for keys in (32, 16):
+                    mma = {**config, "mma": tokens, "mma_keys": keys}
+                    threads = tokens * spec.group_size // 16 * 32
+                    staged = -(-keys * spec.head_dim // VEC // threads)  # 16-byte K and V loads per thread
+                    if staged <= 8 and self.check(spec, target, mma) is None:
+                        return mma
+        return config
+
     def check(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]) -> str | None:
         if not config.get("mma"):
             if config.get("mma_keys", 32) != 32:
@@ -101,6 +118,7 @@ def _mma_extend(spec: AttentionSpec, config: dict[str, Any]):
     threads = warps * 32
     nfs = nk // 16  # score fragments per warp (16 keys each)
     nfd = d // 16  # 16-wide slices of head_dim
+    fg = next(f for f in (8, 6, 4) if nfd % f == 0)  # P·V output fragments held at once
     ldq, ldk, lds, ldp, ldo = d + 8, d + 8, max(nk, d) + 4, nk + 8, d
     # Offsets (elements) of the tiles in the two shared buffers: 16-bit Q, K, V, P; fp32 scores /
     # P·V scratch, output and per-row factors. Every tile is a multiple of 16 rows, so every
@@ -164,7 +182,9 @@ def _mma_extend(spec: AttentionSpec, config: dict[str, Any]):
                             fk = T.sblock_alloc_buffer((16, 16), dtype, scope="wmma.matrix_b")
                             fv = T.sblock_alloc_buffer((16, 16), dtype, scope="wmma.matrix_b")
                             fs = T.sblock_alloc_buffer((16, 16 * nfs), "float32", scope="wmma.accumulator")
-                            fo = T.sblock_alloc_buffer((16, 16), "float32", scope="wmma.accumulator")
+                            fo = T.sblock_alloc_buffer((16, 16 * fg), "float32", scope="wmma.accumulator")
+                            kr = T.sblock_alloc_buffer((kv_loads, VEC), dtype, scope="local")
+                            vr = T.sblock_alloc_buffer((kv_loads, VEC), dtype, scope="local")
                             st = T.sblock_alloc_buffer((4,), "float32", scope="local")
                             sv = T.sblock_alloc_buffer((half,), "float32", scope="local")
                             ov = T.sblock_alloc_buffer((CHUNK,), "float32", scope="local")
@@ -206,26 +226,45 @@ def _mma_extend(spec: AttentionSpec, config: dict[str, Any]):
                                     ldq, "row_major", dtype="void"))
                             st[0] = T.float32(NEG)
                             st[1] = T.float32(0)
+                            # K/V tiles go global -> registers -> shared memory: the next tile's loads
+                            # are issued before this tile's math, so they are in flight while it runs.
+                            # Rows past the range are zero (P is 0 there, and 0 x a NaN of an
+                            # unused slot would be NaN).
+                            for j in T.serial(kv_loads):
+                                if j * threads + ty * 32 + tx < nk * dv and k_lo + (j * threads + ty * 32 + tx) // dv < k_hi:
+                                    for v in T.vectorized(VEC):
+                                        kr[j, v] = kv_pool[block_tables[b, (k_lo + (j * threads + ty * 32 + tx) // dv) // bs], 0, h,
+                                                           (k_lo + (j * threads + ty * 32 + tx) // dv) % bs, (j * threads + ty * 32 + tx) % dv * VEC + v]
+                                    for v in T.vectorized(VEC):
+                                        vr[j, v] = kv_pool[block_tables[b, (k_lo + (j * threads + ty * 32 + tx) // dv) // bs], 1, h,
+                                                           (k_lo + (j * threads + ty * 32 + tx) // dv) % bs, (j * threads + ty * 32 + tx) % dv * VEC + v]
+                                else:
+                                    for v in T.vectorized(VEC):
+                                        kr[j, v] = T.cast(0, dtype)
+                                    for v in T.vectorized(VEC):
+                                        vr[j, v] = T.cast(0, dtype)
                             for it in T.serial(n_iter):
-                                # K/V tile through the block table; rows past the range are zero
-                                # (P is 0 there, and 0 x a NaN of an unused slot would be NaN).
                                 for j in T.serial(kv_loads):
                                     if j * threads + ty * 32 + tx < nk * dv:
-                                        if k_lo + it * nk + (j * threads + ty * 32 + tx) // dv < k_hi:
-                                            for v in T.vectorized(VEC):
-                                                hb[KO + ((j * threads + ty * 32 + tx) // dv) * ldk + (j * threads + ty * 32 + tx) % dv * VEC + v] = kv_pool[
-                                                    block_tables[b, (k_lo + it * nk + (j * threads + ty * 32 + tx) // dv) // bs], 0, h,
-                                                    (k_lo + it * nk + (j * threads + ty * 32 + tx) // dv) % bs, (j * threads + ty * 32 + tx) % dv * VEC + v]
-                                            for v in T.vectorized(VEC):
-                                                hb[VO + ((j * threads + ty * 32 + tx) // dv) * ldk + (j * threads + ty * 32 + tx) % dv * VEC + v] = kv_pool[
-                                                    block_tables[b, (k_lo + it * nk + (j * threads + ty * 32 + tx) // dv) // bs], 1, h,
-                                                    (k_lo + it * nk + (j * threads + ty * 32 + tx) // dv) % bs, (j * threads + ty * 32 + tx) % dv * VEC + v]
-                                        else:
-                                            for v in T.vectorized(VEC):
-                                                hb[KO + ((j * threads + ty * 32 + tx) // dv) * ldk + (j * threads + ty * 32 + tx) % dv * VEC + v] = T.cast(0, dtype)
-                                            for v in T.vectorized(VEC):
-                                                hb[VO + ((j * threads + ty * 32 + tx) // dv) * ldk + (j * threads + ty * 32 + tx) % dv * VEC + v] = T.cast(0, dtype)
+                                        for v in T.vectorized(VEC):
+                                            hb[KO + (j * threads + ty * 32 + tx) // dv * ldk + (j * threads + ty * 32 + tx) % dv * VEC + v] = kr[j, v]
+                                        for v in T.vectorized(VEC):
+                                            hb[VO + (j * threads + ty * 32 + tx) // dv * ldk + (j * threads + ty * 32 + tx) % dv * VEC + v] = vr[j, v]
                                 T.tvm_storage_sync("shared")
+                                for j in T.serial(kv_loads):
+                                    if (j * threads + ty * 32 + tx < nk * dv
+                                            and k_lo + (it + 1) * nk + (j * threads + ty * 32 + tx) // dv < k_hi):
+                                        for v in T.vectorized(VEC):
+                                            kr[j, v] = kv_pool[block_tables[b, (k_lo + (it + 1) * nk + (j * threads + ty * 32 + tx) // dv) // bs], 0, h,
+                                                               (k_lo + (it + 1) * nk + (j * threads + ty * 32 + tx) // dv) % bs, (j * threads + ty * 32 + tx) % dv * VEC + v]
+                                        for v in T.vectorized(VEC):
+                                            vr[j, v] = kv_pool[block_tables[b, (k_lo + (it + 1) * nk + (j * threads + ty * 32 + tx) // dv) // bs], 1, h,
+                                                               (k_lo + (it + 1) * nk + (j * threads + ty * 32 + tx) // dv) % bs, (j * threads + ty * 32 + tx) % dv * VEC + v]
+                                    else:
+                                        for v in T.vectorized(VEC):
+                                            kr[j, v] = T.cast(0, dtype)
+                                        for v in T.vectorized(VEC):
+                                            vr[j, v] = T.cast(0, dtype)
                                 # S = Q K^T for the warp's 16 rows, then to shared memory.
                                 for n in T.unroll(nfs):
                                     T.evaluate(T.tvm_fill_fragment(fs.data, 16, 16, 16, n, T.float32(0), dtype="void"))
@@ -272,18 +311,21 @@ def _mma_extend(spec: AttentionSpec, config: dict[str, Any]):
                                         fp.data, 16, 16, 16, kk,
                                         T.tvm_access_ptr(T.type_annotation(dtype), hb.data, PO + ty * 16 * ldp + kk * 16, 16 * ldp, 1),
                                         ldp, "row_major", dtype="void"))
-                                for dn in T.serial(nfd):
-                                    T.evaluate(T.tvm_fill_fragment(fo.data, 16, 16, 16, 0, T.float32(0), dtype="void"))
+                                for dg in T.serial(nfd // fg):
+                                    for f in T.unroll(fg):
+                                        T.evaluate(T.tvm_fill_fragment(fo.data, 16, 16, 16, f, T.float32(0), dtype="void"))
                                     for kk in T.unroll(nfs):
-                                        T.evaluate(T.tvm_load_matrix_sync(
-                                            fv.data, 16, 16, 16, 0,
-                                            T.tvm_access_ptr(T.type_annotation(dtype), hb.data, VO + kk * 16 * ldk + dn * 16, 16 * ldk, 1),
-                                            ldk, "row_major", dtype="void"))
-                                        T.evaluate(T.tvm_mma_sync(fo.data, 0, fp.data, kk, fv.data, 0, fo.data, 0, dtype="void"))
-                                    T.evaluate(T.tvm_store_matrix_sync(
-                                        fo.data, 16, 16, 16, 0,
-                                        T.tvm_access_ptr(T.type_annotation("float32"), fb.data, SO + ty * 16 * lds + dn * 16, 16 * lds, 2),
-                                        lds, "row_major", dtype="void"))
+                                        for f in T.unroll(fg):
+                                            T.evaluate(T.tvm_load_matrix_sync(
+                                                fv.data, 16, 16, 16, 0,
+                                                T.tvm_access_ptr(T.type_annotation(dtype), hb.data, VO + kk * 16 * ldk + (dg * fg + f) * 16, 16 * ldk, 1),
+                                                ldk, "row_major", dtype="void"))
+                                            T.evaluate(T.tvm_mma_sync(fo.data, f, fp.data, kk, fv.data, 0, fo.data, f, dtype="void"))
+                                    for f in T.unroll(fg):
+                                        T.evaluate(T.tvm_store_matrix_sync(
+                                            fo.data, 16, 16, 16, f,
+                                            T.tvm_access_ptr(T.type_annotation("float32"), fb.data, SO + ty * 16 * lds + (dg * fg + f) * 16, 16 * lds, 2),
+                                            lds, "row_major", dtype="void"))
                                 T.evaluate(T.call_extern("void", "__syncwarp"))
                                 # O = alpha O + P V on the warp's rows; each lane keeps to its elements.
                                 # NOTE: read a chunk into registers, then write it: TVM's barrier

@@ -174,3 +174,19 @@ def test_tensor_core_extend_builds_hmma_sass_for_sm80_and_sm90(dtype, cuda_toolc
         sass = cuda._cuobjdump("--dump-sass", lib.path.parent / f"kernels.{arch}.cubin")
         body = sass[sass.index("extend_kernel"):]
         assert "HMMA" in body, f"{arch}: no tensor-core instruction in extend_kernel"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["llama3-8b", "qwen2.5-0.5b", "gemma2-9b", "phi3-mini"])
+def test_default_tensor_core_extend_of_each_shipped_spec_builds_without_spills(name, cuda_toolchain):
+    import pgen
+    from pgen.schedules import rule_for
+
+    spec = pgen.load_spec(Path(__file__).resolve().parents[2] / "specs" / f"{name}.toml")
+    target = parse_targets("cuda:sm_80,sm_90")[0]
+    config = rule_for("extend", "cuda").default(spec, target.info)
+    assert config["mma"] > 0
+    lib = build_library(spec, "cuda:sm_80,sm_90", overrides={"extend": config})
+    for arch, kernels in lib.sass.items():
+        (extend,) = [k for k in kernels if k["name"] == "extend_kernel"]
+        assert extend["local_stores"] <= 1 and extend["local_loads"] <= 1, (arch, config, extend)

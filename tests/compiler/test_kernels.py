@@ -179,9 +179,11 @@ def test_cuda_extend_tensor_core_knobs_and_plan():
     assert {"mma", "mma_keys"} <= {k.name for k in rule.knobs(llama, info)}
     for spec in (fp32, mixed):  # wmma needs one 16-bit type for both operands
         assert "mma" not in {k.name for k in rule.knobs(spec, info)}
-    default = rule.default(llama, info)
-    assert default["mma"] == 0  # the CUDA-core kernel stays the default until a log picks mma
-    mma = {**default, "mma": 16, "mma_keys": 32}
+    # The tensor-core kernel is the default wherever it applies, with tiles that fit the target.
+    mma = rule.default(llama, info)
+    assert (mma["mma"], mma["mma_keys"]) == (16, 32)
+    assert "mma" not in rule.default(fp32, info) and "mma" not in rule.default(mixed, info)
+    default = {**mma, "mma": 0}
     assert rule.check(llama, info, mma) is None
     assert "keep their defaults" in rule.check(llama, info, {**mma, "q_tile": 1})  # no duplicate configs
     assert "only applies" in rule.check(llama, info, {**default, "mma_keys": 64})
@@ -189,6 +191,7 @@ def test_cuda_extend_tensor_core_knobs_and_plan():
     assert mma_shared_bytes(llama, mma) > 99 * 1024
     sm86 = parse_targets("cuda:sm_86")[0].info  # 99 KiB per block on the consumer archs
     assert "opt-in limit" in rule.check(llama, sm86, mma)
+    assert rule.default(llama, sm86)["mma_keys"] == 16 and rule.check(llama, sm86, rule.default(llama, sm86)) is None
     # A tuning sample holds every tensor-core config beside CUDA-core ones.
     space = [c for c in rule.space(llama, info) if c["mma"]]
     sample = candidates(llama, target, "extend", 12)
