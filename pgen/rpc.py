@@ -16,6 +16,7 @@ long-context workload over a slow network that costs more than the timing itself
 
 from __future__ import annotations
 
+import json
 import socket
 import statistics
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 
 from pgen_runtime.errors import TuneError
 from pgen_runtime.kernels import decode_splits, extend_q_tiles
-from pgen_runtime.measure import make_arrays
+from pgen_runtime.measure import check_output, make_arrays, reference_output
 from pgen_runtime.spec import AttentionSpec
 
 from .target import host_target_id
@@ -65,6 +66,7 @@ class RpcRunner:
         self.host, self.port = parse_tracker(tracker)
         self.key, self.kind = key, device_kind
         self.session_timeout, self.repeats, self.min_repeat_ms = session_timeout, repeats, min_repeat_ms
+        self._expected: dict[str, np.ndarray | None] = {}  # float64 reference per kernel and workload
         try:
             # TVM's own connect retries for a minute; a closed port should fail at once.
             socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT_S).close()
@@ -103,11 +105,20 @@ class RpcRunner:
         session.upload(str(library), remote_name)
         module = session.load_module(remote_name)
         dev = session.cuda(0) if self.kind == "cuda" else session.cpu(0)
-        args = [_remote(a, dtype, dev) if isinstance(a, np.ndarray) else a
-                for a, dtype in kernel_args(spec, cand, self.device_info()["parallelism"], self.kind)]
+        host = kernel_args(spec, cand, self.device_info()["parallelism"], self.kind)
+        args = [_remote(a, dtype, dev) if isinstance(a, np.ndarray) else a for a, dtype in host]
         timer = module.time_evaluator(cand.kernel, dev, number=1, repeat=self.repeats,
                                       min_repeat_ms=self.min_repeat_ms)
         times = [t * 1e3 for t in timer(*args).results]
+        # The output must match the float64 reference: a wrong candidate never becomes a tuned config.
+        key = json.dumps([cand.kernel, cand.workload], sort_keys=True)
+        if key not in self._expected:
+            arrays = host[:6] if cand.kernel == "extend" else [host[0], host[1], host[2], host[4], host[5]]
+            self._expected[key] = reference_output(spec, cand.kernel, tuple(arrays))
+        out = args[5].numpy()
+        if spec.dtype == "bfloat16" and out.dtype != np.uint16:
+            out = out.view(np.uint16)
+        check_output(spec, out, self._expected[key])
         return {"times_ms": times, "median_ms": statistics.median(times), "error": None}
 
     def _session(self):

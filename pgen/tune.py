@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from pgen_runtime.errors import TuneError
-from pgen_runtime.measure import BUNDLE, default_workload, make_inputs, time_kernel
+from pgen_runtime.measure import BUNDLE, check_output, default_workload, make_checked_inputs, time_kernel
 from pgen_runtime.spec import AttentionSpec
 
 from . import tuning_log
@@ -211,9 +211,13 @@ class Runner(Protocol):
 
 
 class LocalRunner:
-    """Times candidates in this process on this host's CPU, one at a time."""
+    """Times candidates in this process on this host's CPU, one at a time; a candidate whose output
+    disagrees with the float64 reference is a failed run (`check_output`)."""
 
     workers, overlap = 1, False
+
+    def __init__(self) -> None:
+        self._inputs: dict[str, tuple[str, tuple, Any]] = {}  # per kernel: workload, inputs, expected
 
     def device_info(self) -> dict[str, Any]:
         return {"kind": "cpu", "name": host_target_id()}
@@ -225,7 +229,12 @@ class LocalRunner:
 
         module = tvm.runtime.load_module(str(library))
         kernels = PagedKernels(spec, {cand.kernel: module[cand.kernel]}, "cpu", {cand.kernel: cand.config})
-        times = time_kernel(kernels, cand.kernel, make_inputs(spec, cand.kernel, cand.workload, "cpu"))
+        workload = json.dumps(cand.workload, sort_keys=True)
+        if self._inputs.get(cand.kernel, ("",))[0] != workload:
+            self._inputs[cand.kernel] = (workload, *make_checked_inputs(spec, cand.kernel, cand.workload, "cpu"))
+        _, args, want = self._inputs[cand.kernel]
+        times = time_kernel(kernels, cand.kernel, args)
+        check_output(spec, args[-1], want)
         return {"times_ms": times, "median_ms": statistics.median(times), "error": None}
 
 

@@ -54,6 +54,14 @@ def default_workload(kernel: str, device_kind: str, spec: AttentionSpec | None =
     return {"num_tokens": 4096 if device_kind == "cpu" else 32768}
 
 
+def make_checked_inputs(spec: AttentionSpec, kernel: str, workload: dict[str, Any], device: str,
+                        seed: int = 0) -> tuple[tuple, np.ndarray | None]:
+    """`make_inputs` and the float64 reference of the kernel's output on them (None: not attention)."""
+    dev = parse_device(device)
+    arrays = make_arrays(spec, kernel, workload, seed)
+    return tuple(_place(array, dtype, dev) for array, dtype in arrays), reference_output(spec, kernel, arrays)
+
+
 def make_inputs(spec: AttentionSpec, kernel: str, workload: dict[str, Any], device: str, seed: int = 0) -> tuple:
     """Arguments for one `PagedKernels` call: random data, valid block tables in random order."""
     dev = parse_device(device)
@@ -144,7 +152,6 @@ def measure_bundle(bundle: str | Path, device: str, progress=print) -> dict[str,
     results = []
     inputs: dict[str, tuple] = {}  # one set per kernel: every candidate sees the same data
     expected: dict[str, np.ndarray | None] = {}
-    dev = parse_device(device)
     for i, cand in enumerate(meta["candidates"]):
         record = {k: cand.get(k) for k in ("kernel", "config", "key", "schedule")}
         try:
@@ -152,9 +159,7 @@ def measure_bundle(bundle: str | Path, device: str, progress=print) -> dict[str,
             kernels = PagedKernels(spec, {cand["kernel"]: module[cand["kernel"]]}, device, {cand["kernel"]: cand["config"]})
             workload = meta["workloads"][cand["kernel"]]
             if cand["kernel"] not in inputs:
-                arrays = make_arrays(spec, cand["kernel"], workload)
-                inputs[cand["kernel"]] = tuple(_place(a, dtype, dev) for a, dtype in arrays)
-                expected[cand["kernel"]] = reference_output(spec, cand["kernel"], arrays)
+                inputs[cand["kernel"]], expected[cand["kernel"]] = make_checked_inputs(spec, cand["kernel"], workload, device)
             times = time_kernel(kernels, cand["kernel"], inputs[cand["kernel"]])
             check_output(spec, inputs[cand["kernel"]][-1], expected[cand["kernel"]])
             record.update(times_ms=times, median_ms=statistics.median(times), error=None, workload=workload)

@@ -285,3 +285,17 @@ def test_offline_bundle_keeps_only_candidates_whose_output_matches_the_reference
     (tmp_path / "results.json").write_text(json.dumps(results))
     log = tuning_log.load(tune.ingest(tmp_path / "results.json", bundle, tmp_path / "logs"), SPEC, "llvm")
     assert tuning_log.best(log) == {}
+
+
+def test_local_tuning_rejects_a_candidate_whose_output_is_wrong(tmp_path, monkeypatch):
+    from pgen_runtime import measure
+
+    target = parse_targets("llvm")[0]
+    config = rule_for("extend", "llvm").default(SPEC, target.info)
+    library = tune._build_candidate(SPEC, target, "extend", config, tmp_path / "cand")
+    cand = tune.Candidate("extend", config, WORKLOAD["extend"], "k", True)
+    assert tune._time(tune.LocalRunner(), SPEC, cand, library)["error"] is None
+    right = measure.reference_output
+    monkeypatch.setattr(measure, "reference_output", lambda *args: right(*args) * 1.01)
+    record = tune._time(tune.LocalRunner(), SPEC, cand, library)
+    assert record["median_ms"] is None and "wrong result" in record["error"]

@@ -118,3 +118,19 @@ def test_unreachable_tracker_fails_fast():
     with pytest.raises(TuneError, match="cannot reach the RPC tracker"):
         RpcRunner(f"127.0.0.1:{_free_port()}", KEY)
     assert time.monotonic() - start < 10
+
+
+def test_remote_candidate_with_a_wrong_output_gets_infinite_time(tracker, tmp_path, monkeypatch):
+    from pgen import rpc
+    from pgen.schedules import rule_for
+    from pgen.target import parse_targets
+
+    target = parse_targets("llvm")[0]
+    config = rule_for("decode", "llvm").default(SPEC, target.info)
+    library = tune._build_candidate(SPEC, target, "decode", config, tmp_path / "cand")
+    cand = tune.Candidate("decode", config, WORKLOAD["decode"], "k", True)
+    assert tune._time(RpcRunner(tracker, KEY), SPEC, cand, library)["error"] is None
+    right = rpc.reference_output
+    monkeypatch.setattr(rpc, "reference_output", lambda *args: right(*args) * 1.01)
+    record = tune._time(RpcRunner(tracker, KEY), SPEC, cand, library)
+    assert record["median_ms"] is None and "wrong result" in record["error"]
