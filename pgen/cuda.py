@@ -175,7 +175,10 @@ def build_cuda(mod, archs: tuple[str, ...] = ("sm_80", "sm_90"), *, embed_ptx: b
         gencode.append(f"-gencode=arch=compute_{archs[-1][3:]},code=compute_{archs[-1][3:]}")
     cubins: dict[str, bytes] = {}
 
+    from .schedules import CUDA_PRELUDE  # noqa: PLC0415  # device helpers the schedules call
+
     def compile_fatbin(code: str) -> bytearray:
+        code = CUDA_PRELUDE + code
         with tempfile.TemporaryDirectory(prefix="pgen-nvcc-") as keep:
             fatbin = nvcc.compile_cuda(code, target_format="fatbin", arch=gencode, compiler="nvcc",
                                        options=["--keep", f"--keep-dir={keep}"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .base import Knob, ScheduleRule, TargetInfo
 from .cpu_attention import CpuAttention
 from .cuda_attention import CudaAttention
-from .cuda_extend import CudaExtend
+from .cuda_extend import CUDA_PRELUDE, CudaExtend
 from .data_movement import DataMovement
 
 _DATA_MOVEMENT = ("cache_write", "copy_blocks", "swap_out", "swap_in")
@@ -22,4 +22,4 @@ def rule_for(kernel: str, target_kind: str) -> ScheduleRule:
     raise KeyError(f"no schedule rule for kernel {kernel!r}")
 
 
-__all__ = ["Knob", "ScheduleRule", "TargetInfo", "rule_for"]
+__all__ = ["CUDA_PRELUDE", "Knob", "ScheduleRule", "TargetInfo", "rule_for"]

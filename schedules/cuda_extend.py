@@ -3,13 +3,15 @@
 `mma` > 0 selects a WMMA kernel (fp16/bf16 with q and KV of one dtype, head_dim a multiple of 16):
 a thread block owns `mma` query tokens of one sequence times the GQA group of one KV head (16 query
 rows per warp) and walks the key range in tiles of `mma_keys` keys gathered through the block table
-into shared memory. Per tile each warp computes its 16 x mma_keys scores with m16n16k16 tensor-core
-products (fp32 accumulators), applies scale / soft-cap / causal and window masks and the online
-softmax in registers (two lanes per row), writes P in the input dtype, and adds P·V, computed one
-16-column slice at a time, into an fp32 output tile in shared memory, rescaling that tile's rows by
-the softmax correction as it goes. No accumulator fragment is ever read element-wise or loaded back
-(their register layout is not specified by CUDA), and only the warp's own rows are touched between
-__syncwarp barriers.
+into shared memory (the next tile's loads are in flight in registers while this one is computed).
+Per tile each warp computes its 16 x mma_keys scores with m16n16k16 tensor-core products (fp32
+accumulators) into shared memory, applies scale / soft-cap / causal and window masks and the online
+softmax in registers (two lanes per row), and writes P in the input dtype. With `mma_o` 1 the
+output stays in accumulator fragments across tiles, each lane rescaling its entries by their rows'
+softmax correction (the sm_80+ fragment layout, see CUDA_PRELUDE). With `mma_o` 0 (head_dim 256,
+archs before sm_80) P·V goes to shared memory a few 16-column slices at a time and is added to an
+fp32 output tile there, and no accumulator entry is touched element-wise. Only the warp's own rows
+are touched between __syncwarp barriers.
 
 NOTE: wmma pointers must be 256-bit aligned. Every shared buffer's size is a multiple of 32 bytes and
 every fragment's row and column offsets are multiples of 16 elements, so the offsets TVM gives the
@@ -18,6 +20,7 @@ buffers in its one dynamic shared allocation keep that alignment.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from tvm.script import tirx as T
@@ -34,6 +37,22 @@ DYN_SHARED_LIMIT = 163 * 1024
 DYN_SHARED_LIMIT_SMALL = {"sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_120": 99 * 1024}
 MMA_TOKENS = (0, 16, 32, 64)
 MMA_KEYS = (16, 32, 64)
+# Device code the tensor-core kernel calls (pgen.cuda prepends it to every CUDA build; this file's
+# hash, which tuning records carry, covers it).
+# NOTE: WMMA does not specify which matrix element each lane's accumulator entry x[k] holds. On
+# sm_80 and later the m16n16k16 fp32 accumulator is two m16n8 halves of the mma.sync layout that
+# the PTX ISA documents: lane l holds rows l/4 (k = 0, 1, 4, 5) and l/4 + 8 (k = 2, 3, 6, 7). The
+# GPU check verifies kernels built on it; `mma_o` 1 is only offered from sm_80 up.
+CUDA_PRELUDE = """
+template <typename Frag>
+__device__ __forceinline__ void pgen_acc_scale_rows(Frag* frags, int i, const float* row_factor) {
+  unsigned lane;
+  asm("mov.u32 %0, %%laneid;" : "=r"(lane));
+  const float lo = row_factor[lane >> 2], hi = row_factor[(lane >> 2) + 8];
+#pragma unroll
+  for (int k = 0; k < frags[i].num_elements; ++k) frags[i].x[k] *= ((k >> 1) & 1) ? hi : lo;
+}
+"""
 VEC = 8  # 16-byte global loads of fp16/bf16
 CHUNK = 16  # output-tile elements a lane updates per barrier (16 x head_dim / 32 is a multiple)
 
@@ -48,10 +67,10 @@ class CudaExtend(CudaAttention):
         knobs = super().knobs(spec, target)
         if not _mma_possible(spec):
             return knobs
-        return knobs + (Knob("mma", MMA_TOKENS, 0), Knob("mma_keys", MMA_KEYS, 32))
+        return knobs + (Knob("mma", MMA_TOKENS, 0), Knob("mma_keys", MMA_KEYS, 32), Knob("mma_o", (0, 1), 0))
 
     def default(self, spec: AttentionSpec, target: TargetInfo) -> dict[str, Any]:
-        """The tensor-core kernel where it applies and fits the target (4-8x the CUDA-core one on
+        """The tensor-core kernel where it applies and fits the target (3-15x the CUDA-core one on
         an H200 for every spec pgen ships), else the CUDA-core template's default."""
         config = super().default(spec, target)
         if _mma_possible(spec):
@@ -60,7 +79,9 @@ class CudaExtend(CudaAttention):
             most = next(t for t in MMA_TOKENS[1:] if t * spec.group_size >= 64 or t == MMA_TOKENS[-1])
             for tokens in sorted((t for t in MMA_TOKENS[1:] if t <= most), reverse=True):
                 for keys in (32, 16):
-                    mma = {**config, "mma": tokens, "mma_keys": keys}
+                    mma = {**config, "mma": tokens, "mma_keys": keys, "mma_o": 1}
+                    if self.check(spec, target, mma) is not None:
+                        mma["mma_o"] = 0
                     threads = tokens * spec.group_size // 16 * 32
                     staged = -(-keys * spec.head_dim // VEC // threads)  # 16-byte K and V loads per thread
                     if staged <= 8 and self.check(spec, target, mma) is None:
@@ -69,8 +90,8 @@ class CudaExtend(CudaAttention):
 
     def check(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]) -> str | None:
         if not config.get("mma"):
-            if config.get("mma_keys", 32) != 32:
-                return "mma_keys only applies with mma > 0"
+            if config.get("mma_keys", 32) != 32 or config.get("mma_o", 0):
+                return "mma_keys and mma_o only apply with mma > 0"
             return super().check(spec, target, config)
         if not _mma_possible(spec):
             return (f"mma needs q and KV in one 16-bit dtype and head_dim a multiple of 16 "
@@ -78,6 +99,13 @@ class CudaExtend(CudaAttention):
         defaults = {k.name: k.default for k in super().knobs(spec, target)}
         if any(config[name] != value for name, value in defaults.items()):
             return "the CUDA-core knobs do not apply with mma > 0 (keep their defaults)"
+        arch = int(re.sub(r"\D", "", target.arch) or 0)
+        if spec.dtype == "bfloat16" and arch < 80:
+            return f"bfloat16 tensor-core products need sm_80 or later, not {target.arch}"
+        if config["mma_o"] and spec.head_dim > 128:
+            return "mma_o 1 holds the output in registers: head_dim <= 128 (8 accumulator fragments)"
+        if config["mma_o"] and arch < 80:
+            return f"mma_o 1 relies on the accumulator layout of sm_80 and later, not {target.arch}"
         threads = config["mma"] * spec.group_size // 16 * 32
         if threads > target.max_threads_per_block:
             return f"{threads} threads per block > the target's limit {target.max_threads_per_block}"
@@ -106,7 +134,7 @@ def _mma_possible(spec: AttentionSpec) -> bool:
 def mma_shared_bytes(spec: AttentionSpec, config: dict[str, Any]) -> int:
     rows, nk, d = config["mma"] * spec.group_size, config["mma_keys"], spec.head_dim
     return (rows * (d + 8) * 2 + 2 * nk * (d + 8) * 2 + rows * (max(nk, d) + 4) * 4 + rows * (nk + 8) * 2
-            + rows * d * 4 + rows * 4)
+            + (0 if config.get("mma_o") else rows * d * 4) + rows * 4)
 
 
 def _mma_extend(spec: AttentionSpec, config: dict[str, Any]):
@@ -119,6 +147,8 @@ def _mma_extend(spec: AttentionSpec, config: dict[str, Any]):
     nfs = nk // 16  # score fragments per warp (16 keys each)
     nfd = d // 16  # 16-wide slices of head_dim
     fg = next(f for f in (8, 6, 4) if nfd % f == 0)  # P·V output fragments held at once
+    o_regs = bool(config.get("mma_o"))  # the output stays in accumulator fragments across tiles
+    nfo = nfd if o_regs else fg
     ldq, ldk, lds, ldp, ldo = d + 8, d + 8, max(nk, d) + 4, nk + 8, d
     # Offsets (elements) of the tiles in the two shared buffers: 16-bit Q, K, V, P; fp32 scores /
     # P·V scratch, output and per-row factors. Every tile is a multiple of 16 rows, so every
@@ -130,7 +160,7 @@ def _mma_extend(spec: AttentionSpec, config: dict[str, Any]):
     PO = VO + nk * ldk
     H_ELEMS = PO + rows * ldp
     SO, OO = 0, rows * lds
-    AO = OO + rows * ldo
+    AO = OO + (0 if o_regs else rows * ldo)
     F_ELEMS = AO + rows
     dv = d // VEC
     q_loads = (rows * dv + threads - 1) // threads
@@ -182,7 +212,7 @@ def _mma_extend(spec: AttentionSpec, config: dict[str, Any]):
                             fk = T.sblock_alloc_buffer((16, 16), dtype, scope="wmma.matrix_b")
                             fv = T.sblock_alloc_buffer((16, 16), dtype, scope="wmma.matrix_b")
                             fs = T.sblock_alloc_buffer((16, 16 * nfs), "float32", scope="wmma.accumulator")
-                            fo = T.sblock_alloc_buffer((16, 16 * fg), "float32", scope="wmma.accumulator")
+                            fo = T.sblock_alloc_buffer((16, 16 * nfo), "float32", scope="wmma.accumulator")
                             kr = T.sblock_alloc_buffer((kv_loads, VEC), dtype, scope="local")
                             vr = T.sblock_alloc_buffer((kv_loads, VEC), dtype, scope="local")
                             st = T.sblock_alloc_buffer((4,), "float32", scope="local")
@@ -215,8 +245,12 @@ def _mma_extend(spec: AttentionSpec, config: dict[str, Any]):
                                     else:
                                         for v in T.vectorized(VEC):
                                             hb[QO + ((j * threads + ty * 32 + tx) // dv) * ldq + (j * threads + ty * 32 + tx) % dv * VEC + v] = T.cast(0, dtype)
-                            for e in T.serial(per_lane):
-                                fb[OO + (ty * 16 + (e * 32 + tx) // d) * ldo + (e * 32 + tx) % d] = T.float32(0)
+                            if o_regs:
+                                for f in T.unroll(nfd):
+                                    T.evaluate(T.tvm_fill_fragment(fo.data, 16, 16, 16, f, T.float32(0), dtype="void"))
+                            else:
+                                for e in T.serial(per_lane):
+                                    fb[OO + (ty * 16 + (e * 32 + tx) // d) * ldo + (e * 32 + tx) % d] = T.float32(0)
                             T.tvm_storage_sync("shared")
                             # The warp's Q stays in registers (one fragment per 16 columns of head_dim).
                             for kk in T.unroll(nfd):
@@ -304,48 +338,71 @@ def _mma_extend(spec: AttentionSpec, config: dict[str, Any]):
                                     fb[AO + r] = st[3]
                                 st[0] = st[2]
                                 T.evaluate(T.call_extern("void", "__syncwarp"))
-                                # P V for the warp's rows, 16 columns at a time, into its rows of ss
-                                # (the scores are read by now).
+                                # P V for the warp's rows. Without mma_o: 16 columns at a time into its rows of ss
+                                # (the scores are read by now), then added to the shared output tile.
                                 for kk in T.unroll(nfs):
                                     T.evaluate(T.tvm_load_matrix_sync(
                                         fp.data, 16, 16, 16, kk,
                                         T.tvm_access_ptr(T.type_annotation(dtype), hb.data, PO + ty * 16 * ldp + kk * 16, 16 * ldp, 1),
                                         ldp, "row_major", dtype="void"))
-                                for dg in T.serial(nfd // fg):
-                                    for f in T.unroll(fg):
-                                        T.evaluate(T.tvm_fill_fragment(fo.data, 16, 16, 16, f, T.float32(0), dtype="void"))
+                                if o_regs:
+                                    # O = alpha O + P V with O in accumulator fragments: each lane
+                                    # scales its entries by their rows' factors (CUDA_PRELUDE).
+                                    for f in T.unroll(nfd):
+                                        T.evaluate(T.call_extern("void", "pgen_acc_scale_rows", fo.data, f, T.address_of(fb[AO + ty * 16])))
                                     for kk in T.unroll(nfs):
-                                        for f in T.unroll(fg):
+                                        for f in T.unroll(nfd):
                                             T.evaluate(T.tvm_load_matrix_sync(
                                                 fv.data, 16, 16, 16, 0,
-                                                T.tvm_access_ptr(T.type_annotation(dtype), hb.data, VO + kk * 16 * ldk + (dg * fg + f) * 16, 16 * ldk, 1),
+                                                T.tvm_access_ptr(T.type_annotation(dtype), hb.data, VO + kk * 16 * ldk + f * 16, 16 * ldk, 1),
                                                 ldk, "row_major", dtype="void"))
                                             T.evaluate(T.tvm_mma_sync(fo.data, f, fp.data, kk, fv.data, 0, fo.data, f, dtype="void"))
-                                    for f in T.unroll(fg):
-                                        T.evaluate(T.tvm_store_matrix_sync(
-                                            fo.data, 16, 16, 16, f,
-                                            T.tvm_access_ptr(T.type_annotation("float32"), fb.data, SO + ty * 16 * lds + (dg * fg + f) * 16, 16 * lds, 2),
-                                            lds, "row_major", dtype="void"))
-                                T.evaluate(T.call_extern("void", "__syncwarp"))
-                                # O = alpha O + P V on the warp's rows; each lane keeps to its elements.
-                                # NOTE: read a chunk into registers, then write it: TVM's barrier
-                                # insertion cannot tell lanes' elements apart and puts a
-                                # __syncthreads before every write that follows a read of the tile.
-                                for c in T.serial(per_lane // CHUNK):
-                                    for e in T.unroll(CHUNK):
-                                        ov[e] = (fb[OO + (ty * 16 + ((c * CHUNK + e) * 32 + tx) // d) * ldo + ((c * CHUNK + e) * 32 + tx) % d]
-                                                 * fb[AO + ty * 16 + ((c * CHUNK + e) * 32 + tx) // d]
-                                                 + fb[SO + (ty * 16 + ((c * CHUNK + e) * 32 + tx) // d) * lds + ((c * CHUNK + e) * 32 + tx) % d])
-                                    for e in T.unroll(CHUNK):
-                                        fb[OO + (ty * 16 + ((c * CHUNK + e) * 32 + tx) // d) * ldo + ((c * CHUNK + e) * 32 + tx) % d] = ov[e]
+                                else:
+                                    for dg in T.serial(nfd // fg):
+                                        for f in T.unroll(fg):
+                                            T.evaluate(T.tvm_fill_fragment(fo.data, 16, 16, 16, f, T.float32(0), dtype="void"))
+                                        for kk in T.unroll(nfs):
+                                            for f in T.unroll(fg):
+                                                T.evaluate(T.tvm_load_matrix_sync(
+                                                    fv.data, 16, 16, 16, 0,
+                                                    T.tvm_access_ptr(T.type_annotation(dtype), hb.data, VO + kk * 16 * ldk + (dg * fg + f) * 16, 16 * ldk, 1),
+                                                    ldk, "row_major", dtype="void"))
+                                                T.evaluate(T.tvm_mma_sync(fo.data, f, fp.data, kk, fv.data, 0, fo.data, f, dtype="void"))
+                                        for f in T.unroll(fg):
+                                            T.evaluate(T.tvm_store_matrix_sync(
+                                                fo.data, 16, 16, 16, f,
+                                                T.tvm_access_ptr(T.type_annotation("float32"), fb.data, SO + ty * 16 * lds + (dg * fg + f) * 16, 16 * lds, 2),
+                                                lds, "row_major", dtype="void"))
+                                    T.evaluate(T.call_extern("void", "__syncwarp"))
+                                    # O = alpha O + P V on the warp's rows; each lane keeps to its elements.
+                                    # NOTE: read a chunk into registers, then write it: TVM's barrier
+                                    # insertion cannot tell lanes' elements apart and puts a
+                                    # __syncthreads before every write that follows a read of the tile.
+                                    for c in T.serial(per_lane // CHUNK):
+                                        for e in T.unroll(CHUNK):
+                                            ov[e] = (fb[OO + (ty * 16 + ((c * CHUNK + e) * 32 + tx) // d) * ldo + ((c * CHUNK + e) * 32 + tx) % d]
+                                                     * fb[AO + ty * 16 + ((c * CHUNK + e) * 32 + tx) // d]
+                                                     + fb[SO + (ty * 16 + ((c * CHUNK + e) * 32 + tx) // d) * lds + ((c * CHUNK + e) * 32 + tx) % d])
+                                        for e in T.unroll(CHUNK):
+                                            fb[OO + (ty * 16 + ((c * CHUNK + e) * 32 + tx) // d) * ldo + ((c * CHUNK + e) * 32 + tx) % d] = ov[e]
                                 T.tvm_storage_sync("shared")
                             st[1] = st[1] + T.tvm_warp_shuffle_xor(T.tvm_warp_activemask(), st[1], 1, 32, 32)
                             if hf == 0:
                                 fb[AO + r] = st[1]
+                            if o_regs:
+                                for f in T.unroll(nfd):
+                                    T.evaluate(T.tvm_store_matrix_sync(
+                                        fo.data, 16, 16, 16, f,
+                                        T.tvm_access_ptr(T.type_annotation("float32"), fb.data, SO + ty * 16 * lds + f * 16, 16 * lds, 2),
+                                        lds, "row_major", dtype="void"))
                             T.tvm_storage_sync("shared")
                             for e in T.serial(per_lane):
                                 if n_iter > 0 and i0 + (ty * 16 + (e * 32 + tx) // d) // g < i1:
-                                    out[row0 + i0 + (ty * 16 + (e * 32 + tx) // d) // g, h * g + (ty * 16 + (e * 32 + tx) // d) % g, (e * 32 + tx) % d] = T.cast(
-                                        fb[OO + (ty * 16 + (e * 32 + tx) // d) * ldo + (e * 32 + tx) % d] / T.max(fb[AO + ty * 16 + (e * 32 + tx) // d], T.float32(1e-30)), dtype)
+                                    if o_regs:
+                                        out[row0 + i0 + (ty * 16 + (e * 32 + tx) // d) // g, h * g + (ty * 16 + (e * 32 + tx) // d) % g, (e * 32 + tx) % d] = T.cast(
+                                            fb[SO + (ty * 16 + (e * 32 + tx) // d) * lds + (e * 32 + tx) % d] / T.max(fb[AO + ty * 16 + (e * 32 + tx) // d], T.float32(1e-30)), dtype)
+                                    else:
+                                        out[row0 + i0 + (ty * 16 + (e * 32 + tx) // d) // g, h * g + (ty * 16 + (e * 32 + tx) // d) % g, (e * 32 + tx) % d] = T.cast(
+                                            fb[OO + (ty * 16 + (e * 32 + tx) // d) * ldo + (e * 32 + tx) % d] / T.max(fb[AO + ty * 16 + (e * 32 + tx) // d], T.float32(1e-30)), dtype)
 
     return attention

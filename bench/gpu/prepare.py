@@ -32,9 +32,10 @@ EXTRA_SPECS = ("mistral-7b", "gemma2-9b", "phi3-mini")
 TUNE = ("llama3-8b/extend", "qwen2.5-0.5b/extend", "mistral-7b/extend", "gemma2-9b/extend", "phi3-mini/extend",
         "llama3-8b@bfloat16/extend")
 # Tensor-core extend in configs other than the defaults the plain packages build with:
-# (spec, dtype, mma tokens per block, keys per tile).
-MMA_CHECKS = (("llama3-8b", "float16", 16, 64), ("llama3-8b", "bfloat16", 16, 16), ("qwen2.5-0.5b", "float16", 32, 16),
-              ("mistral-7b", "float16", 16, 16), ("gemma2-9b", "float16", 16, 32), ("phi3-mini", "float16", 16, 16))
+# (spec, dtype, mma tokens per block, keys per tile, output in accumulators).
+MMA_CHECKS = (("llama3-8b", "float16", 16, 64, 1), ("llama3-8b", "float16", 32, 32, 1),
+              ("llama3-8b", "bfloat16", 16, 16, 0), ("qwen2.5-0.5b", "float16", 32, 16, 1),
+              ("mistral-7b", "float16", 16, 16, 0), ("gemma2-9b", "float16", 16, 32, 0), ("phi3-mini", "float16", 16, 16, 1))
 
 
 def main() -> int:
@@ -67,11 +68,11 @@ def main() -> int:
     for name in EXTRA_SPECS:
         package(pgen.load_spec(REPO / "specs" / f"{name}.toml"), "llvm,cuda:sm_90", out / "packages" / f"{name}.pgenpkg",
                 progress=lambda line: print(line.splitlines()[0], flush=True))
-    for name, dtype, tokens, keys in MMA_CHECKS:
+    for name, dtype, tokens, keys, in_regs in MMA_CHECKS:
         spec = dataclasses.replace(pgen.load_spec(REPO / "specs" / f"{name}.toml"), dtype=dtype, kv_dtype=dtype)
-        package(spec, "cuda:sm_90", out / "packages" / f"{name}-{dtype}-mma{tokens}k{keys}.pgenpkg",
+        package(spec, "cuda:sm_90", out / "packages" / f"{name}-{dtype}-mma{tokens}k{keys}o{in_regs}.pgenpkg",
                 progress=lambda line: print(line.splitlines()[0], flush=True),
-                overrides={"extend": {"mma": tokens, "mma_keys": keys}})
+                overrides={"extend": {"mma": tokens, "mma_keys": keys, "mma_o": in_regs}})
     # The carry is size-limited: packages after the first travel without the runtime libraries.
     for pkg in sorted((out / "packages").glob("*.pgenpkg"))[1:]:
         shutil.rmtree(pkg / "lib")

@@ -181,22 +181,31 @@ def test_cuda_extend_tensor_core_knobs_and_plan():
         assert "mma" not in {k.name for k in rule.knobs(spec, info)}
     # The tensor-core kernel is the default wherever it applies, with tiles that fit the target.
     mma = rule.default(llama, info)
-    assert (mma["mma"], mma["mma_keys"]) == (16, 32)
+    assert (mma["mma"], mma["mma_keys"], mma["mma_o"]) == (16, 32, 1)
     assert "mma" not in rule.default(fp32, info) and "mma" not in rule.default(mixed, info)
-    default = {**mma, "mma": 0}
+    default = {**mma, "mma": 0, "mma_o": 0}
     assert rule.check(llama, info, mma) is None
     assert "keep their defaults" in rule.check(llama, info, {**mma, "q_tile": 1})  # no duplicate configs
-    assert "only applies" in rule.check(llama, info, {**default, "mma_keys": 64})
-    assert "opt-in limit" in rule.check(llama, info, {**mma, "mma": 32})  # 198 KiB of shared memory
-    assert mma_shared_bytes(llama, mma) > 99 * 1024
+    assert "only apply" in rule.check(llama, info, {**default, "mma_keys": 64})
+    shared_o = {**mma, "mma_o": 0}  # the output tile in shared memory, not in accumulators
+    assert "opt-in limit" in rule.check(llama, info, {**shared_o, "mma": 32})  # 198 KiB of shared memory
+    assert rule.check(llama, info, {**mma, "mma": 32}) is None  # 128 KiB
+    assert mma_shared_bytes(llama, shared_o) > 99 * 1024 > mma_shared_bytes(llama, mma)
     sm86 = parse_targets("cuda:sm_86")[0].info  # 99 KiB per block on the consumer archs
-    assert "opt-in limit" in rule.check(llama, sm86, mma)
-    assert rule.default(llama, sm86)["mma_keys"] == 16 and rule.check(llama, sm86, rule.default(llama, sm86)) is None
+    assert "opt-in limit" in rule.check(llama, sm86, shared_o)
+    assert rule.check(llama, sm86, rule.default(llama, sm86)) is None
+    # Accumulators in registers: head_dim <= 128, and the sm_80+ fragment layout.
+    gemma = pgen.AttentionSpec(num_q_heads=16, num_kv_heads=8, head_dim=256, block_size=16, dtype="float16")
+    assert "head_dim <= 128" in rule.check(gemma, info, {**rule.default(gemma, info), "mma_o": 1})
+    sm75 = parse_targets("cuda:sm_75")[0].info
+    assert "sm_80" in rule.check(llama, sm75, mma) and rule.check(llama, sm75, shared_o) is None
+    bf16 = pgen.AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="bfloat16")
+    assert "bfloat16" in rule.check(bf16, sm75, shared_o)
     # A tuning sample holds every tensor-core config beside CUDA-core ones.
     space = [c for c in rule.space(llama, info) if c["mma"]]
-    sample = candidates(llama, target, "extend", 12)
-    assert all(c in sample for c in space) and len(space) == 3
-    assert sum(1 for c in sample if not c["mma"]) >= 12 - len(space)
+    sample = candidates(llama, target, "extend", 24)
+    assert all(c in sample for c in space) and len(space) == 9
+    assert sum(1 for c in sample if not c["mma"]) >= 24 - len(space)
     # The launch plan counts query tiles of `mma` tokens.
     assert extend_q_tiles(mma, np.array([100, 1]), "cuda") == 7
     assert extend_q_tiles(default, np.array([100, 1]), "cuda") == 25
