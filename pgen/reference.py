@@ -1,6 +1,8 @@
 """Float64 NumPy references for every pgen kernel, gathering K/V through the block table.
 
 Used by `pgen check` (the quick start's main job) and by the tests; there is no other reference.
+Decode and extend live in `pgen_runtime.reference` (tuning checks each candidate against them on
+hosts without pgen) and are re-exported here.
 """
 
 from __future__ import annotations
