@@ -18,10 +18,9 @@ import numpy as np
 import torch
 
 import pgen_runtime
-from pgen_runtime.measure import measure_bundle, time_calls
+from pgen_runtime.measure import TOLERANCE, measure_bundle, time_calls
 
 DEV = "cuda:0"
-TOL = {"float16": 2e-3, "bfloat16": 1.6e-2}
 
 
 def main() -> int:
@@ -54,7 +53,7 @@ def main() -> int:
         for name, fn in CHECKS.items():
             try:
                 err = fn(kernels)
-                ok = err <= TOL[kernels.spec.dtype] if name in ("decode", "extend") else err == 0
+                ok = err <= TOLERANCE[kernels.spec.dtype] if name in ("decode", "extend") else err == 0
                 report["checks"].append({"package": pkg.name, "kernel": name, "error": err, "ok": bool(ok)})
                 print(f"  {name:<12} {'ok  ' if ok else 'FAIL'} max rel err {err:.2e}", flush=True)
             except Exception as exc:  # noqa: BLE001

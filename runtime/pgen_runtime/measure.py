@@ -57,15 +57,18 @@ def default_workload(kernel: str, device_kind: str, spec: AttentionSpec | None =
 def make_checked_inputs(spec: AttentionSpec, kernel: str, workload: dict[str, Any], device: str,
                         seed: int = 0) -> tuple[tuple, np.ndarray | None]:
     """`make_inputs` and the float64 reference of the kernel's output on them (None: not attention)."""
-    dev = parse_device(device)
     arrays = make_arrays(spec, kernel, workload, seed)
-    return tuple(_place(array, dtype, dev) for array, dtype in arrays), reference_output(spec, kernel, arrays)
+    return _placed(arrays, device), reference_output(spec, kernel, arrays)
 
 
 def make_inputs(spec: AttentionSpec, kernel: str, workload: dict[str, Any], device: str, seed: int = 0) -> tuple:
     """Arguments for one `PagedKernels` call: random data, valid block tables in random order."""
+    return _placed(make_arrays(spec, kernel, workload, seed), device)
+
+
+def _placed(arrays: tuple, device: str) -> tuple:
     dev = parse_device(device)
-    return tuple(_place(array, dtype, dev) for array, dtype in make_arrays(spec, kernel, workload, seed))
+    return tuple(_place(array, dtype, dev) for array, dtype in arrays)
 
 
 def make_arrays(spec: AttentionSpec, kernel: str, workload: dict[str, Any], seed: int = 0) -> tuple:
