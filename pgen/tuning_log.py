@@ -44,7 +44,7 @@ def load(path: Path, spec: AttentionSpec | None = None, target_kind: str | None 
 
     Raises:
         TuneError: not JSON, wrong format version, missing fields, another spec or target kind,
-            or a record whose knobs the rule does not know.
+            or a record of the current schedule code whose knobs the rule does not know.
     """
     try:
         data = json.loads(Path(path).read_text())
@@ -93,6 +93,9 @@ def _check_record(path: Path, rec: Any, spec: AttentionSpec, target_kind: str) -
         rule = rule_for(rec["kernel"], target_kind)
     except KeyError:
         raise TuneError(f"tuning log {path} has a record for unknown kernel {rec['kernel']!r}; re-run pgen tune") from None
+    if not current(rec, target_kind):
+        # A measurement of older schedule code is never used; its knobs may have changed since.
+        return
     knobs = {k.name: k for k in rule.knobs(spec, _info(target_kind))}
     unknown = sorted(set(rec["config"]) - knobs.keys())
     if unknown:
