@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .base import Knob, ScheduleRule, TargetInfo
 from .cpu_attention import CpuAttention
-from .cuda_attention import CudaAttention
+from .cuda_decode import CudaDecode
 from .cuda_extend import CUDA_PRELUDE, CudaExtend
 from .data_movement import DataMovement
 
@@ -16,7 +16,7 @@ def rule_for(kernel: str, target_kind: str) -> ScheduleRule:
     if kernel in ("decode", "extend"):
         if target_kind == "llvm":
             return CpuAttention(kernel)
-        return CudaAttention(kernel) if kernel == "decode" else CudaExtend()
+        return CudaDecode() if kernel == "decode" else CudaExtend()
     if kernel in _DATA_MOVEMENT:
         return DataMovement(kernel, target_kind)
     raise KeyError(f"no schedule rule for kernel {kernel!r}")

@@ -46,7 +46,11 @@ class CudaAttention(ScheduleRule):
             Knob("tokens_per_lane", (1, 2, 4, 8), 4),
         ]
         if self.kernel == "decode":
-            knobs.append(Knob("max_splits", (1, 8, 16, 32, 64), 32))
+            # NOTE: a cap on the split-KV factor the plan picks per call, not a factor: tuning
+            # times one large batch (32 x 4096), where a cap of 1 wins by a few percent (the
+            # plan's 5 splits cost a merge), but a tuned cap of 1 would leave a single long
+            # sequence to 8 of 132 SMs. Tuning chooses among caps that still split.
+            knobs.append(Knob("max_splits", (8, 16, 32, 64), 32))
             if spec.group_size > 1:
                 # Query rows of the GQA group per thread: 1, or the whole group (each K/V element
                 # is then read from shared memory and converted once for all of them).
@@ -110,6 +114,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     inv_cap = 1.0 / spec.logit_softcap if has_cap else 1.0
     cap_log2e = spec.logit_softcap * LOG2E if has_cap else 1.0
     window = spec.sliding_window if spec.sliding_window is not None else 1 << 30
+    merge = split_merge(spec, smax, rows)
 
     @T.prim_func(s_tir=True)
     def attention(
@@ -176,7 +181,8 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                 per = T.ceildiv(T.ceildiv(T.max(k_hi - k_lo, 0), num_splits), tile) * tile
                                 c_lo = k_lo + split * per
                                 c_hi = T.min(k_hi, c_lo + per)
-                                n_iter = T.ceildiv(T.max(c_hi - c_lo, 0), tile)
+                                # A query-tile slot past this sequence's last tile has nothing to do.
+                                n_iter = T.if_then_else(i0 < n_new, T.ceildiv(T.max(c_hi - c_lo, 0), tile), 0)
                                 # Row ty * rpt + rr of the block: query token i0 + row // g, head h * g + row % g.
                                 for rr in T.unroll(rpt):
                                     st[rr, 0] = T.float32(NEG)
@@ -317,6 +323,22 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                                 WO[(((b * hkv + h) * smax + split) * rows + ty * rpt + rr) * d + tx * vec + v] = ol[rr, v]
                                             WM[(((b * hkv + h) * smax + split) * rows + ty * rpt + rr) * 2] = st[rr, 2]
                                             WM[(((b * hkv + h) * smax + split) * rows + ty * rpt + rr) * 2 + 1] = st[rr, 1]
+        merge(WO, WM, out, q_indptr, num_splits, B)
+
+    return attention
+
+
+def split_merge(spec: AttentionSpec, smax: int, rows: int):
+    """The second kernel of split-KV decode: merges each query row's split partials.
+
+    Workspace layout: WO[((b * Hkv + h) * smax + split) * rows + row, D] (un-normalized outputs),
+    WM[..., 2] (running max in log2 units, sum of weights); query head h * group + row % group.
+    Returns a TVMScript macro `merge(WO, WM, out, q_indptr, num_splits, B)`.
+    """
+    hq, hkv, d, g, dtype = spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.group_size, spec.dtype
+
+    @T.macro
+    def merge(WO, WM, out, q_indptr, num_splits, B):
         # NOTE: a grid of zero blocks is a launch error, so without splits one idle block runs.
         for bx in T.thread_binding(T.if_then_else(num_splits > 1, B * hq, 1), thread="blockIdx.x"):
             for tx in T.thread_binding(d, thread="threadIdx.x"):
@@ -339,4 +361,4 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                     if num_splits > 1:
                         out[q_indptr[b], h * g + r, tx] = T.cast(acc[2] / T.max(acc[1], T.float32(1e-30)), dtype)
 
-    return attention
+    return merge

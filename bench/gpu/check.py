@@ -21,6 +21,9 @@ import pgen_runtime
 from pgen_runtime.measure import TOLERANCE, measure_bundle, time_calls
 
 DEV = "cuda:0"
+# Packages whose kernels are timed (decode against torch SDPA; extend too for the plain ones):
+# the tensor-core decode by default and the CUDA-core one beside it, fp16 and bf16.
+TIMED = ("llama3-8b-float16.pgenpkg", "llama3-8b-bfloat16.pgenpkg", "llama3-8b-float16-decode-mma0.pgenpkg")
 
 
 def main() -> int:
@@ -60,9 +63,10 @@ def main() -> int:
                 report["checks"].append({"package": pkg.name, "kernel": name, "error": None, "ok": False,
                                          "exception": traceback.format_exc(limit=3)})
                 print(f"  {name:<12} FAIL {type(exc).__name__}: {exc}", flush=True)
-        if gpu and pkg.name.startswith("llama"):
-            report["decode"] += time_decode(kernels, report["copy_gbps"])
-            report["extend"] += time_extend(kernels)
+        if gpu and pkg.name in TIMED:
+            report["decode"] += time_decode(kernels, report["copy_gbps"], pkg.name)
+            if "decode-" not in pkg.name:
+                report["extend"] += time_extend(kernels)
     if gpu and not args.skip_tuning:
         for bundle in sorted((root / "bundles").glob("*")):
             print(f"\n== tuning bundle {bundle.name}", flush=True)
@@ -130,15 +134,18 @@ def rel_err(got, want):
 
 
 def check_decode(kernels):
+    """Split-KV (a 2100-token sequence beside short ones) and, all sequences short, one split."""
     s = kernels.spec
-    lens = [1, s.block_size - 1, s.block_size + 1, 2100, 700, 33] + _past_window(s)
-    pool, tables, _ = make_cache(s, lens, 1)
-    q = torch.randn((len(lens), s.num_q_heads, s.head_dim), device=DEV).to(_dt(s.dtype))
-    out = torch.full_like(q, float("nan"))
-    seq = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    kernels.decode(q, pool, tables, seq, out)
-    sync()
-    return rel_err(out, reference(s, q, pool, tables, list(range(len(lens) + 1)), lens))
+    worst = 0.0
+    for seed, lens in ((1, [1, s.block_size - 1, s.block_size + 1, 2100, 700, 33] + _past_window(s)), (3, [1, 17, 200])):
+        pool, tables, _ = make_cache(s, lens, seed)
+        q = torch.randn((len(lens), s.num_q_heads, s.head_dim), device=DEV).to(_dt(s.dtype))
+        out = torch.full_like(q, float("nan"))
+        seq = torch.tensor(lens, dtype=torch.int32, device=DEV)
+        kernels.decode(q, pool, tables, seq, out)
+        sync()
+        worst = max(worst, rel_err(out, reference(s, q, pool, tables, list(range(len(lens) + 1)), lens)))
+    return worst
 
 
 def check_extend(kernels):
@@ -247,10 +254,11 @@ def decode_case(kernels, batch: int, ctx: int):
             torch.empty_like(q), plan)
 
 
-def time_decode(kernels, copy_gbps):
+def time_decode(kernels, copy_gbps, package):
     s = kernels.spec
     rows = []
-    print(f"\n  decode {s.uri}: ours vs torch SDPA (contiguous cache)", flush=True)
+    print(f"\n  decode {s.uri} {json.dumps(kernels.configs['decode'], sort_keys=True)}: ours vs torch SDPA "
+          "(contiguous cache)", flush=True)
     print(f"  {'batch':>5} {'ctx':>6} {'ours us':>9} {'sdpa us':>9} {'speedup':>8} {'KV GB/s':>8} {'% copy':>7}", flush=True)
     for batch in (1, 8, 32, 64):
         for ctx in (1024, 4096, 16384):
@@ -267,7 +275,7 @@ def time_decode(kernels, copy_gbps):
             # copy bandwidth counts read + write; decode only reads: compare bytes moved per second.
             row = {"spec": s.uri, "batch": batch, "ctx": ctx, "ours_us": ours * 1e3, "sdpa_us": sdpa * 1e3,
                    "speedup_vs_sdpa": sdpa / ours, "kv_gbps": gbps, "pct_copy_bw": 100 * gbps / copy_gbps,
-                   "num_splits": plan.num_splits}
+                   "num_splits": plan.num_splits, "package": package, "config": kernels.configs["decode"]}
             rows.append(row)
             print(f"  {batch:>5} {ctx:>6} {row['ours_us']:>9.1f} {row['sdpa_us']:>9.1f} {row['speedup_vs_sdpa']:>7.2f}x "
                   f"{gbps:>8.0f} {row['pct_copy_bw']:>6.1f}%", flush=True)

@@ -27,15 +27,21 @@ TVM_FFI = "apache-tvm-ffi==0.1.14.post0"
 SPECS = ("llama3-8b", "qwen2.5-0.5b")
 # Checked in fp16 only: sliding window, soft-cap, head_dim 256 and 96 (a non-power-of-two lane count).
 EXTRA_SPECS = ("mistral-7b", "gemma2-9b", "phi3-mini")
-# What the H200 logs lack after a change of CUDA extend's template: its records for every spec
-# with a log (decode's template is another file and keeps its records).
-TUNE = ("llama3-8b/extend", "qwen2.5-0.5b/extend", "mistral-7b/extend", "gemma2-9b/extend", "phi3-mini/extend",
-        "llama3-8b@bfloat16/extend")
+# What the H200 logs lack after a change of the CUDA templates: decode (tensor-core kernel) and
+# extend (the CUDA-core template it shares) records for every spec with a log.
+TUNE = ("llama3-8b", "qwen2.5-0.5b", "mistral-7b", "gemma2-9b", "phi3-mini", "llama3-8b@bfloat16")
 # Tensor-core extend in configs other than the defaults the plain packages build with:
 # (spec, dtype, mma tokens per block, keys per tile, output in accumulators).
 MMA_CHECKS = (("llama3-8b", "float16", 16, 64, 1), ("llama3-8b", "float16", 32, 32, 1),
               ("llama3-8b", "bfloat16", 16, 16, 0), ("qwen2.5-0.5b", "float16", 32, 16, 1),
               ("mistral-7b", "float16", 16, 16, 0), ("gemma2-9b", "float16", 16, 32, 0), ("phi3-mini", "float16", 16, 16, 1))
+# Decode beside the plain packages' default (the tensor-core kernel, 4 warps per block): the
+# CUDA-core template (timed side by side with it), and other warp counts, split caps and dtypes.
+DECODE_CHECKS = (("llama3-8b", "float16", {"mma": 0}), ("llama3-8b", "float16", {"mma_warps": 1}),
+                 ("llama3-8b", "bfloat16", {"mma_warps": 8, "max_splits": 8}), ("qwen2.5-0.5b", "float16", {"mma_warps": 2}),
+                 ("mistral-7b", "float16", {"mma_warps": 8}), ("phi3-mini", "float16", {"mma_warps": 2}))
+# GQA groups past 8 query heads use the fragments' second 8 rows (no shipped spec has one).
+WIDE_GROUPS = ((48, 4, 128, "float16"), (64, 4, 64, "bfloat16"))
 
 
 def main() -> int:
@@ -44,7 +50,7 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=24, help="tuning candidates per kernel")
     parser.add_argument("--tune", default=",".join(TUNE),
                         help="comma list of specs/<name>.toml to build tuning bundles for, each as "
-                             "name[@dtype][/kernel+kernel] ('' for none)")
+                             "name[@dtype][/kernel+kernel] (all tunable kernels by default; '' for none)")
     args = parser.parse_args()
 
     import pgen
@@ -60,11 +66,11 @@ def main() -> int:
             spec = dataclasses.replace(base, dtype=dtype, kv_dtype=dtype)
             package(spec, "llvm,cuda:sm_80,sm_90", out / "packages" / f"{name}-{dtype}.pgenpkg",
                     progress=lambda line: print(line.splitlines()[0], flush=True))
-    # Decode with one thread serving a whole GQA group (group_rows), checked beside the tuned one.
+    # The CUDA-core decode with one thread serving a whole GQA group (group_rows).
     for name, rows in (("llama3-8b", 4), ("qwen2.5-0.5b", 7)):
         spec = dataclasses.replace(pgen.load_spec(REPO / "specs" / f"{name}.toml"), dtype="float16", kv_dtype="float16")
         package(spec, "llvm,cuda:sm_90", out / "packages" / f"{name}-float16-group{rows}.pgenpkg",
-                progress=lambda line: print(line.splitlines()[0], flush=True), overrides={"decode": {"group_rows": rows}})
+                progress=lambda line: print(line.splitlines()[0], flush=True), overrides={"decode": {"mma": 0, "group_rows": rows}})
     for name in EXTRA_SPECS:
         package(pgen.load_spec(REPO / "specs" / f"{name}.toml"), "llvm,cuda:sm_90", out / "packages" / f"{name}.pgenpkg",
                 progress=lambda line: print(line.splitlines()[0], flush=True))
@@ -73,6 +79,15 @@ def main() -> int:
         package(spec, "cuda:sm_90", out / "packages" / f"{name}-{dtype}-mma{tokens}k{keys}o{in_regs}.pgenpkg",
                 progress=lambda line: print(line.splitlines()[0], flush=True),
                 overrides={"extend": {"mma": tokens, "mma_keys": keys, "mma_o": in_regs}})
+    for name, dtype, knobs in DECODE_CHECKS:
+        spec = dataclasses.replace(pgen.load_spec(REPO / "specs" / f"{name}.toml"), dtype=dtype, kv_dtype=dtype)
+        tag = "-".join(f"{k}{v}" for k, v in knobs.items())
+        package(spec, "cuda:sm_90", out / "packages" / f"{name}-{dtype}-decode-{tag}.pgenpkg",
+                progress=lambda line: print(line.splitlines()[0], flush=True), overrides={"decode": knobs})
+    for hq, hkv, d, dtype in WIDE_GROUPS:
+        spec = pgen.AttentionSpec(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, block_size=16, dtype=dtype)
+        package(spec, "cuda:sm_90", out / "packages" / f"wide-{spec.uri}.pgenpkg",
+                progress=lambda line: print(line.splitlines()[0], flush=True))
     # The carry is size-limited: packages after the first travel without the runtime libraries.
     for pkg in sorted((out / "packages").glob("*.pgenpkg"))[1:]:
         shutil.rmtree(pkg / "lib")

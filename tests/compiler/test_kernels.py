@@ -163,6 +163,45 @@ def test_both_cpu_score_loops_match_the_reference(spec, extend_qk):
         reference.assert_attention_close(spec, got[what], want[what], what)
 
 
+def test_cuda_decode_tensor_core_knobs():
+    from pgen.schedules.cuda_decode import CudaDecode
+    from pgen.target import parse_targets
+    from pgen.tune import candidates
+
+    target = parse_targets("cuda:sm_80,sm_90")[0]
+    info = target.info
+    rule = CudaDecode()
+    llama = pgen.AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float16")
+    bf16 = pgen.AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="bfloat16")
+    phi = pgen.AttentionSpec(num_q_heads=32, num_kv_heads=32, head_dim=96, block_size=16, dtype="float16")
+    # mma.sync takes 16-bit operands of one type, 16 query rows and head_dim in 32-element loads;
+    # more than 128 would spill the accumulators.
+    for spec in (pgen.AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float32"),
+                 pgen.AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float32",
+                                    kv_dtype="float16"),
+                 pgen.AttentionSpec(num_q_heads=16, num_kv_heads=8, head_dim=256, block_size=16, dtype="float16"),
+                 pgen.AttentionSpec(num_q_heads=32, num_kv_heads=1, head_dim=128, block_size=16, dtype="float16"),
+                 pgen.AttentionSpec(num_q_heads=8, num_kv_heads=8, head_dim=40, block_size=16, dtype="float16")):
+        assert "mma" not in {k.name for k in rule.knobs(spec, info)}, spec.uri
+        assert "mma" not in rule.default(spec, info)
+    for spec in (llama, bf16, phi):
+        default = rule.default(spec, info)
+        assert (default["mma"], default["mma_warps"]) == (1, 4) and rule.check(spec, info, default) is None
+    mma = rule.default(llama, info)
+    assert rule.check(llama, info, {**mma, "max_splits": 8}) is None  # split-KV applies to both kernels
+    assert "keep their defaults" in rule.check(llama, info, {**mma, "vector": 4})  # no duplicate configs
+    assert "only applies" in rule.check(llama, info, {**mma, "mma": 0, "mma_warps": 8})
+    sm75 = parse_targets("cuda:sm_75")[0].info
+    assert "sm_80" in rule.check(llama, sm75, mma) and rule.default(llama, sm75)["mma"] == 0
+    # A tuning sample holds tensor-core and CUDA-core configs side by side.
+    space = [c for c in rule.space(llama, info) if c["mma"]]
+    assert len(space) == 4 * 4  # mma_warps x max_splits
+    # Tuning times one large batch: no cap that would keep a long single sequence unsplit.
+    assert min(c["max_splits"] for c in rule.space(llama, info)) == 8
+    sample = candidates(llama, target, "decode", 24)
+    assert sum(1 for c in sample if c["mma"]) >= 10 and sum(1 for c in sample if not c["mma"]) >= 10
+
+
 def test_cuda_extend_tensor_core_knobs_and_plan():
     from pgen.schedules.cuda_extend import CudaExtend, mma_shared_bytes
     from pgen.target import parse_targets
