@@ -21,9 +21,10 @@ import pgen_runtime
 from pgen_runtime.measure import TOLERANCE, measure_bundle, time_calls
 
 DEV = "cuda:0"
-# Packages whose kernels are timed (decode against torch SDPA; extend too for the plain ones):
-# the tensor-core decode by default and the CUDA-core one beside it, fp16 and bf16.
-TIMED = ("llama3-8b-float16.pgenpkg", "llama3-8b-bfloat16.pgenpkg", "llama3-8b-float16-decode-mma0.pgenpkg")
+# Packages whose kernels are timed against torch SDPA, side by side: decode and extend by default
+# (fp16 and bf16), and the CUDA-core decode.
+TIMED = {"llama3-8b-float16.pgenpkg": ("decode", "extend"), "llama3-8b-bfloat16.pgenpkg": ("decode", "extend"),
+         "llama3-8b-float16-decode-mma0.pgenpkg": ("decode",)}
 
 
 def main() -> int:
@@ -63,10 +64,10 @@ def main() -> int:
                 report["checks"].append({"package": pkg.name, "kernel": name, "error": None, "ok": False,
                                          "exception": traceback.format_exc(limit=3)})
                 print(f"  {name:<12} FAIL {type(exc).__name__}: {exc}", flush=True)
-        if gpu and pkg.name in TIMED:
+        if gpu and "decode" in TIMED.get(pkg.name, ()):
             report["decode"] += time_decode(kernels, report["copy_gbps"], pkg.name)
-            if "decode-" not in pkg.name:
-                report["extend"] += time_extend(kernels)
+        if gpu and "extend" in TIMED.get(pkg.name, ()):
+            report["extend"] += time_extend(kernels, pkg.name)
     if gpu and not args.skip_tuning:
         for bundle in sorted((root / "bundles").glob("*")):
             print(f"\n== tuning bundle {bundle.name}", flush=True)
@@ -283,10 +284,11 @@ def time_decode(kernels, copy_gbps, package):
     return rows
 
 
-def time_extend(kernels):
+def time_extend(kernels, package):
     s = kernels.spec
     rows = []
-    print(f"\n  extend {s.uri}: prefill of n new tokens per sequence (causal) vs torch SDPA", flush=True)
+    print(f"\n  extend {s.uri} {json.dumps(kernels.configs['extend'], sort_keys=True)}: prefill of n new tokens "
+          "per sequence (causal) vs torch SDPA", flush=True)
     for batch, n in ((1, 2048), (4, 1024)):
         bs = s.block_size
         nb = batch * n // bs + 1
@@ -304,7 +306,8 @@ def time_extend(kernels):
         sdpa = cuda_time(lambda: torch.nn.functional.scaled_dot_product_attention(qq, k, k, is_causal=True, enable_gqa=True), reps=5)
         flops = 4 * batch * s.num_q_heads * s.head_dim * n * (n + 1) / 2
         row = {"spec": s.uri, "batch": batch, "new_tokens": n, "ours_ms": ours, "sdpa_ms": sdpa,
-               "ours_tflops": flops / (ours * 1e-3) / 1e12, "sdpa_tflops": flops / (sdpa * 1e-3) / 1e12}
+               "ours_tflops": flops / (ours * 1e-3) / 1e12, "sdpa_tflops": flops / (sdpa * 1e-3) / 1e12,
+               "package": package, "config": kernels.configs["extend"]}
         rows.append(row)
         print(f"  batch {batch} x {n}: ours {ours:.3f} ms ({row['ours_tflops']:.1f} TFLOP/s), "
               f"sdpa {sdpa:.3f} ms ({row['sdpa_tflops']:.1f} TFLOP/s)", flush=True)
