@@ -163,6 +163,28 @@ def test_both_cpu_score_loops_match_the_reference(spec, extend_qk):
         reference.assert_attention_close(spec, got[what], want[what], what)
 
 
+def test_cpu_prefetch_distance_default_and_results():
+    from pgen.schedules import rule_for
+    from pgen.target import parse_targets
+
+    info = parse_targets("llvm")[0].info
+    rule = rule_for("decode", "llvm")
+    llama = dict(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16)
+    # About 128 KiB of blocks ahead (all KV heads of a block in one task), at most 4.
+    assert rule.default(pgen.AttentionSpec(**llama, dtype="float32"), info)["prefetch_ahead"] == 1
+    assert rule.default(pgen.AttentionSpec(**llama, dtype="float16"), info)["prefetch_ahead"] == 2
+    qwen = pgen.AttentionSpec(num_q_heads=14, num_kv_heads=2, head_dim=64, block_size=16, dtype="float16")
+    assert rule.default(qwen, info)["prefetch_ahead"] == 4
+    # Farther than a short sequence's blocks reach: the requests stop at the task's range.
+    spec = ALL[0].values[0]
+    kernels = pgen.build_kernels(spec, overrides={"decode": {"prefetch_ahead": 8}, "extend": {"prefetch_ahead": 8}})
+    case = reference.paged_case(spec, lengths(spec), _extend_tokens(spec), seed=7)
+    want = reference.expected(spec, case)
+    got = reference.run_kernels(kernels, case)
+    for what in ("decode", "extend"):
+        reference.assert_attention_close(spec, got[what], want[what], what)
+
+
 def test_cuda_decode_tensor_core_knobs():
     from pgen.schedules.cuda_decode import CudaDecode
     from pgen.target import parse_targets
