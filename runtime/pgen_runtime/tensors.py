@@ -79,8 +79,11 @@ def copy_from_bytes(tensor, array: np.ndarray) -> None:
 
 
 def to_numpy(tensor, dtype: str | None = None) -> np.ndarray:
-    """Copy any DLPack tensor (host or device) into a new numpy array."""
+    """Copy any DLPack tensor (host or device) into a new numpy array; bfloat16 as its uint16 bits,
+    pgen's host form of it (also from a numpy array of bfloat16 values, as TVM's RPC tensors give)."""
     if isinstance(tensor, np.ndarray):
+        if dtype == "bfloat16" and tensor.dtype != np.uint16 and tensor.dtype.itemsize == 2:
+            return tensor.view(np.uint16).copy()
         return tensor.copy()
     if not isinstance(tensor, tvm_ffi.Tensor):
         tensor = tvm_ffi.from_dlpack(tensor)

@@ -136,6 +136,16 @@ def test_device_zeros_overwrite_every_chunk(pkg, dtype, monkeypatch):
     assert tuple(z.shape) == shape and not tensors.to_numpy(z, dtype).any()
 
 
+def test_to_numpy_gives_bfloat16_as_its_bits_from_any_source():
+    # pgen's host form of bfloat16 is uint16 bits; TVM's RPC tensors come back as ml_dtypes values.
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    values = np.array([1.0, -2.5, 2.0**100], np.float32)  # exact in bfloat16
+    bits = (values.view(np.uint32) >> 16).astype(np.uint16)
+    assert np.array_equal(tensors.to_numpy(values.astype(ml_dtypes.bfloat16), "bfloat16"), bits)
+    assert np.array_equal(tensors.to_numpy(bits, "bfloat16"), bits)
+    assert tensors.to_numpy(values, "float32").dtype == np.float32
+
+
 def test_package_runs_in_a_process_that_never_imports_tvm(pkg, case, tmp_path):
     got, _ = reference.run_package_in(sys.executable, pkg, case, tmp_path)
     reference.assert_kernels_match(SPEC, got, reference.expected(SPEC, case))
