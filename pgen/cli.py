@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", default="llvm", help="llvm, or cuda:sm_90 (with --rpc-tracker or --offline)")
     p.add_argument("--kernels", default="decode,extend", help="comma list of decode, extend")
     p.add_argument("--trials", type=int, default=8, help="candidates per kernel, the default included")
-    p.add_argument("--workload", help="JSON/TOML: per kernel seq_lens (+ new_tokens), optional [lengths]")
+    p.add_argument("--workload", help="JSON/TOML: per kernel seq_lens (+ new_tokens; decode: optional guard.seq_lens), "
+                   "optional [lengths]")
     p.add_argument("--jobs", type=int, default=2, help="candidates built at once")
     p.add_argument("--logs", help="tuning_logs root (default: $PGEN_TUNING_LOGS or the repository's)")
     p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="time on the servers of this TVM RPC tracker")

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from pgen_runtime.errors import TuneError
-from pgen_runtime.measure import BUNDLE, check_output, default_workload, make_checked_inputs, time_kernel
+from pgen_runtime.measure import BUNDLE, check_output, default_workload, make_checked_inputs, time_guard, time_kernel
 from pgen_runtime.spec import AttentionSpec
 
 from . import tuning_log
@@ -42,13 +42,19 @@ from .schedules import rule_for
 from .target import BuildTarget, host_target_id, parse_targets
 
 TUNABLE = ("decode", "extend")
+# Knobs that cap what a kernel's plan chooses per call (the split-KV factor): tuning keeps their
+# default. The tuning workload is one large batch that never reaches such a cap, so a searched
+# value would be picked by noise, and a low one costs the calls that need it (H200: a tuned cap of
+# 8 leaves one 16k-token sequence 8 splits of its 8 KV heads, 64 thread blocks on 132 SMs).
+PLAN_CAPS = ("max_splits",)
 CONFIRM_TOP, CONFIRM_ROUNDS = 3, 3  # fastest candidates re-timed with the default after a search
 # Workers start fresh: forking a process that holds TVM's thread pool and CUDA state is unsafe.
 _SPAWN = multiprocessing.get_context("spawn")
 
 
 def candidates(spec: AttentionSpec, target: BuildTarget, kernel: str, trials: int, seed: int = 0) -> list[dict]:
-    """Up to `trials` valid configs of `kernel`'s rule: the default, then a seeded sample of the rest.
+    """Up to `trials` valid configs of `kernel`'s rule: the default, then a seeded sample of the rest
+    (with the default's `PLAN_CAPS`).
 
     A rule with kernel families of very different space sizes (CUDA extend: a few tensor-core
     configs beside hundreds of CUDA-core ones) names them with `stratum(config)`; the sample then
@@ -56,7 +62,8 @@ def candidates(spec: AttentionSpec, target: BuildTarget, kernel: str, trials: in
     """
     rule = rule_for(kernel, target.kind)
     space = list(rule.space(spec, target.info))
-    default, rest = space[0], space[1:]
+    default = space[0]
+    rest = [c for c in space[1:] if all(c.get(k) == default.get(k) for k in PLAN_CAPS)]
     random.Random(seed).shuffle(rest)
     stratum = getattr(rule, "stratum", None)
     if stratum is not None:
@@ -124,7 +131,8 @@ def _confirm(spec: AttentionSpec, target: BuildTarget, log: dict[str, Any], kern
     side in rounds see the same load, so their ratio holds. Returns whether anything was re-timed.
     """
     recs = [r for r in log["records"] if r["kernel"] == kernel and r.get("workload") == workload]
-    ok = sorted((r for r in recs if r["median_ms"] is not None and not r.get("error")), key=lambda r: r["median_ms"])
+    passing = tuning_log.within_guard(recs, log)
+    ok = sorted((r for r in passing if r["median_ms"] is not None and not r.get("error")), key=lambda r: r["median_ms"])
     finalists = ok[:CONFIRM_TOP] + [r for r in ok[CONFIRM_TOP:] if r.get("default")]
     if not finalists or all(r.get("confirm_ms") is not None for r in finalists):
         return False
@@ -217,7 +225,7 @@ class LocalRunner:
     workers, overlap = 1, False
 
     def __init__(self) -> None:
-        self._inputs: dict[str, tuple[str, tuple, Any]] = {}  # per kernel: workload, inputs, expected
+        self._inputs: dict[Any, tuple[str, tuple, Any]] = {}  # per kernel (and guard): workload, inputs, expected
 
     def device_info(self) -> dict[str, Any]:
         return {"kind": "cpu", "name": host_target_id()}
@@ -235,7 +243,15 @@ class LocalRunner:
         _, args, want = self._inputs[cand.kernel]
         times = time_kernel(kernels, cand.kernel, args)
         check_output(spec, args[-1], want)
-        return {"times_ms": times, "median_ms": statistics.median(times), "error": None}
+        result = {"times_ms": times, "median_ms": statistics.median(times), "error": None}
+        guard = cand.workload.get("guard")
+        if guard:
+            text = json.dumps(guard, sort_keys=True)
+            if self._inputs.get((cand.kernel, "guard"), ("",))[0] != text:
+                self._inputs[cand.kernel, "guard"] = (text, *make_checked_inputs(spec, cand.kernel, guard, "cpu"))
+            _, args, want = self._inputs[cand.kernel, "guard"]
+            result["guard_ms"] = time_guard(kernels, cand.kernel, args, want)
+        return result
 
 
 def _time(runner: Runner, spec: AttentionSpec, cand: Candidate, library: Path) -> dict[str, Any]:
@@ -278,6 +294,13 @@ def _check_workload(path: Path, kernel: str, w: Any) -> None:
     if not isinstance(lens, list) or not lens or not all(isinstance(n, int) and n >= 1 for n in lens):
         raise TuneError(f"workload file {path}: {kernel}.seq_lens must be a non-empty list of positive ints; "
                         f"got {lens!r}")
+    guard = w.get("guard")
+    if guard is not None:
+        glens = guard.get("seq_lens") if isinstance(guard, dict) else None
+        if kernel != "decode" or not isinstance(glens, list) or not glens or not all(
+                isinstance(n, int) and n >= 1 for n in glens):
+            raise TuneError(f"workload file {path}: {kernel}.guard must be a decode step, seq_lens a non-empty "
+                            f"list of positive ints; got {guard!r}")
     if kernel == "extend":
         new = w.get("new_tokens")
         if not isinstance(new, list) or len(new) != len(lens) or not all(
@@ -293,7 +316,11 @@ def summary(path: Path) -> str:
         best, default = c["best"], c["default"]
         vs = f" vs default {c['default_ms']:.4f} ms (tuned/default {c['ratio']:.2f})" if default else ""
         how = "confirmed" if "confirm_ms" in best else "search"
-        lines.append(f"  {kernel:<7} best {c['best_ms']:.4f} ms{vs}, {how} times {json.dumps(best['config'], sort_keys=True)} "
+        guard = ""
+        if best.get("guard_ms") is not None:
+            guard = f", guard step {best['guard_ms']:.4f} ms" + (
+                f" vs default {default['guard_ms']:.4f}" if default and default.get("guard_ms") is not None else "")
+        lines.append(f"  {kernel:<7} best {c['best_ms']:.4f} ms{vs}, {how} times{guard} {json.dumps(best['config'], sort_keys=True)} "
                      f"[{c['measured']} measured, {c['failed']} failed]")
     return "\n".join(lines)
 
@@ -379,7 +406,8 @@ def ingest(results_file: Path, bundle: Path | None = None, log_root: Path | None
     for rec in results["results"] + failures:
         if rec["key"] not in known:
             log["records"].append({k: rec.get(k) for k in ("kernel", "config", "workload", "key", "schedule",
-                                                          "times_ms", "median_ms", "error")})
+                                                          "times_ms", "median_ms", "error", "guard_ms")
+                                   if k != "guard_ms" or rec.get(k) is not None})
     tuning_log.save(path, log)
     return path
 

@@ -27,6 +27,9 @@ from .schedules import rule_for
 FORMAT = 1
 # A list json.dumps spread over lines (raw newlines: never inside a JSON string) holding numbers only.
 _NUMBER_LIST = re.compile(r"\[\n\s*([-+0-9.eE,\s]+?)\n\s*\]")
+# A config slower than the default by more than this on its workload's guard step (see
+# pgen_runtime.measure.GPU_DECODE_GUARD) is never the tuned one, however fast on the tuning batch.
+GUARD_SLOWDOWN = 1.25
 
 
 def logs_root() -> Path:
@@ -153,7 +156,7 @@ def best(data: dict[str, Any]) -> dict[str, tuple[dict[str, Any], float]]:
     out: dict[str, tuple[dict[str, Any], float]] = {}
     records = current_records(data)
     latest = {r["kernel"]: r.get("workload") for r in records}
-    records = [r for r in records if r.get("workload") == latest[r["kernel"]]]
+    records = within_guard([r for r in records if r.get("workload") == latest[r["kernel"]]], data)
     confirmed = {r["kernel"] for r in records if r.get("confirm_ms") is not None}
     for rec in records:
         t = time_of(rec)
@@ -162,6 +165,18 @@ def best(data: dict[str, Any]) -> dict[str, tuple[dict[str, Any], float]]:
         if rec["kernel"] not in out or t < out[rec["kernel"]][1]:
             out[rec["kernel"]] = (rec["config"], t)
     return out
+
+
+def within_guard(records: list[dict[str, Any]], data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records whose guard time (`guard_ms`, on their workload's `guard` step) is within
+    GUARD_SLOWDOWN of the default config's on the same workload; records without one all pass, as do
+    all where the default has none."""
+    limit = {}
+    for r in records:
+        if r.get("guard_ms") is not None and not r.get("error") and is_default(data, r):
+            limit[r["kernel"], json.dumps(r.get("workload"), sort_keys=True)] = r["guard_ms"] * GUARD_SLOWDOWN
+    return [r for r in records if r.get("guard_ms") is None
+            or r["guard_ms"] <= limit.get((r["kernel"], json.dumps(r.get("workload"), sort_keys=True)), math.inf)]
 
 
 def time_of(rec: dict[str, Any]) -> float | None:

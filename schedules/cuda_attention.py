@@ -46,11 +46,12 @@ class CudaAttention(ScheduleRule):
             Knob("tokens_per_lane", (1, 2, 4, 8), 4),
         ]
         if self.kernel == "decode":
-            # NOTE: a cap on the split-KV factor the plan picks per call, not a factor: tuning
-            # times one large batch (32 x 4096), where a cap of 1 wins by a few percent (the
-            # plan's 5 splits cost a merge), but a tuned cap of 1 would leave a single long
-            # sequence to 8 of 132 SMs. Tuning chooses among caps that still split.
-            knobs.append(Knob("max_splits", (8, 16, 32, 64), 32))
+            # NOTE: a cap on the split-KV factor the plan picks per call, not a factor; the
+            # workspace holds the call's splits only. Tuning keeps the default (pgen.tune.PLAN_CAPS):
+            # its one large batch (32 x 4096) never reaches a cap, so a searched cap would be picked
+            # by noise, and a low one leaves a single long sequence to a few SMs. H200, one 16k-token
+            # sequence of Llama-3-8B (fp16, 4-warp tensor-core decode): 29.5 us at 32 splits, 39.1 at 64.
+            knobs.append(Knob("max_splits", (8, 16, 32, 64, 128), 32))
             if spec.group_size > 1:
                 # Query rows of the GQA group per thread: 1, or the whole group (each K/V element
                 # is then read from shared memory and converted once for all of them).
@@ -102,7 +103,6 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     bdz = config["key_lanes"]
     tpz = config["tokens_per_lane"]
     tile = bdz * tpz
-    smax = config["max_splits"] if decode else 1
     load_iters = (tile + nty * bdz - 1) // (nty * bdz)
     # Reduce the tx lanes by xor-shuffles when they form aligned power-of-two groups of a warp;
     # otherwise TVM's generic allreduce (through shared memory) does it.
@@ -114,7 +114,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     inv_cap = 1.0 / spec.logit_softcap if has_cap else 1.0
     cap_log2e = spec.logit_softcap * LOG2E if has_cap else 1.0
     window = spec.sliding_window if spec.sliding_window is not None else 1 << 30
-    merge = split_merge(spec, smax, rows)
+    merge = split_merge(spec, rows)
 
     @T.prim_func(s_tir=True)
     def attention(
@@ -138,10 +138,10 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
         q_indptr = T.match_buffer(indptr_h, (B + 1,), "int32", align=4)
         seq_lens = T.match_buffer(lens_h, (B,), "int32", align=4)
         out = T.match_buffer(out_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
-        # Split-KV partials. Extend never splits; its idle merge block still indexes split 0 of
-        # sequence 0, so its workspace is one split of one sequence.
-        WO = T.alloc_buffer((B * hkv * smax * rows * d if decode else rows * d,), "float32")
-        WM = T.alloc_buffer((B * hkv * smax * rows * 2 if decode else rows * 2,), "float32")
+        # Split-KV partials of this call's splits. Extend never splits; its idle merge block still
+        # indexes split 0 of sequence 0, so its workspace is one split of one sequence.
+        WO = T.alloc_buffer((B * hkv * num_splits * rows * d if decode else rows * d,), "float32")
+        WM = T.alloc_buffer((B * hkv * num_splits * rows * 2 if decode else rows * 2,), "float32")
         for bx in T.thread_binding(B * max_q_tiles, thread="blockIdx.x"):
             for by in T.thread_binding(hkv * num_splits, thread="blockIdx.y"):
                 for tz in T.thread_binding(bdz, thread="threadIdx.z"):
@@ -320,18 +320,18 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                                     ol[rr, v] / T.max(st[rr, 1], T.float32(1e-30)), dtype)
                                         else:
                                             for v in T.unroll(vec):
-                                                WO[(((b * hkv + h) * smax + split) * rows + ty * rpt + rr) * d + tx * vec + v] = ol[rr, v]
-                                            WM[(((b * hkv + h) * smax + split) * rows + ty * rpt + rr) * 2] = st[rr, 2]
-                                            WM[(((b * hkv + h) * smax + split) * rows + ty * rpt + rr) * 2 + 1] = st[rr, 1]
+                                                WO[(((b * hkv + h) * num_splits + split) * rows + ty * rpt + rr) * d + tx * vec + v] = ol[rr, v]
+                                            WM[(((b * hkv + h) * num_splits + split) * rows + ty * rpt + rr) * 2] = st[rr, 2]
+                                            WM[(((b * hkv + h) * num_splits + split) * rows + ty * rpt + rr) * 2 + 1] = st[rr, 1]
         merge(WO, WM, out, q_indptr, num_splits, B)
 
     return attention
 
 
-def split_merge(spec: AttentionSpec, smax: int, rows: int):
+def split_merge(spec: AttentionSpec, rows: int):
     """The second kernel of split-KV decode: merges each query row's split partials.
 
-    Workspace layout: WO[((b * Hkv + h) * smax + split) * rows + row, D] (un-normalized outputs),
+    Workspace layout: WO[((b * Hkv + h) * num_splits + split) * rows + row, D] (un-normalized outputs),
     WM[..., 2] (running max in log2 units, sum of weights); query head h * group + row % group.
     Returns a TVMScript macro `merge(WO, WM, out, q_indptr, num_splits, B)`.
     """
@@ -351,11 +351,11 @@ def split_merge(spec: AttentionSpec, smax: int, rows: int):
                     r = bx % g
                     acc[0] = T.float32(NEG)
                     for s in T.serial(num_splits):
-                        acc[0] = T.max(acc[0], WM[(((b * hkv + h) * smax + s) * rows + r) * 2])
+                        acc[0] = T.max(acc[0], WM[(((b * hkv + h) * num_splits + s) * rows + r) * 2])
                     acc[1] = T.float32(0)
                     acc[2] = T.float32(0)
                     for s in T.serial(num_splits):
-                        base = ((b * hkv + h) * smax + s) * rows + r
+                        base = ((b * hkv + h) * num_splits + s) * rows + r
                         acc[1] = acc[1] + WM[base * 2 + 1] * T.exp2(WM[base * 2] - acc[0])
                         acc[2] = acc[2] + WO[base * d + tx] * T.exp2(WM[base * 2] - acc[0])
                     if num_splits > 1:

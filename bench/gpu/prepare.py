@@ -36,8 +36,11 @@ MMA_CHECKS = (("llama3-8b", "float16", 16, 64, 1), ("llama3-8b", "float16", 32, 
               ("llama3-8b", "bfloat16", 16, 16, 0), ("qwen2.5-0.5b", "float16", 32, 16, 1),
               ("mistral-7b", "float16", 16, 16, 0), ("gemma2-9b", "float16", 16, 32, 0), ("phi3-mini", "float16", 16, 16, 1))
 # Decode beside the plain packages' default (the tensor-core kernel, 4 warps per block): the
-# CUDA-core template (timed side by side with it), and other warp counts, split caps and dtypes.
+# CUDA-core template (timed side by side with it), other warp counts, split caps and dtypes, and
+# mma_prefetch other than the default (timed too).
 DECODE_CHECKS = (("llama3-8b", "float16", {"mma": 0}), ("llama3-8b", "float16", {"mma_warps": 1}),
+                 ("llama3-8b", "float16", {"mma_prefetch": 0}), ("llama3-8b", "float16", {"mma_warps": 1, "mma_prefetch": 0}),
+                 ("qwen2.5-0.5b", "float16", {"mma_prefetch": 1}), ("mistral-7b", "bfloat16", {"mma_warps": 2, "mma_prefetch": 1}),
                  ("llama3-8b", "bfloat16", {"mma_warps": 8, "max_splits": 8}), ("qwen2.5-0.5b", "float16", {"mma_warps": 2}),
                  ("mistral-7b", "float16", {"mma_warps": 8}), ("phi3-mini", "float16", {"mma_warps": 2}))
 # GQA groups past 8 query heads use the fragments' second 8 rows (no shipped spec has one).

@@ -36,11 +36,19 @@ CPU_DECODE_KV_BYTES = 512 << 20
 CPU_EXTEND_DECODE_ROWS = 32
 
 
+# GPU decode is also timed on this step, the workload's `guard`: one long sequence, where a config
+# that wins the tuning batch can lose 2x (H200, Llama-3-8B fp16: 1-warp tensor-core blocks 4% faster
+# than 4-warp ones at 32 x 4096, 58.7 against 29.5 us on one 16k-token sequence). A tuning log
+# keeps a config only within pgen.tuning_log.GUARD_SLOWDOWN of the default's guard time.
+GPU_DECODE_GUARD = {"seq_lens": [16384]}
+
+
 def default_workload(kernel: str, device_kind: str, spec: AttentionSpec | None = None) -> dict[str, Any]:
-    """A representative step: long-context decode; chunked-prefill extend (on the CPU, mixed with decode rows)."""
+    """A representative step: long-context decode (on a GPU with a one-sequence `guard` step);
+    chunked-prefill extend (on the CPU, mixed with decode rows)."""
     if kernel == "decode":
         if device_kind != "cpu":
-            return {"seq_lens": [4096] * 32}
+            return {"seq_lens": [4096] * 32, "guard": GPU_DECODE_GUARD}
         per_seq = 4096 * spec.block_bytes // spec.block_size if spec is not None else CPU_DECODE_KV_BYTES // 8
         return {"seq_lens": [4096] * min(128, max(8, -(-CPU_DECODE_KV_BYTES // per_seq)))}
     if kernel == "extend":
@@ -122,6 +130,14 @@ def time_kernel(kernels: PagedKernels, kernel: str, args: tuple, warmup: int = 3
     return time_calls(run, _sync(kernels.device), warmup, repeats, min_seconds)
 
 
+def time_guard(kernels: PagedKernels, kernel: str, args: tuple, expected: np.ndarray | None) -> float:
+    """Median milliseconds of a candidate on its workload's guard step (inputs from
+    `make_checked_inputs`); its output there is checked too."""
+    times = time_kernel(kernels, kernel, args)
+    check_output(kernels.spec, args[-1], expected)
+    return statistics.median(times)
+
+
 def time_calls(run, sync=lambda: None, warmup: int = 3, repeats: int = 10, min_seconds: float = 0.02) -> list[float]:
     """Milliseconds per call of `run`, `repeats` times: each the mean of enough calls to last
     `min_seconds` (calibrated on one call after the warm-up); `sync` waits for the device."""
@@ -153,8 +169,8 @@ def measure_bundle(bundle: str | Path, device: str, progress=print) -> dict[str,
     spec = AttentionSpec.from_dict(meta["spec"])
     load_tvm_runtime_libs(root / "lib" / "tvm", cuda=device.startswith("cuda"))
     results = []
-    inputs: dict[str, tuple] = {}  # one set per kernel: every candidate sees the same data
-    expected: dict[str, np.ndarray | None] = {}
+    inputs: dict[Any, tuple] = {}  # one set per kernel (and its guard): every candidate sees the same data
+    expected: dict[Any, np.ndarray | None] = {}
     for i, cand in enumerate(meta["candidates"]):
         record = {k: cand.get(k) for k in ("kernel", "config", "key", "schedule")}
         try:
@@ -166,6 +182,12 @@ def measure_bundle(bundle: str | Path, device: str, progress=print) -> dict[str,
             times = time_kernel(kernels, cand["kernel"], inputs[cand["kernel"]])
             check_output(spec, inputs[cand["kernel"]][-1], expected[cand["kernel"]])
             record.update(times_ms=times, median_ms=statistics.median(times), error=None, workload=workload)
+            if workload.get("guard"):
+                if (cand["kernel"], "guard") not in inputs:
+                    inputs[cand["kernel"], "guard"], expected[cand["kernel"], "guard"] = make_checked_inputs(
+                        spec, cand["kernel"], workload["guard"], device)
+                record["guard_ms"] = time_guard(kernels, cand["kernel"], inputs[cand["kernel"], "guard"],
+                                                expected[cand["kernel"], "guard"])
         except Exception as err:  # a broken candidate is recorded, never fatal
             record.update(times_ms=[], median_ms=None, error=f"{type(err).__name__}: {err}")
         results.append(record)

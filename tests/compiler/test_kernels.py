@@ -212,16 +212,19 @@ def test_cuda_decode_tensor_core_knobs():
     mma = rule.default(llama, info)
     assert rule.check(llama, info, {**mma, "max_splits": 8}) is None  # split-KV applies to both kernels
     assert "keep their defaults" in rule.check(llama, info, {**mma, "vector": 4})  # no duplicate configs
-    assert "only applies" in rule.check(llama, info, {**mma, "mma": 0, "mma_warps": 8})
+    assert "only apply" in rule.check(llama, info, {**mma, "mma": 0, "mma_warps": 8})
+    assert "only apply" in rule.check(llama, info, {**rule.default(llama, info), "mma": 0, "mma_prefetch": 0})
+    assert mma["mma_prefetch"] == 1 and rule.check(llama, info, {**mma, "mma_prefetch": 0}) is None
     sm75 = parse_targets("cuda:sm_75")[0].info
     assert "sm_80" in rule.check(llama, sm75, mma) and rule.default(llama, sm75)["mma"] == 0
     # A tuning sample holds tensor-core and CUDA-core configs side by side.
     space = [c for c in rule.space(llama, info) if c["mma"]]
-    assert len(space) == 4 * 4  # mma_warps x max_splits
-    # Tuning times one large batch: no cap that would keep a long single sequence unsplit.
-    assert min(c["max_splits"] for c in rule.space(llama, info)) == 8
+    assert len(space) == 4 * 5 * 2  # mma_warps x max_splits x mma_prefetch
     sample = candidates(llama, target, "decode", 24)
-    assert sum(1 for c in sample if c["mma"]) >= 10 and sum(1 for c in sample if not c["mma"]) >= 10
+    # Tuning times one large batch, which never reaches the split cap: it keeps the default.
+    assert {c["max_splits"] for c in sample} == {32}
+    # Every tensor-core config (4 warp counts x mma_prefetch) beside CUDA-core ones.
+    assert sum(1 for c in sample if c["mma"]) == 8 and sum(1 for c in sample if not c["mma"]) == 16
 
 
 def test_cuda_extend_tensor_core_knobs_and_plan():

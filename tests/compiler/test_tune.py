@@ -140,6 +140,8 @@ def test_corrupt_log_is_an_error_never_used(kind, tuned, tmp_path, monkeypatch, 
     ('{"decode": {"seq_lens": []}}', "decode.seq_lens"),
     ('{"extend": {"seq_lens": [8], "new_tokens": [9]}}', "extend.new_tokens"),
     ('{"prefill": {}}', "sections"),
+    ('{"decode": {"seq_lens": [8], "guard": {"seq_lens": [0]}}}', "decode.guard"),
+    ('{"extend": {"seq_lens": [8], "new_tokens": [1], "guard": {"seq_lens": [8]}}}', "extend.guard"),
     ("[decode\nseq_lens = 1", "unreadable"),
 ])
 def test_bad_workload_file(text, message, tmp_path):
@@ -241,7 +243,8 @@ def test_cpu_decode_is_timed_on_a_kv_set_far_above_the_caches():
     llama = pgen.load_spec(Path(__file__).parents[2] / "specs" / "llama3-8b.toml")
     lens = default_workload("decode", "cpu", llama)["seq_lens"]
     assert len(lens) * max(lens) * llama.block_bytes // llama.block_size >= CPU_DECODE_KV_BYTES
-    assert default_workload("decode", "cuda", llama) == {"seq_lens": [4096] * 32}
+    # A GPU tuning batch is large; its guard step is one long sequence (see the guard tests).
+    assert default_workload("decode", "cuda", llama) == {"seq_lens": [4096] * 32, "guard": {"seq_lens": [16384]}}
 
 
 def test_cpu_extend_is_timed_on_a_step_that_mixes_prefill_and_decode_rows():
@@ -293,5 +296,50 @@ def test_local_tuning_rejects_a_candidate_whose_output_is_wrong(tmp_path, monkey
     assert tune._time(tune.LocalRunner(), SPEC, cand, library)["error"] is None
     right = measure.reference_output
     monkeypatch.setattr(measure, "reference_output", lambda *args: right(*args) * 1.01)
+    record = tune._time(tune.LocalRunner(), SPEC, cand, library)
+    assert record["median_ms"] is None and "wrong result" in record["error"]
+
+
+def test_a_config_much_slower_than_the_default_on_the_guard_step_is_never_the_tuned_one(tuned):
+    data = json.loads(tuned.read_text())
+    decode = [r for r in data["records"] if r["kernel"] == "decode" and r["median_ms"] is not None]
+    default = next(r for r in decode if r.get("default"))
+    others = [r for r in decode if not r.get("default")]
+    assert others
+    workload = {**default["workload"], "guard": {"seq_lens": [512]}}
+    fast = {**others[0], "workload": workload, "median_ms": 1e-6, "confirm_ms": None, "guard_ms": 2.0}
+    data["records"] = [r for r in data["records"] if r["kernel"] != "decode"] + [
+        {**default, "workload": workload, "confirm_ms": None, "guard_ms": 1.0}, fast]
+    # 2x the default's guard time: out, however fast on the tuning batch (also from the finalists).
+    assert tuning_log.best(data)["decode"][0] == default["config"]
+    assert fast not in tuning_log.within_guard(data["records"], data)
+    # Within GUARD_SLOWDOWN of it: the faster config wins.
+    fast["guard_ms"] = tuning_log.GUARD_SLOWDOWN * 0.99
+    assert tuning_log.best(data)["decode"] == (fast["config"], 1e-6)
+    # A failed default sets no limit.
+    data["records"][-2]["error"] = "boom"
+    fast["guard_ms"] = 10.0
+    assert tuning_log.best(data)["decode"] == (fast["config"], 1e-6)
+
+
+def test_candidates_are_timed_and_checked_on_the_workloads_guard_step_offline_and_here(tmp_path, monkeypatch):
+    from pgen_runtime import measure
+
+    workloads = {"decode": {"seq_lens": [256, 256], "guard": {"seq_lens": [600]}}}
+    bundle = tune.emit_bundle(SPEC, "llvm", tmp_path / "bundle", kernels=("decode",), trials=2, workloads=workloads, jobs=1)
+    results = measure.measure_bundle(bundle, "cpu", progress=lambda line: None)
+    assert all(r["error"] is None and r["guard_ms"] > 0 for r in results["results"])
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    log = tuning_log.load(tune.ingest(tmp_path / "results.json", bundle, tmp_path / "logs"), SPEC, "llvm")
+    assert all(r["guard_ms"] > 0 for r in log["records"])
+    # The local runner too; a wrong output on the guard step fails the candidate.
+    target = parse_targets("llvm")[0]
+    config = rule_for("decode", "llvm").default(SPEC, target.info)
+    library = tune._build_candidate(SPEC, target, "decode", config, tmp_path / "cand")
+    cand = tune.Candidate("decode", config, workloads["decode"], "k", True)
+    assert tune._time(tune.LocalRunner(), SPEC, cand, library)["guard_ms"] > 0
+    right = measure.reference_output
+    monkeypatch.setattr(measure, "reference_output",
+                        lambda spec, kernel, arrays: right(spec, kernel, arrays) + (len(arrays[3][0]) == 1))
     record = tune._time(tune.LocalRunner(), SPEC, cand, library)
     assert record["median_ms"] is None and "wrong result" in record["error"]

@@ -120,7 +120,7 @@ def test_unreachable_tracker_fails_fast():
     assert time.monotonic() - start < 10
 
 
-def test_remote_candidate_with_a_wrong_output_gets_infinite_time(tracker, tmp_path, monkeypatch):
+def test_remote_candidate_with_a_wrong_output_gets_infinite_time_guard_step_timed_too(tracker, tmp_path, monkeypatch):
     from pgen import rpc
     from pgen.schedules import rule_for
     from pgen.target import parse_targets
@@ -128,8 +128,10 @@ def test_remote_candidate_with_a_wrong_output_gets_infinite_time(tracker, tmp_pa
     target = parse_targets("llvm")[0]
     config = rule_for("decode", "llvm").default(SPEC, target.info)
     library = tune._build_candidate(SPEC, target, "decode", config, tmp_path / "cand")
-    cand = tune.Candidate("decode", config, WORKLOAD["decode"], "k", True)
-    assert tune._time(RpcRunner(tracker, KEY), SPEC, cand, library)["error"] is None
+    # With a guard step (pgen_runtime.measure.GPU_DECODE_GUARD): timed and checked there too.
+    cand = tune.Candidate("decode", config, {**WORKLOAD["decode"], "guard": {"seq_lens": [600]}}, "k", True)
+    record = tune._time(RpcRunner(tracker, KEY), SPEC, cand, library)
+    assert record["error"] is None and record["guard_ms"] > 0
     right = rpc.reference_output
     monkeypatch.setattr(rpc, "reference_output", lambda *args: right(*args) * 1.01)
     record = tune._time(RpcRunner(tracker, KEY), SPEC, cand, library)
