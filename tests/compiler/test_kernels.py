@@ -163,6 +163,38 @@ def test_both_cpu_score_loops_match_the_reference(spec, extend_qk):
         reference.assert_attention_close(spec, got[what], want[what], what)
 
 
+@pytest.mark.parametrize("spec", ALL + [pytest.param(pgen.AttentionSpec(num_q_heads=8, num_kv_heads=2, head_dim=40, block_size=8,
+                                                                          dtype="float32"), id="d40-odd-vector-count")])
+def test_cpu_qk_accumulator_chains_match_the_reference(spec):
+    # The key-by-key QK loop with the other accumulator count than the default (2 chains: even and
+    # odd vectors, head_dim 40 in 8 lanes leaves an odd one to the first chain).
+    from pgen.schedules import rule_for
+    from pgen.target import parse_targets
+
+    info = parse_targets("llvm")[0].info
+    flip = {k: 3 - rule_for(k, "llvm").default(spec, info)["qk_chains"] for k in ("decode", "extend")}
+    kernels = pgen.build_kernels(spec, overrides={k: {"qk_chains": c, "qk_transpose": 0} for k, c in flip.items()})
+    assert {k: kernels.configs[k]["qk_chains"] for k in flip} == flip
+    case = reference.paged_case(spec, lengths(spec), _extend_tokens(spec), seed=spec.head_dim + 3)
+    want = reference.expected(spec, case)
+    got = reference.run_kernels(kernels, case)
+    for what in ("decode", "extend"):
+        reference.assert_attention_close(spec, got[what], want[what], what)
+
+
+def test_cpu_qk_accumulator_chain_defaults():
+    from pgen.schedules import rule_for
+    from pgen.target import parse_targets
+
+    info = parse_targets("llvm")[0].info
+    llama = pgen.AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float16")
+    qwen = pgen.AttentionSpec(num_q_heads=14, num_kv_heads=2, head_dim=64, block_size=16, dtype="float16")
+    # Two chains per row where a tile has 4 rows or fewer; Qwen2.5's 7-row decode tile keeps one.
+    assert rule_for("decode", "llvm").default(llama, info)["qk_chains"] == 2
+    assert rule_for("decode", "llvm").default(qwen, info)["qk_chains"] == 1
+    assert rule_for("extend", "llvm").default(qwen, info)["qk_chains"] == 2  # tiles of at most 4 rows
+
+
 def test_cpu_prefetch_distance_default_and_results():
     from pgen.schedules import rule_for
     from pgen.target import parse_targets
