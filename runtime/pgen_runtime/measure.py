@@ -37,9 +37,9 @@ CPU_EXTEND_DECODE_ROWS = 32
 
 
 # GPU decode is also timed on this step, the workload's `guard`: one long sequence, where a config
-# that wins the tuning batch can lose 2x (H200, Llama-3-8B fp16: 1-warp tensor-core blocks 4% faster
-# than 4-warp ones at 32 x 4096, 58.7 against 29.5 us on one 16k-token sequence). A tuning log
-# keeps a config only within pgen.tuning_log.GUARD_SLOWDOWN of the default's guard time.
+# that wins the tuning batch can lose 2x (H200, Llama-3-8B fp16: 1-warp tensor-core blocks 5% faster
+# than the default 4-warp ones at 32 x 4096, 59.6 against 31.8 us on one 16k-token sequence). A
+# tuning log keeps a config only within pgen.tuning_log.GUARD_SLOWDOWN of the default's guard time.
 GPU_DECODE_GUARD = {"seq_lens": [16384]}
 
 
