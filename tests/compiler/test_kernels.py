@@ -165,16 +165,22 @@ def test_both_cpu_score_loops_match_the_reference(spec, extend_qk):
 
 @pytest.mark.parametrize("spec", ALL + [pytest.param(pgen.AttentionSpec(num_q_heads=8, num_kv_heads=2, head_dim=40, block_size=8,
                                                                           dtype="float32"), id="d40-odd-vector-count")])
-def test_cpu_qk_accumulator_chains_match_the_reference(spec):
+def test_cpu_qk_accumulator_chains_and_row_merge_match_the_reference(spec):
     # The key-by-key QK loop with the other accumulator count than the default (2 chains: even and
-    # odd vectors, head_dim 40 in 8 lanes leaves an odd one to the first chain).
+    # odd vectors, head_dim 40 in 8 lanes leaves an odd one to the first chain) and, where it
+    # applies, the other way of summing lanes (rows one at a time, or merged across rows).
     from pgen.schedules import rule_for
     from pgen.target import parse_targets
 
     info = parse_targets("llvm")[0].info
-    flip = {k: 3 - rule_for(k, "llvm").default(spec, info)["qk_chains"] for k in ("decode", "extend")}
-    kernels = pgen.build_kernels(spec, overrides={k: {"qk_chains": c, "qk_transpose": 0} for k, c in flip.items()})
-    assert {k: kernels.configs[k]["qk_chains"] for k in flip} == flip
+    flip = {}
+    for k in ("decode", "extend"):
+        default = rule_for(k, "llvm").default(spec, info)
+        flip[k] = {"qk_chains": 3 - default["qk_chains"], "qk_transpose": 0}
+        if "qk_row_merge" in default:
+            flip[k]["qk_row_merge"] = 1 - default["qk_row_merge"]
+    kernels = pgen.build_kernels(spec, overrides=flip)
+    assert all(kernels.configs[k][name] == v for k in flip for name, v in flip[k].items())
     case = reference.paged_case(spec, lengths(spec), _extend_tokens(spec), seed=spec.head_dim + 3)
     want = reference.expected(spec, case)
     got = reference.run_kernels(kernels, case)
@@ -182,7 +188,7 @@ def test_cpu_qk_accumulator_chains_match_the_reference(spec):
         reference.assert_attention_close(spec, got[what], want[what], what)
 
 
-def test_cpu_qk_accumulator_chain_defaults():
+def test_cpu_qk_accumulator_chain_and_row_merge_defaults():
     from pgen.schedules import rule_for
     from pgen.target import parse_targets
 
@@ -193,6 +199,10 @@ def test_cpu_qk_accumulator_chain_defaults():
     assert rule_for("decode", "llvm").default(llama, info)["qk_chains"] == 2
     assert rule_for("decode", "llvm").default(qwen, info)["qk_chains"] == 1
     assert rule_for("extend", "llvm").default(qwen, info)["qk_chains"] == 2  # tiles of at most 4 rows
+    # Lane sums merged across rows where decode's tile rows are a power of two; every extend.
+    assert rule_for("decode", "llvm").default(llama, info)["qk_row_merge"] == 1
+    assert "qk_row_merge" not in rule_for("decode", "llvm").default(qwen, info)
+    assert rule_for("extend", "llvm").default(qwen, info)["qk_row_merge"] == 1
 
 
 def test_cpu_prefetch_distance_default_and_results():
