@@ -221,6 +221,34 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
             for ln in T.unroll(lines):
                 touch[0] = T.max(touch[0], T.cast(kv_pool[page[0], 1, h0[0] + hh, t, ln * per_line], "float32"))  # noqa: F821
 
+    @T.macro(hygienic=False)
+    def tree_reduce(buf, r, is_max):
+        """Row r of buf[:, :bs] reduced (max, else sum) into buf[r, 0], pairwise in vectors."""
+        if bs > 128:
+            for v in T.vectorized(128):
+                buf[r, v] = T.max(buf[r, v], buf[r, v + 128]) if is_max else buf[r, v] + buf[r, v + 128]
+        if bs > 64:
+            for v in T.vectorized(64):
+                buf[r, v] = T.max(buf[r, v], buf[r, v + 64]) if is_max else buf[r, v] + buf[r, v + 64]
+        if bs > 32:
+            for v in T.vectorized(32):
+                buf[r, v] = T.max(buf[r, v], buf[r, v + 32]) if is_max else buf[r, v] + buf[r, v + 32]
+        if bs > 16:
+            for v in T.vectorized(16):
+                buf[r, v] = T.max(buf[r, v], buf[r, v + 16]) if is_max else buf[r, v] + buf[r, v + 16]
+        if bs > 8:
+            for v in T.vectorized(8):
+                buf[r, v] = T.max(buf[r, v], buf[r, v + 8]) if is_max else buf[r, v] + buf[r, v + 8]
+        if bs > 4:
+            for v in T.vectorized(4):
+                buf[r, v] = T.max(buf[r, v], buf[r, v + 4]) if is_max else buf[r, v] + buf[r, v + 4]
+        if bs > 2:
+            for v in T.vectorized(2):
+                buf[r, v] = T.max(buf[r, v], buf[r, v + 2]) if is_max else buf[r, v] + buf[r, v + 2]
+        if bs > 1:
+            for v in T.vectorized(1):
+                buf[r, v] = T.max(buf[r, v], buf[r, v + 1]) if is_max else buf[r, v] + buf[r, v + 1]
+
     @T.prim_func(s_tir=True)
     def attention(
         q_h: T.handle,
@@ -358,6 +386,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                     T.reads()
                                     T.writes()
                                     s = T.sblock_alloc_buffer((rtile, bs), "float32")
+                                    red = T.sblock_alloc_buffer((rtile, bs), "float32")
                                     part = T.sblock_alloc_buffer((rtile, vl), "float32")
                                     part2 = T.sblock_alloc_buffer((rtile, vl), "float32")
                                     tree = T.sblock_alloc_buffer((rtile, vl), "float32")
@@ -504,19 +533,26 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                     if touch_v:
                                         WM[B * hkv * smax * rows * 2 + task] = touch[0]
                                     # Online softmax per row: new max, rescale factor, weights.
+                                    # The block's max and sum of weights are pairwise (tree)
+                                    # reductions in vectors; as serial scalar loops they were two
+                                    # dependency chains of block_size steps per row (side by side:
+                                    # fp16 Llama-3-8B decode from L2 61.1 -> 63.8 GB/s, fp32
+                                    # 103.9 -> 106.3, a 2k prefill 5-6% faster in fp16 and fp32).
                                     for r in T.serial(rtile):
-                                        sca[r, 0] = mrow[R[0] + r]
-                                        for t in T.serial(bs):
-                                            sca[r, 0] = T.max(sca[r, 0], s[r, t])
+                                        for t in T.vectorized(bs):
+                                            red[r, t] = s[r, t]
+                                        tree_reduce(red, r, True)
+                                        sca[r, 0] = T.max(mrow[R[0] + r], red[r, 0])
                                         sca[r, 1] = fast_exp2(mrow[R[0] + r] - sca[r, 0])
                                         mrow[R[0] + r] = sca[r, 0]
                                         # NOTE: a masked score stays exactly NEG and gets weight 0 even
                                         # while the row's running max is still NEG (nothing seen yet).
                                         for t in T.vectorized(bs):
                                             s[r, t] = T.if_then_else(s[r, t] > T.float32(NEG), fast_exp2(s[r, t] - sca[r, 0]), T.float32(0))
-                                        lrow[R[0] + r] = lrow[R[0] + r] * sca[r, 1]
-                                        for t in T.serial(bs):
-                                            lrow[R[0] + r] = lrow[R[0] + r] + s[r, t]
+                                        for t in T.vectorized(bs):
+                                            red[r, t] = s[r, t]
+                                        tree_reduce(red, r, False)
+                                        lrow[R[0] + r] = lrow[R[0] + r] * sca[r, 1] + red[r, 0]
                                     # P·V in register tiles of rtile rows x cgrp vectors; rows in
                                     # [t_lo, t_hi) hold data (never NaN), so a weight of 0 is safe.
                                     # NOTE: the tile is two buffers of at most 512 bytes: one larger
