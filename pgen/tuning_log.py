@@ -171,12 +171,12 @@ def within_guard(records: list[dict[str, Any]], data: dict[str, Any]) -> list[di
     """The records whose guard time (`guard_ms`, on their workload's `guard` step) is within
     GUARD_SLOWDOWN of the default config's on the same workload; records without one all pass, as do
     all where the default has none."""
-    limit = {}
-    for r in records:
-        if r.get("guard_ms") is not None and not r.get("error") and is_default(data, r):
-            limit[r["kernel"], json.dumps(r.get("workload"), sort_keys=True)] = r["guard_ms"] * GUARD_SLOWDOWN
-    return [r for r in records if r.get("guard_ms") is None
-            or r["guard_ms"] <= limit.get((r["kernel"], json.dumps(r.get("workload"), sort_keys=True)), math.inf)]
+    def step(r):
+        return r["kernel"], json.dumps(r.get("workload"), sort_keys=True)
+
+    limit = {step(r): r["guard_ms"] * GUARD_SLOWDOWN for r in records
+             if r.get("guard_ms") is not None and not r.get("error") and is_default(data, r)}
+    return [r for r in records if r.get("guard_ms") is None or r["guard_ms"] <= limit.get(step(r), math.inf)]
 
 
 def time_of(rec: dict[str, Any]) -> float | None:

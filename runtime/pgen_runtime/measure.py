@@ -130,9 +130,13 @@ def time_kernel(kernels: PagedKernels, kernel: str, args: tuple, warmup: int = 3
     return time_calls(run, _sync(kernels.device), warmup, repeats, min_seconds)
 
 
-def time_guard(kernels: PagedKernels, kernel: str, args: tuple, expected: np.ndarray | None) -> float:
-    """Median milliseconds of a candidate on its workload's guard step (inputs from
-    `make_checked_inputs`); its output there is checked too."""
+def time_guard(kernels: PagedKernels, kernel: str, guard: dict[str, Any], device: str, cache: dict) -> float:
+    """Median milliseconds of a candidate on its workload's `guard` step; its output there is
+    checked too. `cache` keeps the step's inputs and reference, so every candidate sees the same."""
+    key = (kernel, json.dumps(guard, sort_keys=True))
+    if key not in cache:
+        cache[key] = make_checked_inputs(kernels.spec, kernel, guard, device)
+    args, expected = cache[key]
     times = time_kernel(kernels, kernel, args)
     check_output(kernels.spec, args[-1], expected)
     return statistics.median(times)
@@ -169,8 +173,9 @@ def measure_bundle(bundle: str | Path, device: str, progress=print) -> dict[str,
     spec = AttentionSpec.from_dict(meta["spec"])
     load_tvm_runtime_libs(root / "lib" / "tvm", cuda=device.startswith("cuda"))
     results = []
-    inputs: dict[Any, tuple] = {}  # one set per kernel (and its guard): every candidate sees the same data
-    expected: dict[Any, np.ndarray | None] = {}
+    inputs: dict[str, tuple] = {}  # one set per kernel: every candidate sees the same data
+    expected: dict[str, np.ndarray | None] = {}
+    guards: dict = {}  # and per guard step (time_guard)
     for i, cand in enumerate(meta["candidates"]):
         record = {k: cand.get(k) for k in ("kernel", "config", "key", "schedule")}
         try:
@@ -183,11 +188,7 @@ def measure_bundle(bundle: str | Path, device: str, progress=print) -> dict[str,
             check_output(spec, inputs[cand["kernel"]][-1], expected[cand["kernel"]])
             record.update(times_ms=times, median_ms=statistics.median(times), error=None, workload=workload)
             if workload.get("guard"):
-                if (cand["kernel"], "guard") not in inputs:
-                    inputs[cand["kernel"], "guard"], expected[cand["kernel"], "guard"] = make_checked_inputs(
-                        spec, cand["kernel"], workload["guard"], device)
-                record["guard_ms"] = time_guard(kernels, cand["kernel"], inputs[cand["kernel"], "guard"],
-                                                expected[cand["kernel"], "guard"])
+                record["guard_ms"] = time_guard(kernels, cand["kernel"], workload["guard"], device, guards)
         except Exception as err:  # a broken candidate is recorded, never fatal
             record.update(times_ms=[], median_ms=None, error=f"{type(err).__name__}: {err}")
         results.append(record)

@@ -146,6 +146,15 @@ def test_cuda_group_rows_knob_only_where_it_lowers():
     assert "does not divide" in rule.check(llama, info, {**base, "group_rows": 3})
 
 
+def _assert_decode_and_extend_match_the_reference(spec, kernels, seed: int) -> None:
+    """Decode and extend of `kernels` on the grid's lengths for `spec` against the float64 reference."""
+    case = reference.paged_case(spec, lengths(spec), _extend_tokens(spec), seed=seed)
+    want = reference.expected(spec, case)
+    got = reference.run_kernels(kernels, case)
+    for what in ("decode", "extend"):
+        reference.assert_attention_close(spec, got[what], want[what], what)
+
+
 @pytest.mark.parametrize("extend_qk", [0, 1])
 @pytest.mark.parametrize("spec", ALL)
 def test_both_cpu_score_loops_match_the_reference(spec, extend_qk):
@@ -156,11 +165,7 @@ def test_both_cpu_score_loops_match_the_reference(spec, extend_qk):
         pytest.skip(f"block_size {spec.block_size} is not a multiple of vector_lanes {lanes}")
     kernels = pgen.build_kernels(spec, overrides={"decode": {"qk_transpose": 1}, "extend": {"qk_transpose": extend_qk}})
     assert (kernels.configs["decode"]["qk_transpose"], kernels.configs["extend"]["qk_transpose"]) == (1, extend_qk)
-    case = reference.paged_case(spec, lengths(spec), _extend_tokens(spec), seed=spec.head_dim + 1)
-    want = reference.expected(spec, case)
-    got = reference.run_kernels(kernels, case)
-    for what in ("decode", "extend"):
-        reference.assert_attention_close(spec, got[what], want[what], what)
+    _assert_decode_and_extend_match_the_reference(spec, kernels, seed=spec.head_dim + 1)
 
 
 @pytest.mark.parametrize("spec", ALL + [pytest.param(pgen.AttentionSpec(num_q_heads=8, num_kv_heads=2, head_dim=40, block_size=8,
@@ -181,11 +186,7 @@ def test_cpu_qk_accumulator_chains_and_row_merge_match_the_reference(spec):
             flip[k]["qk_row_merge"] = 1 - default["qk_row_merge"]
     kernels = pgen.build_kernels(spec, overrides=flip)
     assert all(kernels.configs[k][name] == v for k in flip for name, v in flip[k].items())
-    case = reference.paged_case(spec, lengths(spec), _extend_tokens(spec), seed=spec.head_dim + 3)
-    want = reference.expected(spec, case)
-    got = reference.run_kernels(kernels, case)
-    for what in ("decode", "extend"):
-        reference.assert_attention_close(spec, got[what], want[what], what)
+    _assert_decode_and_extend_match_the_reference(spec, kernels, seed=spec.head_dim + 3)
 
 
 def test_cpu_qk_accumulator_chain_and_row_merge_defaults():
@@ -220,11 +221,7 @@ def test_cpu_prefetch_distance_default_and_results():
     # Farther than a short sequence's blocks reach: the requests stop at the task's range.
     spec = ALL[0].values[0]
     kernels = pgen.build_kernels(spec, overrides={"decode": {"prefetch_ahead": 8}, "extend": {"prefetch_ahead": 8}})
-    case = reference.paged_case(spec, lengths(spec), _extend_tokens(spec), seed=7)
-    want = reference.expected(spec, case)
-    got = reference.run_kernels(kernels, case)
-    for what in ("decode", "extend"):
-        reference.assert_attention_close(spec, got[what], want[what], what)
+    _assert_decode_and_extend_match_the_reference(spec, kernels, seed=7)
 
 
 def test_cuda_decode_tensor_core_knobs():
