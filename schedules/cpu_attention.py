@@ -222,32 +222,13 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                 touch[0] = T.max(touch[0], T.cast(kv_pool[page[0], 1, h0[0] + hh, t, ln * per_line], "float32"))  # noqa: F821
 
     @T.macro(hygienic=False)
-    def tree_reduce(buf, r, is_max):
-        """Row r of buf[:, :bs] reduced (max, else sum) into buf[r, 0], pairwise in vectors."""
-        if bs > 128:
-            for v in T.vectorized(128):
-                buf[r, v] = T.max(buf[r, v], buf[r, v + 128]) if is_max else buf[r, v] + buf[r, v + 128]
-        if bs > 64:
-            for v in T.vectorized(64):
-                buf[r, v] = T.max(buf[r, v], buf[r, v + 64]) if is_max else buf[r, v] + buf[r, v + 64]
-        if bs > 32:
-            for v in T.vectorized(32):
-                buf[r, v] = T.max(buf[r, v], buf[r, v + 32]) if is_max else buf[r, v] + buf[r, v + 32]
-        if bs > 16:
-            for v in T.vectorized(16):
-                buf[r, v] = T.max(buf[r, v], buf[r, v + 16]) if is_max else buf[r, v] + buf[r, v + 16]
-        if bs > 8:
-            for v in T.vectorized(8):
-                buf[r, v] = T.max(buf[r, v], buf[r, v + 8]) if is_max else buf[r, v] + buf[r, v + 8]
-        if bs > 4:
-            for v in T.vectorized(4):
-                buf[r, v] = T.max(buf[r, v], buf[r, v + 4]) if is_max else buf[r, v] + buf[r, v + 4]
-        if bs > 2:
-            for v in T.vectorized(2):
-                buf[r, v] = T.max(buf[r, v], buf[r, v + 2]) if is_max else buf[r, v] + buf[r, v + 2]
-        if bs > 1:
-            for v in T.vectorized(1):
-                buf[r, v] = T.max(buf[r, v], buf[r, v + 1]) if is_max else buf[r, v] + buf[r, v + 1]
+    def tree_reduce(buf, r, is_max, width):
+        """Row r of buf[:, :width] (a power of two) reduced (max, else sum) into buf[r, 0], pairwise
+        in vectors: one level, then the macro again on the half (expanded as TVMScript is parsed)."""
+        if width > 1:
+            for v in T.vectorized(width // 2):
+                buf[r, v] = T.max(buf[r, v], buf[r, v + width // 2]) if is_max else buf[r, v] + buf[r, v + width // 2]
+            tree_reduce(buf, r, is_max, width // 2)
 
     @T.prim_func(s_tir=True)
     def attention(
@@ -541,7 +522,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                     for r in T.serial(rtile):
                                         for t in T.vectorized(bs):
                                             red[r, t] = s[r, t]
-                                        tree_reduce(red, r, True)
+                                        tree_reduce(red, r, True, bs)
                                         sca[r, 0] = T.max(mrow[R[0] + r], red[r, 0])
                                         sca[r, 1] = fast_exp2(mrow[R[0] + r] - sca[r, 0])
                                         mrow[R[0] + r] = sca[r, 0]
@@ -551,7 +532,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                             s[r, t] = T.if_then_else(s[r, t] > T.float32(NEG), fast_exp2(s[r, t] - sca[r, 0]), T.float32(0))
                                         for t in T.vectorized(bs):
                                             red[r, t] = s[r, t]
-                                        tree_reduce(red, r, False)
+                                        tree_reduce(red, r, False, bs)
                                         lrow[R[0] + r] = lrow[R[0] + r] * sca[r, 1] + red[r, 0]
                                     # P·V in register tiles of rtile rows x cgrp vectors; rows in
                                     # [t_lo, t_hi) hold data (never NaN), so a weight of 0 is safe.
