@@ -6,6 +6,8 @@ that reads a padded slot, an unused block or the null block shows NaN in its out
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 import pgen
@@ -187,6 +189,38 @@ def test_cpu_qk_accumulator_chains_and_row_merge_match_the_reference(spec):
     kernels = pgen.build_kernels(spec, overrides=flip)
     assert all(kernels.configs[k][name] == v for k in flip for name, v in flip[k].items())
     _assert_decode_and_extend_match_the_reference(spec, kernels, seed=spec.head_dim + 3)
+
+
+@pytest.mark.parametrize("spec", ALL + [
+    pytest.param(pgen.AttentionSpec(num_q_heads=16, num_kv_heads=8, head_dim=64, block_size=32, dtype="float16",
+                                    logit_softcap=30.0, sliding_window=40), id="softcap-window-bs32"),
+    pytest.param(pgen.AttentionSpec(num_q_heads=32, num_kv_heads=4, head_dim=64, block_size=16, dtype="float32"), id="group8")])
+def test_cpu_qk_key_groups_match_the_reference(spec):
+    # The key-group QK loop (rows x keys per group of vector_lanes accumulators, head dimension
+    # outermost) wherever the block size allows it: group sizes 16 (no GQA), 8, 4 and 2 keys, partial
+    # groups at the grid's lengths (keys past a sequence's end are read and masked), window and cap.
+    from pgen.schedules import rule_for
+    from pgen.target import parse_targets
+
+    info = parse_targets("llvm")[0].info
+    offered = [k for k in ("decode", "extend") if "qk_key_group" in {knob.name for knob in rule_for(k, "llvm").knobs(spec, info)}]
+    if not offered:
+        pytest.skip(f"block_size {spec.block_size} is not a multiple of the vector lanes")
+    kernels = pgen.build_kernels(spec, overrides={k: {"qk_key_group": 1} for k in offered})
+    assert all(kernels.configs[k]["qk_key_group"] == 1 for k in offered)
+    _assert_decode_and_extend_match_the_reference(spec, kernels, seed=spec.head_dim + 5)
+
+
+def test_cpu_qk_loops_are_exclusive():
+    from pgen.schedules import rule_for
+    from pgen.target import parse_targets
+
+    info = parse_targets("llvm")[0].info
+    llama = pgen.AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float16")
+    rule = rule_for("decode", "llvm")
+    assert rule.default(llama, info)["qk_key_group"] == 0  # slower from DRAM: the tuner picks it
+    assert "two QK loops" in rule.check(llama, info, {**rule.default(llama, info), "qk_transpose": 1, "qk_key_group": 1})
+    assert "qk_key_group" not in rule.default(dataclasses.replace(llama, block_size=8), info)  # 16 lanes
 
 
 def test_cpu_qk_accumulator_chain_and_row_merge_defaults():
