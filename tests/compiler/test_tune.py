@@ -239,6 +239,21 @@ def test_times_of_another_workload_do_not_compete(tuned):
     assert tuning_log.best(data)["decode"] == (small["config"], 1e-6)
 
 
+@pytest.mark.parametrize(("speedup", "default_wins"), [(1.02, True), (1.029, True), (1.05, False)])
+def test_the_default_stays_unless_a_tuned_config_beats_it_by_the_margin(tuned, speedup, default_wins):
+    data = json.loads(tuned.read_text())
+    decode = [r for r in data["records"] if r["kernel"] == "decode"]
+    for r in decode:  # search times only, the others far slower
+        r.update(median_ms=2.0, error=None)
+        r.pop("confirm_ms", None)
+    default = next(r for r in decode if tuning_log.is_default(data, r))
+    other = next(r for r in decode if not tuning_log.is_default(data, r))
+    default["median_ms"], other["median_ms"] = 1.0, 1.0 / speedup
+    assert tuning_log.DEFAULT_MARGIN == 1.03
+    config, t = tuning_log.best(data)["decode"]
+    assert (config, t) == ((default["config"], 1.0) if default_wins else (other["config"], 1.0 / speedup))
+
+
 def test_cpu_decode_is_timed_on_a_kv_set_far_above_the_caches():
     llama = pgen.load_spec(Path(__file__).parents[2] / "specs" / "llama3-8b.toml")
     lens = default_workload("decode", "cpu", llama)["seq_lens"]
