@@ -316,7 +316,11 @@ def summary(path: Path) -> str:
         if best.get("guard_ms") is not None:
             guard = f", guard step {best['guard_ms']:.4f} ms" + (
                 f" vs default {default['guard_ms']:.4f}" if default and default.get("guard_ms") is not None else "")
-        lines.append(f"  {kernel:<7} best {c['best_ms']:.4f} ms{vs}, {how} times{guard} {json.dumps(best['config'], sort_keys=True)} "
+        kept = ""
+        if c["fastest_ms"] < c["best_ms"]:
+            kept = (f" (default kept: the fastest, {c['fastest_ms']:.4f} ms, is within "
+                    f"{round(100 * (tuning_log.DEFAULT_MARGIN - 1))}% of it)")
+        lines.append(f"  {kernel:<7} best {c['best_ms']:.4f} ms{vs}{kept}, {how} times{guard} {json.dumps(best['config'], sort_keys=True)} "
                      f"[{c['measured']} measured, {c['failed']} failed]")
     return "\n".join(lines)
 

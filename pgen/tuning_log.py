@@ -151,9 +151,9 @@ def current_records(data: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for r in data["records"] if current(r, data["target_kind"])]
 
 
-def best(data: dict[str, Any]) -> dict[str, tuple[dict[str, Any], float]]:
+def best(data: dict[str, Any], margin: float = DEFAULT_MARGIN) -> dict[str, tuple[dict[str, Any], float]]:
     """Per kernel, the fastest config and its time (`time_of`), or the default's where it is within
-    DEFAULT_MARGIN of that; failed candidates are inf.
+    `margin` of that (1.0: the fastest); failed candidates are inf.
 
     Only records of the current schedule code count (`current`), and of the workload the kernel was
     last tuned on: times of different workloads do not compare. Where a kernel's finalists were
@@ -175,7 +175,7 @@ def best(data: dict[str, Any]) -> dict[str, tuple[dict[str, Any], float]]:
         if is_default(data, rec):
             default[rec["kernel"]] = (rec["config"], t)
     for kernel, (config, t) in default.items():
-        if t <= out[kernel][1] * DEFAULT_MARGIN:
+        if t <= out[kernel][1] * margin:
             out[kernel] = (config, t)
     return out
 
@@ -233,13 +233,14 @@ def compare(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     records of older schedule code are left out."""
     out = {}
     records = current_records(data)
+    fastest = best(data, margin=1.0)
     for kernel, (config, t) in best(data).items():
         best_rec = next(r for r in records if r["kernel"] == kernel and r["config"] == config
                         and time_of(r) == t)
         default = next((r for r in records if r["kernel"] == kernel and is_default(data, r)
                         and r.get("workload") == best_rec.get("workload") and time_of(r) is not None
                         and ("confirm_ms" in r) == ("confirm_ms" in best_rec)), None)
-        out[kernel] = {"best": best_rec, "default": default, "best_ms": t,
+        out[kernel] = {"best": best_rec, "default": default, "best_ms": t, "fastest_ms": fastest[kernel][1],
                        "default_ms": time_of(default) if default else None,
                        "ratio": t / time_of(default) if default else None,
                        "measured": sum(r["kernel"] == kernel for r in records),

@@ -252,6 +252,7 @@ def test_the_default_stays_unless_a_tuned_config_beats_it_by_the_margin(tuned, s
     assert tuning_log.DEFAULT_MARGIN == 1.03
     config, t = tuning_log.best(data)["decode"]
     assert (config, t) == ((default["config"], 1.0) if default_wins else (other["config"], 1.0 / speedup))
+    assert tuning_log.compare(data)["decode"]["fastest_ms"] == 1.0 / speedup  # the summary says it was kept
 
 
 def test_cpu_decode_is_timed_on_a_kv_set_far_above_the_caches():
