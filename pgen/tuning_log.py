@@ -172,7 +172,7 @@ def best(data: dict[str, Any], margin: float = DEFAULT_MARGIN) -> dict[str, tupl
             continue
         if rec["kernel"] not in out or t < out[rec["kernel"]][1]:
             out[rec["kernel"]] = (rec["config"], t)
-        if is_default(data, rec):
+        if is_default(data, rec) and (rec["kernel"] not in default or t < default[rec["kernel"]][1]):
             default[rec["kernel"]] = (rec["config"], t)
     for kernel, (config, t) in default.items():
         if t <= out[kernel][1] * margin:
