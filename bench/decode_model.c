@@ -7,6 +7,8 @@
  * V rows, as decode does. Loops:
  *   read-seq-1t / read-seq  plain AVX-512 read of the pool in address order, 1 and 2 threads
  *   read-blocks[-2m]        plain read of the random blocks, 4 KiB pages [2 MiB huge pages]
+ *   read-blocks-4s          the same read with 4 random blocks per thread at a time, 256 bytes
+ *                           of each in turn (4 interleaved streams; huge pages)
  *   stream                  one pass per 64-byte line, 4 FMAs into 4 running sums (decode's
  *                           FMAs per byte at a GQA group of 4), next block prefetched line by line
  *   decode                  decode's structure: per key, 4 query rows x 8 vectors of fresh
@@ -42,6 +44,19 @@ static double now(void) {
 }
 
 static int perm[NB];
+
+/* Blocks p[0..3] read together, 256 bytes of each in turn. */
+static __m512 read_bytes4(const char *const *p, size_t n, __m512 a) {
+  __m512 a1 = _mm512_setzero_ps(), a2 = a1, a3 = a1;
+  for (size_t i = 0; i < n; i += 256)
+    for (int s = 0; s < 4; s++) {
+      a = _mm512_add_ps(a, _mm512_load_ps((const float *)(p[s] + i)));
+      a1 = _mm512_add_ps(a1, _mm512_load_ps((const float *)(p[s] + i + 64)));
+      a2 = _mm512_add_ps(a2, _mm512_load_ps((const float *)(p[s] + i + 128)));
+      a3 = _mm512_add_ps(a3, _mm512_load_ps((const float *)(p[s] + i + 192)));
+    }
+  return _mm512_add_ps(_mm512_add_ps(a, a1), _mm512_add_ps(a2, a3));
+}
 
 static __m512 read_bytes(const char *p, size_t n, __m512 a) {
   __m512 a1 = _mm512_setzero_ps(), a2 = a1, a3 = a1;
@@ -185,9 +200,9 @@ static double fma_rate(void) {
   return 12.0 * n / dt;
 }
 
-enum { READ_SEQ_1T, READ_SEQ, READ_BLOCKS, READ_BLOCKS_2M, STREAM, DECODE, PIPELINED, NLOOPS };
+enum { READ_SEQ_1T, READ_SEQ, READ_BLOCKS, READ_BLOCKS_2M, STREAM, DECODE, PIPELINED, READ_BLOCKS_4S, NLOOPS };
 static const char *names[NLOOPS] = {"read-seq-1t", "read-seq", "read-blocks", "read-blocks-2m",
-                                    "stream", "decode", "pipelined"};
+                                    "stream", "decode", "pipelined", "read-blocks-4s"};
 
 /* One timed pass of loop `mode` over pool x (small: 4 KiB pages, huge: 2 MiB); GB/s. */
 static double run(int mode, const char *small, const char *huge) {
@@ -206,6 +221,14 @@ static double run(int mode, const char *small, const char *huge) {
     memset(out, 0, sizeof out);
     const char *prev_v = NULL;
     int cur = 0;
+    if (mode == READ_BLOCKS_4S) {
+#pragma omp for schedule(static)
+      for (int b = 0; b < NB / 4; b++) {
+        const char *p4[4];
+        for (int s = 0; s < 4; s++) p4[s] = x + (size_t)perm[4 * b + s] * BLK;
+        sum = read_bytes4(p4, BLK, sum);
+      }
+    } else
 #pragma omp for schedule(static)
     for (int b = 0; b < NB; b++) {
       const char *p = x + (size_t)(mode <= READ_SEQ ? b : perm[b]) * BLK;
