@@ -225,6 +225,13 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
         """A score in log2 units, soft-capped where the spec asks for it."""
         return T.tanh(x * inv_cap) * cap_log2e if has_cap else x
 
+    def visible(key, row, length, n_new, i0, i1):
+        """Whether the key at position `key` is visible to row `row` of the task's query rows (from
+        i0, `g` rows per query token): the row's token is one of the tile's, and the key is at or
+        before its position and inside the window. Every QK loop masks its scores with this."""
+        pos = length[0] - n_new[0] + i0[0] + row // g
+        return T.And(T.And(key <= pos, i0[0] + row // g < i1[0]), key > pos - window_or_inf)
+
     @T.macro(hygienic=False)
     def key_loads(t, next_block, ahead, lo, n):
         """Memory requests issued beside key t's scores, for the cache lines [lo, lo + n) of its rows,
@@ -483,9 +490,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                                 for r in T.unroll(rtile):
                                                     for v in T.vectorized(vl):
                                                         s[r, ch * vl + v] = T.if_then_else(
-                                                            blk * bs + ch * vl + v <= length[0] - n_new[0] + i0[0] + (rt * rtile + r) // g
-                                                            and i0[0] + (rt * rtile + r) // g < i1[0]
-                                                            and blk * bs + ch * vl + v > length[0] - n_new[0] + i0[0] + (rt * rtile + r) // g - window_or_inf,
+                                                            visible(blk * bs + ch * vl + v, rt * rtile + r, length, n_new, i0, i1),
                                                             capped(fin[r, v]),
                                                             T.float32(NEG))
                                     elif qkg:
@@ -530,9 +535,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                                         [jj * vl + r * kq + k for jj in range(rtile) for k in range(kq)])
                                                     for v in T.vectorized(vl):
                                                         s[r, ch * vl + v] = T.if_then_else(
-                                                            blk * bs + ch * vl + v <= length[0] - n_new[0] + i0[0] + (rt * rtile + r) // g
-                                                            and i0[0] + (rt * rtile + r) // g < i1[0]
-                                                            and blk * bs + ch * vl + v > length[0] - n_new[0] + i0[0] + (rt * rtile + r) // g - window_or_inf,
+                                                            visible(blk * bs + ch * vl + v, rt * rtile + r, length, n_new, i0, i1),
                                                             capped(s[r, ch * vl + v]),
                                                             T.float32(NEG))
                                     else:
@@ -582,9 +585,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                                     tree[0, T.Ramp(0, 1, vl)] = _butterfly(tree[0, T.Ramp(0, 1, vl)], vl, 1)
                                             for r in T.unroll(rtile):
                                                 # key position (blk * bs + t) vs this row's position, causal and windowed
-                                                if (blk * bs + t <= length[0] - n_new[0] + i0[0] + (rt * rtile + r) // g
-                                                        and i0[0] + (rt * rtile + r) // g < i1[0]
-                                                        and blk * bs + t > length[0] - n_new[0] + i0[0] + (rt * rtile + r) // g - window_or_inf):
+                                                if visible(blk * bs + t, rt * rtile + r, length, n_new, i0, i1):
                                                     if has_cap:
                                                         s[r, t] = T.tanh(tree[0 if xrow else r, r * seg if xrow else 0] * inv_cap) * cap_log2e
                                                     else:
