@@ -11,6 +11,8 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from tvm.script import tirx as T
+
 from pgen_runtime.spec import AttentionSpec
 
 
@@ -76,3 +78,42 @@ def elem_bytes(dtype: str) -> int:
     more than what any DLPack tensor guarantees.
     """
     return {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4}[dtype]
+
+
+def attention_func(spec: AttentionSpec, body):
+    """The PrimFunc every decode and extend rule returns: the runtime's calling convention around
+    `body`, a hygienic `T.macro` called with (q, kv_pool, block_tables, q_indptr, seq_lens, out,
+    num_splits, max_q_tiles, B, NT), which holds the rule's own workspace and loops.
+
+    q and out are [NT, Hq, D]; the pool [NB, 2, Hkv, block_size, D]; block tables int32 [B, MB];
+    q_indptr [B + 1] (decode passes 0..B); `num_splits` and `max_q_tiles` are the launch's
+    split-KV and query-tile counts, which the runtime chooses per call.
+    """
+    hq, hkv, d, bs = spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.block_size
+    dtype, kv_dtype = spec.dtype, spec.kv_dtype
+
+    @T.prim_func(s_tir=True)
+    def attention(
+        q_h: T.handle,
+        pool_h: T.handle,
+        bt_h: T.handle,
+        indptr_h: T.handle,
+        lens_h: T.handle,
+        out_h: T.handle,
+        num_splits: T.int32,
+        max_q_tiles: T.int32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        B = T.int32()
+        NT = T.int32()
+        NB = T.int32()
+        MB = T.int32()
+        q = T.match_buffer(q_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
+        kv_pool = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
+        block_tables = T.match_buffer(bt_h, (B, MB), "int32", align=4)
+        q_indptr = T.match_buffer(indptr_h, (B + 1,), "int32", align=4)
+        seq_lens = T.match_buffer(lens_h, (B,), "int32", align=4)
+        out = T.match_buffer(out_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
+        body(q, kv_pool, block_tables, q_indptr, seq_lens, out, num_splits, max_q_tiles, B, NT)
+
+    return attention

@@ -20,7 +20,7 @@ from tvm.script import tirx as T
 from pgen_runtime.spec import AttentionSpec
 
 from ._math import fast_exp2
-from .base import Knob, ScheduleRule, TargetInfo, elem_bytes
+from .base import Knob, ScheduleRule, TargetInfo, attention_func, elem_bytes
 
 LOG2E = math.log2(math.e)
 NEG = -3.0e38
@@ -209,7 +209,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     k_lines = lines // passes if lines % passes == 0 else lines
     locality = config.get("prefetch_locality", 2)
     ahead = config.get("prefetch_ahead", 1)
-    dtype, kv_dtype = spec.dtype, spec.kv_dtype
+    dtype = spec.dtype
     cap = spec.logit_softcap
     # Scores live in log2 units so the softmax uses exp2. With a soft-cap the scale is applied
     # inside tanh and log2(e) after it.
@@ -265,28 +265,8 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                 buf[r, v] = T.max(buf[r, v], buf[r, v + width // 2]) if is_max else buf[r, v] + buf[r, v + width // 2]
             tree_reduce(buf, r, is_max, width // 2)
 
-    @T.prim_func(s_tir=True)
-    def attention(
-        q_h: T.handle,
-        pool_h: T.handle,
-        bt_h: T.handle,
-        indptr_h: T.handle,
-        lens_h: T.handle,
-        out_h: T.handle,
-        num_splits: T.int32,
-        max_q_tiles: T.int32,
-    ):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        B = T.int32()
-        NT = T.int32()
-        NB = T.int32()
-        MB = T.int32()
-        q = T.match_buffer(q_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
-        kv_pool = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
-        block_tables = T.match_buffer(bt_h, (B, MB), "int32", align=4)
-        q_indptr = T.match_buffer(indptr_h, (B + 1,), "int32", align=4)
-        seq_lens = T.match_buffer(lens_h, (B,), "int32", align=4)
-        out = T.match_buffer(out_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
+    @T.macro
+    def body(q, kv_pool, block_tables, q_indptr, seq_lens, out, num_splits, max_q_tiles, B, NT):
         # Split-KV partials (decode only; extend never splits, so its workspace is one element).
         WO = T.alloc_buffer((B * hkv * smax * rows * d if decode else 1,), "float32")
         # ... and after them one slot per task that keeps the touch loads (below) alive.
@@ -689,4 +669,4 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                 for dd in T.vectorized(d):
                     out[q_indptr[b], h * g + r, dd] = T.cast(res[dd] / T.max(tot[1], T.float32(1e-30)), dtype)
 
-    return attention
+    return attention_func(spec, body)

@@ -22,7 +22,7 @@ from tvm.script import tirx as T
 
 from pgen_runtime.spec import DTYPE_BYTES, AttentionSpec
 
-from .base import Knob, ScheduleRule, TargetInfo, elem_bytes
+from .base import Knob, ScheduleRule, TargetInfo, attention_func
 
 LOG2E = math.log2(math.e)
 NEG = -3.0e38
@@ -78,10 +78,20 @@ class CudaAttention(ScheduleRule):
             return f"{smem} bytes of shared memory > the target's limit {target.max_shared_memory_per_block}"
         return None
 
+    def stratum(self, config: dict[str, Any]) -> str:
+        """Tuning samples the two kernel families side by side (see pgen.tune.candidates)."""
+        return "mma" if config.get("mma") else "simt"
+
     def apply(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]):
         if target.kind != "cuda":
             return None
+        if config.get("mma"):
+            return self.mma_kernel(spec, config)
         return _attention(spec, self.kernel == "decode", config)
+
+    def mma_kernel(self, spec: AttentionSpec, config: dict[str, Any]):
+        """The tensor-core kernel of a subclass whose knobs offer `mma`."""
+        raise NotImplementedError(f"no tensor-core {self.kernel} kernel")
 
 
 def _shared_bytes(spec: AttentionSpec, config: dict[str, Any]) -> int:
@@ -93,7 +103,7 @@ def _shared_bytes(spec: AttentionSpec, config: dict[str, Any]) -> int:
 
 
 def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
-    hq, hkv, d, bs, g = spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.block_size, spec.group_size
+    hkv, d, bs, g = spec.num_kv_heads, spec.head_dim, spec.block_size, spec.group_size
     vec = config["vector"]
     bdx = d // vec
     qt = 1 if decode else config["q_tile"]
@@ -116,28 +126,8 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     window = spec.sliding_window if spec.sliding_window is not None else 1 << 30
     merge = split_merge(spec, rows)
 
-    @T.prim_func(s_tir=True)
-    def attention(
-        q_h: T.handle,
-        pool_h: T.handle,
-        bt_h: T.handle,
-        indptr_h: T.handle,
-        lens_h: T.handle,
-        out_h: T.handle,
-        num_splits: T.int32,
-        max_q_tiles: T.int32,
-    ):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        B = T.int32()
-        NT = T.int32()
-        NB = T.int32()
-        MB = T.int32()
-        q = T.match_buffer(q_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
-        kv_pool = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
-        block_tables = T.match_buffer(bt_h, (B, MB), "int32", align=4)
-        q_indptr = T.match_buffer(indptr_h, (B + 1,), "int32", align=4)
-        seq_lens = T.match_buffer(lens_h, (B,), "int32", align=4)
-        out = T.match_buffer(out_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
+    @T.macro
+    def body(q, kv_pool, block_tables, q_indptr, seq_lens, out, num_splits, max_q_tiles, B, NT):
         # Split-KV partials of this call's splits. Extend never splits; its idle merge block still
         # indexes split 0 of sequence 0, so its workspace is one split of one sequence.
         WO = T.alloc_buffer((B * hkv * num_splits * rows * d if decode else rows * d,), "float32")
@@ -325,7 +315,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                             WM[(((b * hkv + h) * num_splits + split) * rows + ty * rpt + rr) * 2 + 1] = st[rr, 1]
         merge(WO, WM, out, q_indptr, num_splits, B)
 
-    return attention
+    return attention_func(spec, body)
 
 
 def split_merge(spec: AttentionSpec, rows: int):

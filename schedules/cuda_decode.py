@@ -29,7 +29,7 @@ from tvm.script import tirx as T
 
 from pgen_runtime.spec import AttentionSpec
 
-from .base import Knob, TargetInfo, elem_bytes
+from .base import Knob, TargetInfo, attention_func
 from .cuda_attention import LOG2E, NEG, CudaAttention, split_merge
 
 MMA_WARPS = (1, 2, 4, 8)
@@ -90,16 +90,8 @@ class CudaDecode(CudaAttention):
             return f"{smem} bytes of shared memory > the target's limit {target.max_shared_memory_per_block}"
         return None
 
-    def stratum(self, config: dict[str, Any]) -> str:
-        """Tuning samples the two kernel families side by side (see pgen.tune.candidates)."""
-        return "mma" if config.get("mma") else "simt"
-
-    def apply(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]):
-        if target.kind != "cuda":
-            return None
-        if config.get("mma"):
-            return _mma_decode(spec, config)
-        return super().apply(spec, target, config)
+    def mma_kernel(self, spec: AttentionSpec, config: dict[str, Any]):
+        return _mma_decode(spec, config)
 
 
 def mma_possible(spec: AttentionSpec) -> bool:
@@ -114,7 +106,7 @@ def mma_shared_bytes(spec: AttentionSpec, config: dict[str, Any]) -> int:
 
 
 def _mma_decode(spec: AttentionSpec, config: dict[str, Any]):
-    hq, hkv, d, bs, g = spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.block_size, spec.group_size
+    hkv, d, bs, g = spec.num_kv_heads, spec.head_dim, spec.block_size, spec.group_size
     nw = config["mma_warps"]
     step = TILE * nw  # keys the block takes per iteration
     nkc = d // 16  # k-chunks of QK^T; a lane's 16-byte load of a row covers two of them
@@ -134,9 +126,10 @@ def _mma_decode(spec: AttentionSpec, config: dict[str, Any]):
     pf = bool(config["mma_prefetch"])
 
     @T.macro(hygienic=False)
-    def load_tile(tl, kv_pool, block_tables):
+    def load_tile(tl, kv_pool, block_tables, bs):
         """Loads of the warp's tile `tl` into kr and vr. Other names resolve at the call site (the
-        "attn_mma" block; hence the noqa: F821)."""
+        "attn_mma" block; hence the noqa: F821); `bs` is an argument because the body (a hygienic
+        macro) does not capture it otherwise."""
         # K: lane holds key r of each 8-key product; V: keys 2j, 2j+1, 2j+8, 2j+9 of the 16, vw
         # elements of every 8 vw (one load instruction of the warp reads whole 32-byte sectors).
         # Keys past the range are zero (0 x a NaN of an unused slot would be NaN).
@@ -161,28 +154,8 @@ def _mma_decode(spec: AttentionSpec, config: dict[str, Any]):
                     for v in T.vectorized(vw):
                         vr[kk, p * vw + v] = T.cast(0, dtype)  # noqa: F821
 
-    @T.prim_func(s_tir=True)
-    def attention(
-        q_h: T.handle,
-        pool_h: T.handle,
-        bt_h: T.handle,
-        indptr_h: T.handle,
-        lens_h: T.handle,
-        out_h: T.handle,
-        num_splits: T.int32,
-        max_q_tiles: T.int32,
-    ):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        B = T.int32()
-        NT = T.int32()
-        NB = T.int32()
-        MB = T.int32()
-        q = T.match_buffer(q_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
-        kv_pool = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), dtype, align=elem_bytes(dtype))
-        block_tables = T.match_buffer(bt_h, (B, MB), "int32", align=4)
-        q_indptr = T.match_buffer(indptr_h, (B + 1,), "int32", align=4)
-        seq_lens = T.match_buffer(lens_h, (B,), "int32", align=4)
-        out = T.match_buffer(out_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
+    @T.macro
+    def body(q, kv_pool, block_tables, q_indptr, seq_lens, out, num_splits, max_q_tiles, B, NT):
         WO = T.alloc_buffer((B * hkv * num_splits * g * d,), "float32")
         WM = T.alloc_buffer((B * hkv * num_splits * g * 2,), "float32")
         for bx in T.thread_binding(B * hkv, thread="blockIdx.x"):
@@ -240,10 +213,10 @@ def _mma_decode(spec: AttentionSpec, config: dict[str, Any]):
                             st[2] = T.float32(NEG)
                             st[3] = T.float32(0)
                             if pf:
-                                load_tile(0, kv_pool, block_tables)
+                                load_tile(0, kv_pool, block_tables, bs)
                             for it in T.serial(n_iter):
                                 if not pf:
-                                    load_tile(it, kv_pool, block_tables)
+                                    load_tile(it, kv_pool, block_tables, bs)
                                 # Fragments of this tile; with mma_prefetch the next tile's loads go
                                 # out now, into kr and vr, while this tile computes from these.
                                 for n2 in T.unroll(2):
@@ -256,7 +229,7 @@ def _mma_decode(spec: AttentionSpec, config: dict[str, Any]):
                                     for kk in T.unroll(4):
                                         vb[t * 4 + kk] = vr[kk, t]
                                 if pf:
-                                    load_tile(it + 1, kv_pool, block_tables)
+                                    load_tile(it + 1, kv_pool, block_tables, bs)
                                 # S = Q K^T: two 8-key products (keys 0-7, 8-15 of the tile).
                                 for e in T.unroll(8):
                                     sc[e] = T.float32(0)
@@ -340,4 +313,4 @@ def _mma_decode(spec: AttentionSpec, config: dict[str, Any]):
                                                 WM[(((b * hkv + h) * num_splits + by) * g + row) * 2 + 1] = acc[1]
         merge(WO, WM, out, q_indptr, num_splits, B)
 
-    return attention
+    return attention_func(spec, body)

@@ -27,7 +27,7 @@ from tvm.script import tirx as T
 
 from pgen_runtime.spec import AttentionSpec
 
-from .base import Knob, TargetInfo, elem_bytes
+from .base import Knob, TargetInfo, attention_func
 from .cuda_attention import LOG2E, NEG, CudaAttention
 
 # Dynamic shared memory a block may opt into: 163 KiB on sm_80/sm_87 (227 KiB on sm_90 is not
@@ -115,16 +115,8 @@ class CudaExtend(CudaAttention):
             return f"{smem} bytes of shared memory > {limit}, the opt-in limit of {target.arch}"
         return None
 
-    def stratum(self, config: dict[str, Any]) -> str:
-        """Tuning samples the two kernel families side by side (see pgen.tune.candidates)."""
-        return "mma" if config.get("mma") else "simt"
-
-    def apply(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]):
-        if target.kind != "cuda":
-            return None
-        if config.get("mma"):
-            return _mma_extend(spec, config)
-        return super().apply(spec, target, config)
+    def mma_kernel(self, spec: AttentionSpec, config: dict[str, Any]):
+        return _mma_extend(spec, config)
 
 
 def _mma_possible(spec: AttentionSpec) -> bool:
@@ -138,7 +130,7 @@ def mma_shared_bytes(spec: AttentionSpec, config: dict[str, Any]) -> int:
 
 
 def _mma_extend(spec: AttentionSpec, config: dict[str, Any]):
-    hq, hkv, d, bs, g = spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.block_size, spec.group_size
+    hkv, d, bs, g = spec.num_kv_heads, spec.head_dim, spec.block_size, spec.group_size
     qt = config["mma"]
     nk = config["mma_keys"]
     rows = qt * g
@@ -174,28 +166,8 @@ def _mma_extend(spec: AttentionSpec, config: dict[str, Any]):
     cap_log2e = spec.logit_softcap * LOG2E if has_cap else 1.0
     window = spec.sliding_window if spec.sliding_window is not None else 1 << 30
 
-    @T.prim_func(s_tir=True)
-    def attention(
-        q_h: T.handle,
-        pool_h: T.handle,
-        bt_h: T.handle,
-        indptr_h: T.handle,
-        lens_h: T.handle,
-        out_h: T.handle,
-        num_splits: T.int32,
-        max_q_tiles: T.int32,
-    ):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        B = T.int32()
-        NT = T.int32()
-        NB = T.int32()
-        MB = T.int32()
-        q = T.match_buffer(q_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
-        kv_pool = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), dtype, align=elem_bytes(dtype))
-        block_tables = T.match_buffer(bt_h, (B, MB), "int32", align=4)
-        q_indptr = T.match_buffer(indptr_h, (B + 1,), "int32", align=4)
-        seq_lens = T.match_buffer(lens_h, (B,), "int32", align=4)
-        out = T.match_buffer(out_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
+    @T.macro
+    def body(q, kv_pool, block_tables, q_indptr, seq_lens, out, num_splits, max_q_tiles, B, NT):
         for bx in T.thread_binding(B * max_q_tiles, thread="blockIdx.x"):
             for h in T.thread_binding(hkv, thread="blockIdx.y"):
                 for ty in T.thread_binding(warps, thread="threadIdx.y"):
@@ -405,4 +377,4 @@ def _mma_extend(spec: AttentionSpec, config: dict[str, Any]):
                                         out[row0 + i0 + (ty * 16 + (e * 32 + tx) // d) // g, h * g + (ty * 16 + (e * 32 + tx) // d) % g, (e * 32 + tx) % d] = T.cast(
                                             fb[OO + (ty * 16 + (e * 32 + tx) // d) * ldo + (e * 32 + tx) % d] / T.max(fb[AO + ty * 16 + (e * 32 + tx) // d], T.float32(1e-30)), dtype)
 
-    return attention
+    return attention_func(spec, body)
