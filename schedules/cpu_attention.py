@@ -55,6 +55,15 @@ class CpuAttention(ScheduleRule):
         if self.kernel == "decode":
             knobs += [Knob("max_splits", (1, 2, 4, 8, 16), 8), Knob("touch_v", (0, 1), 1),
                       Knob("prefetch_next_head", (0, 1, 2), 2)]
+            # Two runs of the task's blocks (first and second half) read side by side, head by
+            # head: (run 0, head 0), (run 1, head 0), (run 0, head 1), ... into the one online
+            # softmax (key order does not matter to it), so two streams of the pool are in flight.
+            # Side by side (Llama-3-8B shape, 32 x 4096 and 8 x 16k, GB/s): fp16 when the memory
+            # was fast (read 60-80) 37-39 -> 44-47 and 35-38 -> 40-42 (9 of 10 pairs; one 46 ->
+            # 44), in slow phases within +-10%; fp32 the same from DRAM, +5-8% with its blocks in
+            # L2; Qwen2.5, Gemma-2 and Phi-3 fp16 (slow phases) equal or up to 5% slower. 4 runs
+            # were no better than 2. So a knob, off by default; the tuner picks.
+            knobs.append(Knob("kv_streams", (1, 2), 1))
         else:
             # Query rows per register tile: the largest divisor of q_tile x group up to this.
             knobs += [Knob("q_tile", (1, 2, 4, 8, 16), 4), Knob("row_tile_max", (2, 4, 8), 4)]
@@ -66,7 +75,7 @@ class CpuAttention(ScheduleRule):
         # side, 2 chains ran fp16 Llama-3-8B decode 7% faster from L2 (56.6 -> 61.0 GB/s), Gemma-2
         # decode 14-16% (DRAM and L2), a 2k-token prefill 8-10% (fp16 and fp32); fp32 decode
         # (memory-bound) and Phi-3 unchanged; Qwen2.5's 7 rows 5% slower (enough chains already).
-        rows = spec.group_size * (1 if self.kernel == "decode" else 4)
+        rows = decode_rows(spec.group_size) if self.kernel == "decode" else spec.group_size * 4
         rtile = _row_tile(rows, 8 if self.kernel == "decode" else 4)
         knobs.append(Knob("qk_chains", (1, 2), 2 if rtile <= 4 else 1))
         # The key-by-key QK loop's lane sums of a tile's rows (a power of two of them) reduced
@@ -75,7 +84,10 @@ class CpuAttention(ScheduleRule):
         # fp16 Llama-3-8B decode from L2 60.1 -> 65.0 GB/s (from DRAM 43.6 -> 44.6), Gemma-2
         # decode from L2 +7%, a 2k prefill fp16 -9% time (fp32 -2%), the mixed extend step fp16
         # -9% (fp32 +3%), fp32 Llama decode +2-5%. No knob where decode's tile rows are not a
-        # power of two (Qwen2.5's 7, Phi-3's 1).
+        # power of two (Phi-3's 1; groups of 5 or 9 and up). Qwen2.5's group of 7 is padded to 8
+        # rows for it (`decode_rows`): side by side, fp16 decode +5-8% from DRAM (22.4 -> 23.7
+        # GB/s at 32 x 4096; that shape is compute-bound here) and +8-13% from L2; fp32 -3% to 0
+        # from DRAM, +8% from L2.
         if self.kernel == "extend" or rtile in (2, 4, 8):
             knobs.append(Knob("qk_row_merge", (0, 1), 1))
         # Key groups: scores of vector_lanes / rtile keys x the tile's rows at once, the head
@@ -147,6 +159,16 @@ def _butterfly(x, lanes: int, step: int):
     return x + T.Shuffle([x], [i ^ step for i in range(lanes)])
 
 
+def decode_rows(group: int) -> int:
+    """Query rows of a decode task per KV head: the GQA group, padded up to a power of two where
+    that adds at most a third (7 -> 8, 6 -> 8, 3 -> 4). A padded row belongs to no query token (row
+    // group is past the task's one token), so every score of it is masked and nothing of it is
+    written; it makes the tile a power of two, which the row-merged lane sums and the key-group
+    loop need."""
+    padded = 1 << (group - 1).bit_length()
+    return padded if padded <= 8 and 3 * padded <= 4 * group else group
+
+
 def _row_tile(rows: int, most: int = 8) -> int:
     """Query rows processed together: the largest divisor of `rows` up to `most`."""
     return max(r for r in range(1, min(rows, most) + 1) if rows % r == 0)
@@ -158,7 +180,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     nd = d // vl
     qt = 1 if decode else config["q_tile"]
     smax = config["max_splits"] if decode else 1
-    rows = qt * g
+    rows = decode_rows(g) if decode else qt * g
     hpt = config["kv_heads_per_task"]
     # NOTE: extend takes at most 4 rows per tile by default: 8 spill registers (the Llama prefill
     # took 44 ms with 8, 34.5 ms with 4) and waste more rows where a sequence has one new token.
@@ -195,6 +217,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     nlev = (vl.bit_length() - 1) - l0
     ngrp = vl // kg
     touch_v = decode and bool(config.get("touch_v", 0))
+    streams = config.get("kv_streams", 1) if decode else 1
     # P·V prefetches the next head's K rows (1) or K and V rows (2).
     pf_head = decode and bool(config.get("prefetch_next_head", 0))
     pf_kinds = 2 if config.get("prefetch_next_head", 0) == 2 else 1
@@ -238,14 +261,14 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
         in every QK loop. Other names resolve in the "rows" block (hence the noqa: F821);
         `next_block` and `ahead` (the prefetch knobs) are arguments because the call site does not
         see them otherwise."""
-        if next_block and rt == 0 and blk + ahead < blk_hi[0]:  # noqa: F821
+        if next_block and rt == 0 and cur[0] + ahead < cur[1]:  # noqa: F821
             # Later blocks of this head are elsewhere in the pool, and hardware prefetchers stop at
             # page boundaries: request row t of the block `ahead` on now, a few lines per key, into
             # L2. (With `ahead` > 1 the task's first blocks after the first get no such request.)
             for kv, ln in T.grid(2, n):
                 T.evaluate(T.call_llvm_intrin(
                     "void", "llvm.prefetch.p0",
-                    T.address_of(kv_pool[block_tables[b[0], blk + ahead], kv, h0[0] + hh, t, (lo + ln) * per_line]),  # noqa: F821
+                    T.address_of(kv_pool[block_tables[b[0], cur[0] + ahead], kv, h0[0] + hh, t, (lo + ln) * per_line]),  # noqa: F821
                     T.int32(0), T.int32(locality), T.int32(1)))
         if touch_v and rt == 0:  # noqa: F821
             # NOTE: one demand load per cache line of this key's V row, so the V rows stream in
@@ -294,6 +317,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                 per = T.sblock_alloc_buffer((1,), "int32")
                 blk_lo = T.sblock_alloc_buffer((1,), "int32")
                 blk_hi = T.sblock_alloc_buffer((1,), "int32")
+                run_len = T.sblock_alloc_buffer((1,), "int32")
                 qf = T.sblock_alloc_buffer((hpt * rows, d), "float32")
                 acc = T.sblock_alloc_buffer((hpt * rows, d), "float32")
                 mrow = T.sblock_alloc_buffer((hpt * rows,), "float32")
@@ -369,15 +393,18 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                 T.cast(q[T.min(row0[0] + i0[0] + r // g, NT - 1), (h0[0] + hh) * g + r % g, dd], "float32") * q_scale,
                                 T.float32(0),
                             )
-                    for blk in T.serial(blk_lo[0], blk_hi[0]):
-                        for hh, rt in T.grid(hpt, rows // rtile):
+                    # The task's blocks in `streams` runs visited side by side (see kv_streams):
+                    # block bi of each run, head by head.
+                    run_len[0] = T.ceildiv(blk_hi[0] - blk_lo[0], streams)
+                    for bi in T.serial(run_len[0]):
+                        for hh, rt, u in T.grid(hpt, rows // rtile, streams):
                             # NOTE: `rtile` query rows at a time against one KV head's block, with
                             # all scratch in this nested block: scratch that small lives on the
                             # stack, where LLVM proves it aliases nothing, and fully unrolled
                             # indices let it keep the score partials and the P·V tile in registers.
                             # Row tiles past the task's last query token are skipped: a decode
                             # step through extend has one token per sequence.
-                            if rt * rtile < (i1[0] - i0[0]) * g:
+                            if rt * rtile < (i1[0] - i0[0]) * g and blk_lo[0] + u * run_len[0] + bi < blk_hi[0]:
                                 with T.sblock("rows"):
                                     T.reads()
                                     T.writes()
@@ -404,14 +431,17 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                     t_lo = T.sblock_alloc_buffer((1,), "int32")
                                     t_hi = T.sblock_alloc_buffer((1,), "int32")
                                     R = T.sblock_alloc_buffer((1,), "int32")
-                                    page[0] = block_tables[b[0], blk]
-                                    t_lo[0] = T.max(k_lo[0] - blk * bs, 0)
-                                    t_hi[0] = T.min(k_hi[0] - blk * bs, bs)
+                                    cur = T.sblock_alloc_buffer((2,), "int32")  # this block; its run's end
+                                    cur[0] = blk_lo[0] + u * run_len[0] + bi
+                                    cur[1] = T.min(blk_lo[0] + (u + 1) * run_len[0], blk_hi[0])
+                                    page[0] = block_tables[b[0], cur[0]]
+                                    t_lo[0] = T.max(k_lo[0] - cur[0] * bs, 0)
+                                    t_hi[0] = T.min(k_hi[0] - cur[0] * bs, bs)
                                     R[0] = hh * rows + rt * rtile
                                     touch[0] = T.float32(0)
                                     # The rows QK reads next: the next head of this block, or the first head of the
                                     # next block (this block again after the task's last block: harmless).
-                                    nxt[0] = T.if_then_else(hh + 1 < hpt, page[0], block_tables[b[0], T.min(blk + 1, blk_hi[0] - 1)])
+                                    nxt[0] = T.if_then_else(hh + 1 < hpt, page[0], block_tables[b[0], T.min(cur[0] + 1, cur[1] - 1)])
                                     nxt[1] = T.if_then_else(hh + 1 < hpt, h0[0] + hh + 1, h0[0])
                                     for r, t in T.grid(rtile, bs):
                                         s[r, t] = T.float32(NEG)
@@ -470,7 +500,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                                 for r in T.unroll(rtile):
                                                     for v in T.vectorized(vl):
                                                         s[r, ch * vl + v] = T.if_then_else(
-                                                            visible(blk * bs + ch * vl + v, rt * rtile + r, length, n_new, i0, i1),
+                                                            visible(cur[0] * bs + ch * vl + v, rt * rtile + r, length, n_new, i0, i1),
                                                             capped(fin[r, v]),
                                                             T.float32(NEG))
                                     elif qkg:
@@ -515,7 +545,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                                         [jj * vl + r * kq + k for jj in range(rtile) for k in range(kq)])
                                                     for v in T.vectorized(vl):
                                                         s[r, ch * vl + v] = T.if_then_else(
-                                                            visible(blk * bs + ch * vl + v, rt * rtile + r, length, n_new, i0, i1),
+                                                            visible(cur[0] * bs + ch * vl + v, rt * rtile + r, length, n_new, i0, i1),
                                                             capped(s[r, ch * vl + v]),
                                                             T.float32(NEG))
                                     else:
@@ -564,8 +594,8 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                                 if seg >= 2:
                                                     tree[0, T.Ramp(0, 1, vl)] = _butterfly(tree[0, T.Ramp(0, 1, vl)], vl, 1)
                                             for r in T.unroll(rtile):
-                                                # key position (blk * bs + t) vs this row's position, causal and windowed
-                                                if visible(blk * bs + t, rt * rtile + r, length, n_new, i0, i1):
+                                                # key position (cur[0] * bs + t) vs this row's position, causal and windowed
+                                                if visible(cur[0] * bs + t, rt * rtile + r, length, n_new, i0, i1):
                                                     if has_cap:
                                                         s[r, t] = T.tanh(tree[0 if xrow else r, r * seg if xrow else 0] * inv_cap) * cap_log2e
                                                     else:

@@ -38,13 +38,28 @@ def test_split_kv_decode_merges_to_the_same_result(spec, splits):
     # A tuning log may have picked max_splits=1 for this spec: build with room to split.
     kernels = pgen.build_kernels(spec, overrides={"decode": {"max_splits": 8}})
     splits = kernels.configs["decode"]["max_splits"] if splits == "max" else splits
-    case = reference.paged_case(spec, lengths(spec), seed=splits)
+    _assert_decode_in_splits_matches_the_reference(spec, kernels, splits, seed=splits)
+
+
+def _assert_decode_in_splits_matches_the_reference(spec, kernels, splits: int, seed: int) -> None:
+    case = reference.paged_case(spec, lengths(spec), seed=seed)
     pool, tables, lens, q = case["pool"], case["block_tables"], case["seq_lens"], case["q_decode"]
     plan = DecodePlan(num_splits=splits, batch=len(lens), indptr=np.arange(len(lens) + 1, dtype=np.int32))
     out = np.full_like(q, np.nan)
     kernels.decode(q, pool, tables, lens, out, plan=plan)
     reference.assert_attention_close(spec, out, reference.decode(spec, q, pool, tables, lens), "decode")
     reference.assert_same_bytes(pool, case["pool"], "kv_pool after decode")
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("spec", ALL)
+def test_cpu_decode_with_two_kv_streams_matches_the_reference(spec, splits):
+    # kv_streams 2: a task's blocks in two runs read side by side into one online softmax. Splits
+    # of 1 and 3 give runs of odd and even lengths, a second run shorter than the first or empty
+    # (1 block), and runs that start or end in a partial block.
+    kernels = pgen.build_kernels(spec, overrides={"decode": {"kv_streams": 2, "max_splits": 8}})
+    assert kernels.configs["decode"]["kv_streams"] == 2
+    _assert_decode_in_splits_matches_the_reference(spec, kernels, splits, seed=splits + 7)
 
 
 def test_a_plan_with_more_splits_than_the_workspace_holds_is_refused():
@@ -223,6 +238,19 @@ def test_cpu_qk_loops_are_exclusive():
     assert "qk_key_group" not in rule.default(dataclasses.replace(llama, block_size=8), info)  # 16 lanes
 
 
+def test_cpu_decode_pads_its_row_tile_to_a_power_of_two_where_that_is_cheap():
+    from pgen.schedules import rule_for
+    from pgen.target import parse_targets
+    from schedules.cpu_attention import decode_rows
+
+    assert [decode_rows(g) for g in (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)] == [1, 2, 4, 4, 5, 8, 8, 8, 12, 16]
+    # Qwen2.5's group of 7 becomes an 8-row tile: the row-merged lane sums and the key-group loop
+    # apply (both need a power of two); the padded row is masked (the grid's (14, 2) specs check it).
+    qwen = pgen.AttentionSpec(num_q_heads=14, num_kv_heads=2, head_dim=64, block_size=16, dtype="float16")
+    names = {k.name for k in rule_for("decode", "llvm").knobs(qwen, parse_targets("llvm")[0].info)}
+    assert {"qk_row_merge", "qk_key_group", "kv_streams"} <= names
+
+
 def test_cpu_qk_accumulator_chain_and_row_merge_defaults():
     from pgen.schedules import rule_for
     from pgen.target import parse_targets
@@ -230,13 +258,13 @@ def test_cpu_qk_accumulator_chain_and_row_merge_defaults():
     info = parse_targets("llvm")[0].info
     llama = pgen.AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float16")
     qwen = pgen.AttentionSpec(num_q_heads=14, num_kv_heads=2, head_dim=64, block_size=16, dtype="float16")
-    # Two chains per row where a tile has 4 rows or fewer; Qwen2.5's 7-row decode tile keeps one.
+    # Two chains per row where a tile has 4 rows or fewer; Qwen2.5's decode tile (7 rows padded to 8) keeps one.
     assert rule_for("decode", "llvm").default(llama, info)["qk_chains"] == 2
     assert rule_for("decode", "llvm").default(qwen, info)["qk_chains"] == 1
     assert rule_for("extend", "llvm").default(qwen, info)["qk_chains"] == 2  # tiles of at most 4 rows
     # Lane sums merged across rows where decode's tile rows are a power of two; every extend.
     assert rule_for("decode", "llvm").default(llama, info)["qk_row_merge"] == 1
-    assert "qk_row_merge" not in rule_for("decode", "llvm").default(qwen, info)
+    assert rule_for("decode", "llvm").default(qwen, info)["qk_row_merge"] == 1  # 7 rows padded to 8
     assert rule_for("extend", "llvm").default(qwen, info)["qk_row_merge"] == 1
 
 
