@@ -9,6 +9,15 @@
  *   read-blocks[-2m]        plain read of the random blocks, 4 KiB pages [2 MiB huge pages]
  *   read-blocks-4s          the same read with 4 random blocks per thread at a time, 256 bytes
  *                           of each in turn (4 interleaved streams; huge pages)
+ *   decode-2s               decode's loop over 2 random blocks per thread at a time: each head's
+ *                           QK key by key from both blocks (two interleaved streams), then each
+ *                           block's softmax and P-V (two softmax states, merged once at the end)
+ *   decode-nt / decode-pf2  decode without the V-row touches / with its prefetches 2 blocks ahead
+ *   decode-hk               per block, QK and softmax of all 8 heads first (K rows in address
+ *                           order), then P-V of all 8 heads (V rows in address order)
+ * NOTE: the decode loops' lane sums (_mm512_reduce_add_ps) and serial softmax make them bound by
+ * their arithmetic at about 50 GB/s when the memory is fast; pgen's CPU decode computes about
+ * twice as fast (fp32, blocks in L2), so there only the slow-phase rounds model its memory side.
  *   stream                  one pass per 64-byte line, 4 FMAs into 4 running sums (decode's
  *                           FMAs per byte at a GQA group of 4), next block prefetched line by line
  *   decode                  decode's structure: per key, 4 query rows x 8 vectors of fresh
@@ -200,9 +209,9 @@ static double fma_rate(void) {
   return 12.0 * n / dt;
 }
 
-enum { READ_SEQ_1T, READ_SEQ, READ_BLOCKS, READ_BLOCKS_2M, STREAM, DECODE, PIPELINED, READ_BLOCKS_4S, NLOOPS };
+enum { READ_SEQ_1T, READ_SEQ, READ_BLOCKS, READ_BLOCKS_2M, STREAM, DECODE, PIPELINED, READ_BLOCKS_4S, DECODE_2S, DECODE_NT, DECODE_PF2, DECODE_HK, NLOOPS };
 static const char *names[NLOOPS] = {"read-seq-1t", "read-seq", "read-blocks", "read-blocks-2m",
-                                    "stream", "decode", "pipelined", "read-blocks-4s"};
+                                    "stream", "decode", "pipelined", "read-blocks-4s", "decode-2s", "decode-nt", "decode-pf2", "decode-hk"};
 
 /* One timed pass of loop `mode` over pool x (small: 4 KiB pages, huge: 2 MiB); GB/s. */
 static double run(int mode, const char *small, const char *huge) {
@@ -228,6 +237,53 @@ static double run(int mode, const char *small, const char *huge) {
         for (int s = 0; s < 4; s++) p4[s] = x + (size_t)perm[4 * b + s] * BLK;
         sum = read_bytes4(p4, BLK, sum);
       }
+    } else if (mode == DECODE_2S) {
+      float m2[4] = {0}, l2[4] = {0};
+      float out2[512] __attribute__((aligned(64)));
+      memset(out2, 0, sizeof out2);
+#pragma omp for schedule(static)
+      for (int b = 0; b < NB / 2; b++) {
+        const char *p = x + (size_t)perm[2 * b] * BLK, *p2 = x + (size_t)perm[2 * b + 1] * BLK;
+        const char *pn = x + (size_t)perm[(2 * b + 2) % NB] * BLK, *pn2 = x + (size_t)perm[(2 * b + 3) % NB] * BLK;
+        for (int h = 0; h < 8; h++) {
+          const char *k = p + h * 8192, *v = p + 65536 + h * 8192;
+          const char *k2 = p2 + h * 8192, *v2 = p2 + 65536 + h * 8192;
+          const char *nk = h < 7 ? k + 8192 : pn, *nv = h < 7 ? v + 8192 : pn + 65536;
+          const char *nk2 = h < 7 ? k2 + 8192 : pn2, *nv2 = h < 7 ? v2 + 8192 : pn2 + 65536;
+          for (int t = 0; t < 16; t++) {
+            prefetch_row(pn + h * 8192, t);
+            prefetch_row(pn + 65536 + h * 8192, t);
+            prefetch_row(pn2 + h * 8192, t);
+            prefetch_row(pn2 + 65536 + h * 8192, t);
+            touch = touch_row(v, t, touch);
+            touch = touch_row(v2, t, touch);
+            score_row(k, q, s[0], t);
+            score_row(k2, q, s[1], t);
+          }
+          softmax(s[0], m, l);
+          softmax(s[1], m2, l2);
+          pv(v, s[0], out, nk, nv);
+          pv(v2, s[1], out2, nk2, nv2);
+        }
+      }
+      out[5] += out2[7] + l2[1];
+    } else if (mode == DECODE_HK) {
+      float sh[8][64] __attribute__((aligned(64)));
+      float mh[8][4] = {{0}}, lh[8][4] = {{0}};
+#pragma omp for schedule(static)
+      for (int b = 0; b < NB; b++) {
+        const char *p = x + (size_t)perm[b] * BLK, *pn = x + (size_t)perm[(b + 1) % NB] * BLK;
+        for (int h = 0; h < 8; h++) {
+          for (int t = 0; t < 16; t++) {
+            prefetch_row(pn + h * 8192, t);
+            score_row(p + h * 8192, q, sh[h], t);
+          }
+          softmax(sh[h], mh[h], lh[h]);
+        }
+        for (int h = 0; h < 8; h++)
+          pv(p + 65536 + h * 8192, sh[h], out, pn + 65536 + h * 8192, pn + 65536 + h * 8192 + 4096);
+      }
+      out[5] += lh[3][1];
     } else
 #pragma omp for schedule(static)
     for (int b = 0; b < NB; b++) {
@@ -243,11 +299,12 @@ static double run(int mode, const char *small, const char *huge) {
         if (mode == STREAM) {
           stream_chunk(k, acc, q, pn + h * 8192);
           stream_chunk(v, acc, q, pn + 65536 + h * 8192);
-        } else if (mode == DECODE) {
+        } else if (mode == DECODE || mode == DECODE_NT || mode == DECODE_PF2) {
+          const char *pf = mode == DECODE_PF2 ? x + (size_t)perm[(b + 2) % NB] * BLK : pn;
           for (int t = 0; t < 16; t++) {
-            prefetch_row(pn + h * 8192, t);
-            prefetch_row(pn + 65536 + h * 8192, t);
-            touch = touch_row(v, t, touch);
+            prefetch_row(pf + h * 8192, t);
+            prefetch_row(pf + 65536 + h * 8192, t);
+            if (mode != DECODE_NT) touch = touch_row(v, t, touch);
             score_row(k, q, s[0], t);
           }
           softmax(s[0], m, l);
