@@ -280,9 +280,15 @@ def test_cpu_prefetch_distance_default_and_results():
     assert rule.default(pgen.AttentionSpec(**llama, dtype="float16"), info)["prefetch_ahead"] == 2
     qwen = pgen.AttentionSpec(num_q_heads=14, num_kv_heads=2, head_dim=64, block_size=16, dtype="float16")
     assert rule.default(qwen, info)["prefetch_ahead"] == 4
-    # Farther than a short sequence's blocks reach: the requests stop at the task's range.
+    # P·V's requests for the next head's rows go into L1 by default (the next block's into L2).
+    assert rule.default(qwen, info)["prefetch_head_locality"] == 3
+    assert rule.default(qwen, info)["prefetch_locality"] == 2
+    assert "prefetch_head_locality" not in rule_for("extend", "llvm").default(qwen, info)
+    # Farther than a short sequence's blocks reach: the requests stop at the task's range; the
+    # next head's rows into L2.
     spec = ALL[0].values[0]
-    kernels = pgen.build_kernels(spec, overrides={"decode": {"prefetch_ahead": 8}, "extend": {"prefetch_ahead": 8}})
+    kernels = pgen.build_kernels(spec, overrides={"decode": {"prefetch_ahead": 8, "prefetch_head_locality": 2},
+                                                  "extend": {"prefetch_ahead": 8}})
     _assert_decode_and_extend_match_the_reference(spec, kernels, seed=7)
 
 
