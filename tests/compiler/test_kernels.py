@@ -241,7 +241,7 @@ def test_cpu_qk_loops_are_exclusive():
 def test_cpu_decode_pads_its_row_tile_to_a_power_of_two_where_that_is_cheap():
     from pgen.schedules import rule_for
     from pgen.target import parse_targets
-    from schedules.cpu_attention import decode_rows
+    from pgen.schedules.cpu_attention import decode_rows
 
     assert [decode_rows(g) for g in (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)] == [1, 2, 4, 4, 5, 8, 8, 8, 12, 16]
     # Qwen2.5's group of 7 becomes an 8-row tile: the row-merged lane sums and the key-group loop
