@@ -153,7 +153,12 @@ def current_records(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 def best(data: dict[str, Any], margin: float = DEFAULT_MARGIN) -> dict[str, tuple[dict[str, Any], float]]:
     """Per kernel, the fastest config and its time (`time_of`), or the default's where it is within
-    `margin` of that (1.0: the fastest); failed candidates are inf.
+    `margin` of that (1.0: the fastest); failed candidates are inf."""
+    return _choose(data, margin)[0]
+
+
+def _choose(data: dict[str, Any], margin: float) -> tuple[dict[str, tuple[dict[str, Any], float]], dict[str, float]]:
+    """`best`'s choice per kernel, and the fastest time per kernel (what the margin compared against).
 
     Only records of the current schedule code count (`current`), and of the workload the kernel was
     last tuned on: times of different workloads do not compare. Where a kernel's finalists were
@@ -174,10 +179,11 @@ def best(data: dict[str, Any], margin: float = DEFAULT_MARGIN) -> dict[str, tupl
             out[rec["kernel"]] = (rec["config"], t)
         if is_default(data, rec) and (rec["kernel"] not in default or t < default[rec["kernel"]][1]):
             default[rec["kernel"]] = (rec["config"], t)
+    fastest = {kernel: t for kernel, (_, t) in out.items()}
     for kernel, (config, t) in default.items():
-        if t <= out[kernel][1] * margin:
+        if t <= fastest[kernel] * margin:
             out[kernel] = (config, t)
-    return out
+    return out, fastest
 
 
 def within_guard(records: list[dict[str, Any]], data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -233,14 +239,14 @@ def compare(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     records of older schedule code are left out."""
     out = {}
     records = current_records(data)
-    fastest = best(data, margin=1.0)
-    for kernel, (config, t) in best(data).items():
+    chosen, fastest = _choose(data, DEFAULT_MARGIN)
+    for kernel, (config, t) in chosen.items():
         best_rec = next(r for r in records if r["kernel"] == kernel and r["config"] == config
                         and time_of(r) == t)
         default = next((r for r in records if r["kernel"] == kernel and is_default(data, r)
                         and r.get("workload") == best_rec.get("workload") and time_of(r) is not None
                         and ("confirm_ms" in r) == ("confirm_ms" in best_rec)), None)
-        out[kernel] = {"best": best_rec, "default": default, "best_ms": t, "fastest_ms": fastest[kernel][1],
+        out[kernel] = {"best": best_rec, "default": default, "best_ms": t, "fastest_ms": fastest[kernel],
                        "default_ms": time_of(default) if default else None,
                        "ratio": t / time_of(default) if default else None,
                        "measured": sum(r["kernel"] == kernel for r in records),
