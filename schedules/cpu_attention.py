@@ -119,8 +119,8 @@ class CpuAttention(ScheduleRule):
             return "qk_transpose and qk_key_group are two QK loops: set at most one of them"
         if config.get("qk_transpose") and spec.block_size % config["vector_lanes"]:
             return f"qk_transpose needs block_size {spec.block_size} to be a multiple of vector_lanes {config['vector_lanes']}"
-        rows = config.get("q_tile", 1) * spec.group_size * config["kv_heads_per_task"]
-        if rows * spec.head_dim * 4 * 2 > 512 * 1024:
+        rows = (decode_rows(spec.group_size) if self.kernel == "decode" else config["q_tile"] * spec.group_size)
+        if rows * config["kv_heads_per_task"] * spec.head_dim * 4 * 2 > 512 * 1024:
             return "the per-task accumulators would not fit in L2"
         return None
 
@@ -266,8 +266,8 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     def key_loads(t, next_block, ahead, locality, lo, n):
         """Memory requests issued beside key t's scores, for the cache lines [lo, lo + n) of its rows,
         in every QK loop. Other names resolve in the "rows" block (hence the noqa: F821);
-        `next_block`, `ahead` and `locality` (the prefetch knobs) are arguments because the call site does not
-        see them otherwise."""
+        `next_block`, `ahead` and `locality` (the prefetch knobs) are arguments because the call
+        site does not see them otherwise."""
         if next_block and rt == 0 and cur[0] + ahead < cur[1]:  # noqa: F821
             # Later blocks of this head are elsewhere in the pool, and hardware prefetchers stop at
             # page boundaries: request row t of the block `ahead` on now, a few lines per key, into
@@ -447,7 +447,8 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                     R[0] = hh * rows + rt * rtile
                                     touch[0] = T.float32(0)
                                     # The rows QK reads next: the next head of this block, or the first head of the
-                                    # next block (this block again after the task's last block: harmless).
+                                    # run's next block (this block again after the run's last block: harmless;
+                                    # with kv_streams 2 the other run's block comes between).
                                     nxt[0] = T.if_then_else(hh + 1 < hpt, page[0], block_tables[b[0], T.min(cur[0] + 1, cur[1] - 1)])
                                     nxt[1] = T.if_then_else(hh + 1 < hpt, h0[0] + hh + 1, h0[0])
                                     for r, t in T.grid(rtile, bs):
