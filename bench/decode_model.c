@@ -14,7 +14,8 @@
  *                           block's softmax and P-V (two softmax states, merged once at the end)
  *   decode-nt / decode-pf2  decode without the V-row touches / with its prefetches 2 blocks ahead
  *   decode-hk               per block, QK and softmax of all 8 heads first (K rows in address
- *                           order), then P-V of all 8 heads (V rows in address order)
+ *                           order), then P-V of all 8 heads (V rows in address order); the next
+ *                           block's K rows prefetched during QK, its V rows during P-V, no touches
  * NOTE: the decode loops' lane sums (_mm512_reduce_add_ps) and serial softmax make them bound by
  * their arithmetic at about 50 GB/s when the memory is fast; pgen's CPU decode computes about
  * twice as fast (fp32, blocks in L2), so there only the slow-phase rounds model its memory side.
