@@ -53,14 +53,17 @@ class CpuAttention(ScheduleRule):
                  Knob("prefetch", (0, 1), 1), Knob("prefetch_locality", (1, 2, 3), 2),
                  Knob("prefetch_ahead", (1, 2, 4, 8), ahead)]
         if self.kernel == "decode":
-            knobs += [Knob("max_splits", (1, 2, 4, 8, 16), 8), Knob("touch_v", (0, 1), 1),
-                      Knob("prefetch_next_head", (0, 1, 2), 2)]
-            # Where P·V's requests for the next head's rows go: 3 into L1 (they are read next, 4-8
-            # KiB), 2 into L2 like the next block's. Side by side (slow phases unless said): fp16
-            # Llama-3-8B decode +6-16% (32.4 -> 36.3, 34.1 -> 39.2 GB/s at 32 x 4096; 33.2 -> 37.5 at
-            # 8 x 16k), +1-4% in fast phases; Gemma-2 fp16 +37-40% in a fast phase (33.8 -> 46.4);
-            # fp32 and Phi-3 within +-4%, Qwen2.5 +-5%.
-            knobs.append(Knob("prefetch_head_locality", (2, 3), 3))
+            knobs.append(Knob("max_splits", (1, 2, 4, 8, 16), 8))
+        # V touches and P·V's requests for the next head's rows serve extend too: its one-token
+        # rows are the engine's CPU decode steps.
+        knobs += [Knob("touch_v", (0, 1), 1), Knob("prefetch_next_head", (0, 1, 2), 2)]
+        # Where P·V's requests for the next head's rows go: 3 into L1 (they are read next, 4-8
+        # KiB), 2 into L2 like the next block's. Side by side (slow phases unless said): fp16
+        # Llama-3-8B decode +6-16% (32.4 -> 36.3, 34.1 -> 39.2 GB/s at 32 x 4096; 33.2 -> 37.5 at
+        # 8 x 16k), +1-4% in fast phases; Gemma-2 fp16 +37-40% in a fast phase (33.8 -> 46.4);
+        # fp32 and Phi-3 within +-4%, Qwen2.5 +-5%.
+        knobs.append(Knob("prefetch_head_locality", (2, 3), 3))
+        if self.kernel == "decode":
             # Two runs of the task's blocks (first and second half) read side by side, head by
             # head: (run 0, head 0), (run 1, head 0), (run 0, head 1), ... into the one online
             # softmax (key order does not matter to it), so two streams of the pool are in flight.
@@ -222,10 +225,10 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     l0 = kg.bit_length() - 1
     nlev = (vl.bit_length() - 1) - l0
     ngrp = vl // kg
-    touch_v = decode and bool(config.get("touch_v", 0))
+    touch_v = bool(config.get("touch_v", 0))
     streams = config.get("kv_streams", 1) if decode else 1
     # P·V prefetches the next head's K rows (1) or K and V rows (2).
-    pf_head = decode and bool(config.get("prefetch_next_head", 0))
+    pf_head = bool(config.get("prefetch_next_head", 0))
     pf_kinds = 2 if config.get("prefetch_next_head", 0) == 2 else 1
     half = (vl // 2, max(vl // 4, 1), max(vl // 8, 1))  # lane counts of the tree sum's levels
     prefetch = bool(config.get("prefetch", 1))
@@ -299,8 +302,10 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     def body(q, kv_pool, block_tables, q_indptr, seq_lens, out, num_splits, max_q_tiles, B, NT):
         # Split-KV partials (decode only; extend never splits, so its workspace is one element).
         WO = T.alloc_buffer((B * hkv * smax * rows * d if decode else 1,), "float32")
-        # ... and after them one slot per task that keeps the touch loads (below) alive.
-        WM = T.alloc_buffer((B * hkv * smax * (rows * 2 + 1) if decode else 1,), "float32")
+        # ... and after them one slot per task that keeps the touch loads (below) alive (extend's
+        # workspace holds only those).
+        WM = T.alloc_buffer((B * hkv * smax * (rows * 2 + 1) if decode else
+                             (B * (hkv // hpt) * max_q_tiles * num_splits if touch_v else 1),), "float32")
         for task in T.parallel(B * (hkv // hpt) * max_q_tiles * num_splits):
             with T.sblock("attn"):
                 T.reads()
@@ -609,7 +614,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                                     else:
                                                         s[r, t] = tree[0 if xrow else r, r * seg if xrow else 0]
                                     if touch_v:
-                                        WM[B * hkv * smax * rows * 2 + task] = touch[0]
+                                        WM[(B * hkv * smax * rows * 2 if decode else 0) + task] = touch[0]
                                     # Online softmax per row: new max, rescale factor, weights.
                                     # The block's max and sum of weights are pairwise (tree)
                                     # reductions in vectors; as serial scalar loops they were two

@@ -172,6 +172,19 @@ def _assert_decode_and_extend_match_the_reference(spec, kernels, seed: int) -> N
         reference.assert_attention_close(spec, got[what], want[what], what)
 
 
+@pytest.mark.parametrize("heads_per_task", [1, "all"])
+@pytest.mark.parametrize("spec", ALL)
+def test_cpu_memory_request_knobs_match_the_reference(spec, heads_per_task):
+    # The other values of the memory requests' knobs than the defaults (V touches off, only the
+    # next head's K rows requested, into L2), in decode and in extend, whose V touches keep a
+    # slot per task alive. One KV head per task sends the requests to the next block's rows.
+    hpt = 1 if heads_per_task == 1 else spec.num_kv_heads
+    knobs = {"touch_v": 0, "prefetch_next_head": 1, "prefetch_head_locality": 2, "kv_heads_per_task": hpt}
+    kernels = pgen.build_kernels(spec, overrides={"decode": knobs, "extend": {**knobs, "touch_v": 1}})
+    assert kernels.configs["extend"]["prefetch_next_head"] == 1 and kernels.configs["extend"]["touch_v"] == 1
+    _assert_decode_and_extend_match_the_reference(spec, kernels, seed=spec.head_dim + 5)
+
+
 @pytest.mark.parametrize("extend_qk", [0, 1])
 @pytest.mark.parametrize("spec", ALL)
 def test_both_cpu_score_loops_match_the_reference(spec, extend_qk):
@@ -283,7 +296,9 @@ def test_cpu_prefetch_distance_default_and_results():
     # P·V's requests for the next head's rows go into L1 by default (the next block's into L2).
     assert rule.default(qwen, info)["prefetch_head_locality"] == 3
     assert rule.default(qwen, info)["prefetch_locality"] == 2
-    assert "prefetch_head_locality" not in rule_for("extend", "llvm").default(qwen, info)
+    # Extend's one-token rows (the engine's CPU decode steps) make the same requests by default.
+    extend = rule_for("extend", "llvm").default(qwen, info)
+    assert (extend["prefetch_head_locality"], extend["prefetch_next_head"], extend["touch_v"]) == (3, 2, 1)
     # Farther than a short sequence's blocks reach: the requests stop at the task's range; the
     # next head's rows into L2.
     spec = ALL[0].values[0]
