@@ -5,6 +5,7 @@ batch and context it times, on the same inputs:
   - pgen paged decode (random block placement in a pool far larger than the 480 MiB L3; each timed
     call reads a different set of blocks, so the KV comes from DRAM as in serving),
   - pgen decode on a contiguous layout (block table = consecutive blocks),
+  - pgen extend on the same one-token rows, as the engine's CPU decode steps run (`ext ms`),
   - TVM's own CPU decode kernel (`tvm.relax.frontend.nn.llm._decode_kernels._attention_decode_cpu`),
   - torch SDPA on a contiguous cache (one copy per block-table set, taken in turn, so its working
     set is as far above the caches as ours), and torch gather (index_select through the block
@@ -117,7 +118,10 @@ def bench_decode(kernels, tvm_decode, read_kernel, torch, case: Case, bw: Bandwi
            "num_splits": plan.num_splits, "pool_huge_page_pct": case.huge_pct}
     # Rounds of (read, copy, paged, contiguous) side by side; each quantity keeps its median.
     times: dict[str, list[float]] = {"read_gbps": [], "copy_gbps_rw": [], "paged_read_ms": [], "paged_ms": [],
-                                     "contig_ms": [], "l2_ms": []}
+                                     "contig_ms": [], "l2_ms": [], "extend_rows_ms": []}
+    indptr = np.arange(case.batch + 1, dtype=np.int32)
+    eplan = kernels.plan_extend(case.tables[0], indptr, case.lens)
+    row["extend_num_splits"] = eplan.num_splits
     per = -(-case.tables.shape[2] // plan.num_splits)  # the read kernel's runs: decode's splits
     l2_table = (1 + np.arange(case.tables[0].size) % 4).reshape(case.tables[0].shape).astype(np.int32)
     for _ in range(rounds):
@@ -130,6 +134,8 @@ def bench_decode(kernels, tvm_decode, read_kernel, torch, case: Case, bw: Bandwi
                                                                  case.lens, case.out, plan=plan), repeats=5))
         times["l2_ms"].append(best_ms(lambda: kernels.decode(case.q, case.pool, l2_table, case.lens, case.out, plan=plan),
                                       repeats=5))
+        times["extend_rows_ms"].append(best_ms(lambda: kernels.extend(case.q, case.pool, case.next_tables(False), indptr,
+                                                                      case.lens, case.out, plan=eplan), repeats=5))
     row.update({k: float(np.median(v)) for k, v in times.items()})
     if tvm_decode is not None:
         row["tvm_ms"] = tvm_decode(case)
@@ -319,7 +325,7 @@ def main() -> int:
           f"fp32 matmul {rates['matmul_gflops']:.0f} GFLOP/s", flush=True)
     head = (f"{'dtype':<8}{'B':>4}{'ctx':>7}{'KV MB':>8}{'paged ms':>10}{'contig':>8}{'p/c':>6}{'GB/s':>7}{'%read':>7}"
             f"{'%copy':>7}{'rd GB/s':>8}{'%rd':>5}{'L2 GB/s':>8}{'%roof':>6}"
-            f"{'sdpa':>8}{'x sdpa':>7}{'gath+sdpa':>10}{'tvm ms':>9}{'x tvm':>7}")
+            f"{'sdpa':>8}{'x sdpa':>7}{'gath+sdpa':>10}{'tvm ms':>9}{'x tvm':>7}{'ext ms':>8}{'e/d':>6}")
     print(head, flush=True)
     rows, extend_rows, mixed_rows = [], [], []
     for dtype in args.dtypes.split(","):
@@ -345,7 +351,8 @@ def main() -> int:
                       f"{row['l2_gbps']:>8.1f}{100 * row['paged_gbps'] / row['roof_gbps']:>5.0f}%"
                       f"{row['sdpa_contig_ms']:>8.3f}{row['sdpa_contig_ms'] / row['paged_ms']:>7.2f}"
                       f"{row['gather_sdpa_ms']:>10.3f}{(tvm or float('nan')):>9.2f}"
-                      f"{(tvm or float('nan')) / row['paged_ms']:>7.1f}", flush=True)
+                      f"{(tvm or float('nan')) / row['paged_ms']:>7.1f}{row['extend_rows_ms']:>8.3f}"
+                      f"{row['extend_rows_ms'] / row['paged_ms']:>6.2f}", flush=True)
                 del case
         extend_rows.append(bench_extend(kernels, torch, spec, 2048, rates, rng))
         e = extend_rows[-1]

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pgen_runtime.errors import TuneError
-from pgen_runtime.kernels import decode_splits, extend_q_tiles
+from pgen_runtime.kernels import decode_splits, extend_q_tiles, extend_splits
 from pgen_runtime.measure import check_output, make_arrays, reference_output
 from pgen_runtime.spec import AttentionSpec
 
@@ -140,7 +140,7 @@ def kernel_args(spec: AttentionSpec, cand: Candidate, parallelism: int, kind: st
     """The full argument list of a decode/extend kernel symbol as host values, planned for the device.
 
     The symbols take (q, kv_pool, block_tables, q_indptr, seq_lens, out, num_splits, max_q_tiles);
-    decode gets q_indptr = 0..batch and one query tile, extend one split.
+    decode gets q_indptr = 0..batch and one query tile; both get the split-KV factor their plan would.
     """
     arrays = make_arrays(spec, cand.kernel, cand.workload)
     if cand.kernel == "decode":
@@ -151,7 +151,8 @@ def kernel_args(spec: AttentionSpec, cand: Candidate, parallelism: int, kind: st
     if cand.kernel == "extend":
         q, pool, tables, indptr, lens, out = arrays
         tiles = extend_q_tiles(cand.config, np.diff(indptr[0]), kind)
-        return [q, pool, tables, indptr, lens, out, (1, "int32"), (tiles, "int32")]
+        splits = extend_splits(spec, cand.config, np.diff(indptr[0]), lens[0], kind, parallelism)
+        return [q, pool, tables, indptr, lens, out, (splits, "int32"), (tiles, "int32")]
     raise TuneError(f"RPC tuning times decode and extend; {cand.kernel!r} has no knobs to tune")
 
 

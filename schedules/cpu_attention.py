@@ -52,8 +52,8 @@ class CpuAttention(ScheduleRule):
         knobs = [Knob("vector_lanes", vec, vec[-1]), Knob("kv_heads_per_task", heads, heads[-1]),
                  Knob("prefetch", (0, 1), 1), Knob("prefetch_locality", (1, 2, 3), 2),
                  Knob("prefetch_ahead", (1, 2, 4, 8), ahead)]
-        if self.kernel == "decode":
-            knobs.append(Knob("max_splits", (1, 2, 4, 8, 16), 8))
+        # Split-KV: a cap the plan applies per call (see pgen_runtime.kernels.decode_splits).
+        knobs.append(Knob("max_splits", (1, 2, 4, 8, 16), 8))
         # V touches and P·V's requests for the next head's rows serve extend too: its one-token
         # rows are the engine's CPU decode steps.
         knobs += [Knob("touch_v", (0, 1), 1), Knob("prefetch_next_head", (0, 1, 2), 2)]
@@ -188,7 +188,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     vl = config["vector_lanes"]
     nd = d // vl
     qt = 1 if decode else config["q_tile"]
-    smax = config["max_splits"] if decode else 1
+    smax = config.get("max_splits", 1)  # decode's workspace holds this many splits; extend's the call's
     rows = decode_rows(g) if decode else qt * g
     hpt = config["kv_heads_per_task"]
     # NOTE: extend takes at most 4 rows per tile by default: 8 spill registers (the Llama prefill
@@ -289,6 +289,13 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
             for ln in T.unroll(n):
                 touch[0] = T.max(touch[0], T.cast(kv_pool[page[0], 1, h0[0] + hh, t, (lo + ln) * per_line], "float32"))  # noqa: F821
 
+    def partial_at(seq, kv_head, row, token, split, num_splits):
+        """Where a row's split-KV partial goes: decode by (sequence, KV head, split, row of the
+        group tile), extend by (token row, query head, split)."""
+        if decode:
+            return ((seq * hkv + kv_head) * smax + split) * rows + row
+        return (token * hq + kv_head * g + row % g) * num_splits + split
+
     @T.macro(hygienic=False)
     def tree_reduce(buf, r, is_max, width):
         """Row r of buf[:, :width] (a power of two) reduced (max, else sum) into buf[r, 0], pairwise
@@ -300,12 +307,14 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
 
     @T.macro
     def body(q, kv_pool, block_tables, q_indptr, seq_lens, out, num_splits, max_q_tiles, B, NT):
-        # Split-KV partials (decode only; extend never splits, so its workspace is one element).
-        WO = T.alloc_buffer((B * hkv * smax * rows * d if decode else 1,), "float32")
-        # ... and after them one slot per task that keeps the touch loads (below) alive (extend's
-        # workspace holds only those).
-        WM = T.alloc_buffer((B * hkv * smax * (rows * 2 + 1) if decode else
-                             (B * (hkv // hpt) * max_q_tiles * num_splits if touch_v else 1),), "float32")
+        # Split-KV partials: accumulators (WO), running max and sum (WM), indexed by `partial_at`. Extend's
+        # hold the call's splits of every token row, and one element when it does not split.
+        WO = T.alloc_buffer((B * hkv * smax * rows * d if decode else NT * hq * d * num_splits * T.min(num_splits - 1, 1) + 1,),
+                            "float32")
+        WM = T.alloc_buffer((B * hkv * smax * rows * 2 if decode else NT * hq * 2 * num_splits * T.min(num_splits - 1, 1) + 1,),
+                            "float32")
+        # One slot per task that keeps the touch loads (below) alive.
+        WT = T.alloc_buffer((B * (hkv // hpt) * max_q_tiles * num_splits if touch_v else 1,), "float32")
         for task in T.parallel(B * (hkv // hpt) * max_q_tiles * num_splits):
             with T.sblock("attn"):
                 T.reads()
@@ -614,7 +623,7 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                                     else:
                                                         s[r, t] = tree[0 if xrow else r, r * seg if xrow else 0]
                                     if touch_v:
-                                        WM[(B * hkv * smax * rows * 2 if decode else 0) + task] = touch[0]
+                                        WT[task] = touch[0]
                                     # Online softmax per row: new max, rescale factor, weights.
                                     # The block's max and sum of weights are pairwise (tree)
                                     # reductions in vectors; as serial scalar loops they were two
@@ -685,31 +694,33 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                                     )
                             else:
                                 for dd in T.vectorized(d):
-                                    WO[(((b[0] * hkv + h0[0] + hh) * smax + split[0]) * rows + r) * d + dd] = acc[hh * rows + r, dd]
-                                WM[(((b[0] * hkv + h0[0] + hh) * smax + split[0]) * rows + r) * 2] = mrow[hh * rows + r]
-                                WM[(((b[0] * hkv + h0[0] + hh) * smax + split[0]) * rows + r) * 2 + 1] = lrow[hh * rows + r]
-        for task in T.parallel(B * hq * T.min(num_splits - 1, 1) if decode else 0):
+                                    WO[partial_at(b[0], h0[0] + hh, r, row0[0] + i0[0] + r // g, split[0], num_splits) * d + dd] = acc[hh * rows + r, dd]
+                                WM[partial_at(b[0], h0[0] + hh, r, row0[0] + i0[0] + r // g, split[0], num_splits) * 2] = mrow[hh * rows + r]
+                                WM[partial_at(b[0], h0[0] + hh, r, row0[0] + i0[0] + r // g, split[0], num_splits) * 2 + 1] = lrow[hh * rows + r]
+        # The splits' partials of each output row (decode: sequence x query head; extend: token row
+        # x query head) merged.
+        for task in T.parallel((B if decode else NT) * hq * T.min(num_splits - 1, 1)):
             with T.sblock("merge"):
                 T.reads()
                 T.writes()
                 res = T.sblock_alloc_buffer((d,), "float32")
                 tot = T.sblock_alloc_buffer((2,), "float32")
-                b = task // hq
+                n = task // hq  # sequence (decode) or token row (extend)
                 h = task % hq // g
                 r = task % g
                 tot[0] = T.float32(NEG)
                 tot[1] = T.float32(0)
                 for s in T.serial(num_splits):
-                    tot[0] = T.max(tot[0], WM[(((b * hkv + h) * smax + s) * rows + r) * 2])
+                    tot[0] = T.max(tot[0], WM[partial_at(n, h, r, n, s, num_splits) * 2])
                 for dd in T.vectorized(d):
                     res[dd] = T.float32(0)
                 for s in T.serial(num_splits):
-                    base = ((b * hkv + h) * smax + s) * rows + r
-                    w = fast_exp2(WM[base * 2] - tot[0])
-                    tot[1] = tot[1] + WM[base * 2 + 1] * w
+                    w = fast_exp2(WM[partial_at(n, h, r, n, s, num_splits) * 2] - tot[0])
+                    tot[1] = tot[1] + WM[partial_at(n, h, r, n, s, num_splits) * 2 + 1] * w
                     for dd in T.vectorized(d):
-                        res[dd] = res[dd] + WO[base * d + dd] * w
-                for dd in T.vectorized(d):
-                    out[q_indptr[b], h * g + r, dd] = T.cast(res[dd] / T.max(tot[1], T.float32(1e-30)), dtype)
+                        res[dd] = res[dd] + WO[partial_at(n, h, r, n, s, num_splits) * d + dd] * w
+                if n < (B if decode else q_indptr[B]):  # extend: rows past the last token have no partials
+                    for dd in T.vectorized(d):
+                        out[q_indptr[n] if decode else n, h * g + r, dd] = T.cast(res[dd] / T.max(tot[1], T.float32(1e-30)), dtype)
 
     return attention_func(spec, body)

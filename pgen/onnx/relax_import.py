@@ -2,7 +2,7 @@
 
 The converter writes the new K/V into the layer's pool in place (`R.call_tir_inplace` on the pool
 argument, through pgen's `cache_write` kernel) and runs attention through pgen's `extend` kernel,
-which also serves decode (one new token per sequence). Both kernels come from the same schedule
+which also serves decode (one new token per sequence), split over the KV as the runtime plans. Both kernels come from the same schedule
 rules and configs as the packaged kernel library, so model and kernels agree on the pool.
 """
 
@@ -49,10 +49,10 @@ _active: list[_Kernels] = []
 
 
 class PagedAttention(onnx_frontend.OnnxOpConverter):
-    """`pgen.PagedAttention(q, k, v, kv_pool, block_tables, slot_mapping, q_indptr, seq_lens)`.
+    """`pgen.PagedAttention(q, k, v, kv_pool, block_tables, slot_mapping, q_indptr, seq_lens, kv_splits)`.
 
     q [1, Hq, T, D], k/v [1, Hkv, T, D] (the export's layout with the flattened batch of one);
-    returns [1, Hq, T, D].
+    kv_splits [S]: extend's split-KV factor is its length S; returns [1, Hq, T, D].
     """
 
     @classmethod
@@ -64,26 +64,29 @@ class PagedAttention(onnx_frontend.OnnxOpConverter):
             raise ModelImportError(f"layer {attr.get('layer')} has heads/head_dim "
                                    f"{attr['num_q_heads']}/{attr['num_kv_heads']}/{attr['head_dim']} but the model's "
                                    f"spec is {spec.uri}; pgen builds one spec per model")
-        q, k, v, pool, tables, slots, indptr, lens = inputs
+        q, k, v, pool, tables, slots, indptr, lens, splits = inputs
         q, k, v = (bb.emit(relax.op.permute_dims(relax.op.squeeze(x, [0]), [1, 0, 2])) for x in (q, k, v))
         pool = bb.emit(relax.call_tir_inplace(kernels.global_var(bb, "cache_write"), [k, v, pool, slots],
                                               [2], pool.ty))
         tokens = q.ty.shape[0]
-        out = bb.emit(relax.call_tir(kernels.global_var(bb, "extend"), [q, pool, tables, indptr, lens],
+        num_splits = relax.prim_value(tvm.tirx.Cast("int32", splits.ty.shape[0]))
+        out = bb.emit(relax.call_tir(kernels.global_var(bb, "extend"), [q, pool, tables, indptr, lens, num_splits],
                                      relax.TensorType([tokens, spec.num_q_heads, spec.head_dim], spec.dtype)))
         return relax.op.expand_dims(relax.op.permute_dims(out, [1, 0, 2]), [0])
 
 
 def _bind_launch_args(func: tvm.tirx.PrimFunc, q_tile: int) -> tvm.tirx.PrimFunc:
-    """extend with its scalar launch arguments bound, so that `R.call_tir` can call it.
+    """extend as `R.call_tir` calls it: max_q_tiles bound, num_splits (the length of the model's
+    kv_splits input) moved before `out`, since call_tir passes its arguments, then the output.
 
-    NOTE: num_splits = 1 (extend never splits KV), and max_q_tiles = ceil(T / q_tile) for T rows of
-    q: an upper bound, since the kernel skips the q tiles past each sequence's new tokens.
+    NOTE: max_q_tiles = ceil(T / q_tile) for T rows of q: an upper bound, since the kernel skips
+    the q tiles past each sequence's new tokens.
     """
     params = {p.name: p for p in func.params}
     tokens = func.params[0].shape[0]  # TVM 0.27: buffer params are the buffers
-    return func.specialize({params["num_splits"]: 1,
-                            params["max_q_tiles"]: tvm.tirx.floordiv(tokens + q_tile - 1, q_tile)})
+    func = func.specialize({params["max_q_tiles"]: tvm.tirx.floordiv(tokens + q_tile - 1, q_tile)})
+    *inputs, out, num_splits = func.params
+    return tvm.tirx.PrimFunc([*inputs, num_splits, out], func.body, func.ret_type, func.attrs)
 
 
 @contextlib.contextmanager

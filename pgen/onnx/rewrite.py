@@ -13,7 +13,8 @@ The rewritten graph runs a flattened ragged batch of T tokens (B sequences):
 
     input_ids [T] int64, position_ids [T] int64 (when the export takes positions),
     kv_pool_<i> [num_blocks, 2, Hkv, block_size, D], block_tables [B, max_blocks] int32,
-    slot_mapping [T] int32, q_indptr [B+1] int32, seq_lens [B] int32, logits_indices [B] int64
+    slot_mapping [T] int32, q_indptr [B+1] int32, seq_lens [B] int32, logits_indices [B] int64,
+    kv_splits [S] int32 (only its length counts: the step's split-KV factor, chosen by the runtime)
     -> logits [B, vocab]: the logits of row logits_indices[b] (the last new token of sequence b).
 """
 
@@ -29,7 +30,7 @@ from .graph import Graph, fail
 
 DOMAIN = "pgen"
 OP = "PagedAttention"
-PAGED_INPUTS = ("block_tables", "slot_mapping", "q_indptr", "seq_lens")
+PAGED_INPUTS = ("block_tables", "slot_mapping", "q_indptr", "seq_lens", "kv_splits")
 # Ops between a past Concat and the attention core that only move or repeat data (GQA repeat_kv).
 _MOVES = {"Reshape", "Transpose", "Expand", "Unsqueeze", "Squeeze", "Identity"}
 _CONTRIB = {"GroupQueryAttention", "MultiHeadAttention", "Attention", "PackedMultiHeadAttention"}
@@ -251,7 +252,8 @@ def rewrite(model: onnx.ModelProto, block_size: int) -> Rewritten:
                _input("slot_mapping", TensorProto.INT32, ["num_tokens"]),
                _input("q_indptr", TensorProto.INT32, ["num_seqs_plus_one"]),
                _input("seq_lens", TensorProto.INT32, ["num_seqs"]),
-               _input("logits_indices", TensorProto.INT64, ["num_seqs"])]
+               _input("logits_indices", TensorProto.INT64, ["num_seqs"]),
+               _input("kv_splits", TensorProto.INT32, ["num_kv_splits"])]
     elem = g.elem_type(logits) or TensorProto.FLOAT
     graph = helper.make_graph(nodes, g.graph.name or "pgen", inputs,
                               [helper.make_tensor_value_info("logits", elem, ["num_seqs", vocab])],

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .errors import PackageError, ShapeError
-from .kernels import PagedKernels
+from .kernels import PagedKernels, extend_splits
 from .package import load_package, pick_target, read_manifest
 from .spec import AttentionSpec
 from .tensors import parse_device, to_numpy
@@ -75,6 +75,9 @@ class PagedModel:
         num_blocks = num_blocks or 1 + 4096 // s.block_size
         self.pools = [self.kernels.new_pool(num_blocks) for _ in range(self.info["num_layers"])]
         self._has_positions = self.info["has_positions"]
+        # Model packages built before extend split the KV have no kv_splits input (they never split).
+        self._has_splits = any(i["name"] == "kv_splits" for i in self.info["inputs"])
+        self._splits: dict[int, np.ndarray] = {}
 
     @property
     def num_layers(self) -> int:
@@ -99,4 +102,9 @@ class PagedModel:
             args.append(step.positions.astype(np.int64))
         args += self.pools
         args += [step.block_tables, step.slot_mapping, step.q_indptr, step.seq_lens, step.logits_indices]
+        if self._has_splits:
+            # The step's split-KV factor is the length of this input (a shape the kernel launch reads).
+            n = extend_splits(self.spec, self.kernels.configs["extend"], np.diff(step.q_indptr), step.seq_lens,
+                              "cpu", self.kernels.parallelism)
+            args.append(self._splits.setdefault(n, np.zeros(n, np.int32)))
         return to_numpy(self._main(*[np.ascontiguousarray(a) for a in args]))

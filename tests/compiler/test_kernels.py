@@ -62,6 +62,45 @@ def test_cpu_decode_with_two_kv_streams_matches_the_reference(spec, splits):
     _assert_decode_in_splits_matches_the_reference(spec, kernels, splits, seed=splits + 7)
 
 
+@pytest.mark.parametrize("splits", [2, 3, "max"])
+@pytest.mark.parametrize("spec", ALL)
+def test_split_kv_extend_merges_to_the_same_result(spec, splits):
+    # Extend's tiles split over the KV like decode's (the engine's decode steps and short chunks on
+    # more threads than tiles): one-token rows, a block-crossing step, a 67-token chunk.
+    kernels = pgen.build_kernels(spec, overrides={"extend": {"max_splits": 8}})
+    splits = kernels.configs["extend"]["max_splits"] if splits == "max" else splits
+    case = reference.paged_case(spec, lengths(spec), _extend_tokens(spec), seed=splits)
+    args = case["q_extend"], case["pool"], case["block_tables"], case["q_indptr"], case["seq_lens"]
+    plan = dataclasses.replace(kernels.plan_extend(*args[2:]), num_splits=splits)
+    out = np.full_like(case["q_extend"], np.nan)
+    kernels.extend(*args, out, plan=plan)
+    reference.assert_attention_close(spec, out, reference.extend(spec, *args), "extend")
+    reference.assert_same_bytes(case["pool"], reference.paged_case(spec, lengths(spec), _extend_tokens(spec),
+                                                                   seed=splits)["pool"], "kv_pool after extend")
+
+
+def test_cpu_extend_plan_splits_where_tiles_leave_threads_idle():
+    from pgen_runtime.kernels import extend_splits
+
+    spec = pgen.AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16)
+    config = {"kv_heads_per_task": 8, "max_splits": 8, "q_tile": 4}
+    one = np.array([1], np.int32)
+    # A decode step of one 16k-token sequence: one tile, two threads.
+    assert extend_splits(spec, config, one, np.array([16384], np.int32), "cpu", 2) == 2
+    assert extend_splits(spec, config, one, np.array([16384], np.int32), "cpu", 16) == 8  # max_splits
+    assert extend_splits(spec, config, one, np.array([200], np.int32), "cpu", 16) == 1  # < 2 x 128 keys
+    assert extend_splits(spec, config, np.ones(2, np.int32), np.full(2, 4096, np.int32), "cpu", 2) == 1
+    assert extend_splits(spec, config, np.array([2048]), np.array([2048], np.int32), "cpu", 16) == 1  # 512 tiles
+    assert extend_splits(spec, config, one, np.array([16384], np.int32), "cuda", 1024) == 1
+    kernels = pgen.build_kernels(pgen.AttentionSpec(8, 8, 64, 8, "float32"), overrides={"extend": {"max_splits": 2}})
+    case = reference.paged_case(kernels.spec, [40, 50], [1, 1])
+    args = case["q_extend"], case["pool"], case["block_tables"], case["q_indptr"], case["seq_lens"]
+    out = np.full_like(case["q_extend"], np.nan)
+    with pytest.raises(pgen.ShapeError, match="num_splits=3 is outside 1..2"):
+        kernels.extend(*args, out, plan=dataclasses.replace(kernels.plan_extend(*args[2:]), num_splits=3))
+    assert np.isnan(out).all()
+
+
 def test_a_plan_with_more_splits_than_the_workspace_holds_is_refused():
     spec = pgen.AttentionSpec(8, 8, 64, 8, "float32")
     kernels = pgen.build_kernels(spec, overrides={"decode": {"max_splits": 2}})

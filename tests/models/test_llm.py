@@ -41,6 +41,24 @@ def test_greedy_matches_onnxruntime(built, family, variant, setting):
     assert metrics.blocks_used == 0, "finished sequences must release every block"
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_steps_split_over_the_kv_match_onnxruntime(built, family, monkeypatch):
+    # The runtime splits a step's attention over the KV when it has fewer query tiles than threads
+    # (a decode step of a few sequences); here with many threads and short splits, so every step
+    # of these short prompts splits, prefill chunks too.
+    import pgen_runtime.kernels
+
+    monkeypatch.setitem(pgen_runtime.kernels.MIN_KEYS_PER_SPLIT, "cpu", 8)
+    _, package, reference = built(family, VARIANTS[0])
+    llm = LLM(package, max_num_batched_tokens=32)
+    llm.engine.model.kernels.parallelism = 256
+    outputs = llm.generate(prompts(), SamplingParams(max_tokens=MAX_TOKENS, return_logits=True))
+    for i, (out, (tokens, logits)) in enumerate(zip(outputs, reference)):
+        assert out.token_ids == tokens, f"prompt {i} ({len(out.prompt_token_ids)} tokens) diverged"
+        np.testing.assert_allclose(np.stack(out.logits), np.stack(logits), rtol=1e-4, atol=1e-4)
+    assert max(llm.engine.model._splits) == llm.engine.model.kernels.configs["extend"]["max_splits"] > 1
+
+
 def test_eos_stops_and_sampling_is_seeded(built):
     _, package, reference = built("llama", "dynamo18")
     llm = LLM(package)
