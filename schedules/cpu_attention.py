@@ -405,15 +405,17 @@ def _attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
                 blk_hi[0] = T.min(T.ceildiv(k_hi[0], bs), blk_lo[0] + per[0])
                 if i0[0] < n_new[0]:
                     for hh, r in T.grid(hpt, rows):
-                        mrow[hh * rows + r] = T.float32(NEG)
-                        lrow[hh * rows + r] = T.float32(0)
-                        for dd in T.vectorized(d):
-                            acc[hh * rows + r, dd] = T.float32(0)
-                            qf[hh * rows + r, dd] = T.if_then_else(
-                                i0[0] + r // g < i1[0],
-                                T.cast(q[T.min(row0[0] + i0[0] + r // g, NT - 1), (h0[0] + hh) * g + r % g, dd], "float32") * q_scale,
-                                T.float32(0),
-                            )
+                        # Only the row tiles the loops below visit (a one-token row of extend: 1 of 4).
+                        if r // rtile * rtile < (i1[0] - i0[0]) * g:
+                            mrow[hh * rows + r] = T.float32(NEG)
+                            lrow[hh * rows + r] = T.float32(0)
+                            for dd in T.vectorized(d):
+                                acc[hh * rows + r, dd] = T.float32(0)
+                                qf[hh * rows + r, dd] = T.if_then_else(
+                                    i0[0] + r // g < i1[0],
+                                    T.cast(q[T.min(row0[0] + i0[0] + r // g, NT - 1), (h0[0] + hh) * g + r % g, dd], "float32") * q_scale,
+                                    T.float32(0),
+                                )
                     # The task's blocks in `streams` runs visited side by side (see kv_streams):
                     # block bi of each run, head by head.
                     run_len[0] = T.ceildiv(blk_hi[0] - blk_lo[0], streams)
