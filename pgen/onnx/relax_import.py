@@ -2,8 +2,9 @@
 
 The converter writes the new K/V into the layer's pool in place (`R.call_tir_inplace` on the pool
 argument, through pgen's `cache_write` kernel) and runs attention through pgen's `extend` kernel,
-which also serves decode (one new token per sequence), split over the KV as the runtime plans. Both kernels come from the same schedule
-rules and configs as the packaged kernel library, so model and kernels agree on the pool.
+which also serves decode (one new token per sequence), split over the KV as the runtime plans
+(the `kv_splits` input). Both kernels come from the same schedule rules and configs as the
+packaged kernel library, so model and kernels agree on the pool.
 """
 
 from __future__ import annotations
