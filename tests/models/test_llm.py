@@ -44,8 +44,8 @@ def test_greedy_matches_onnxruntime(built, family, variant, setting):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_steps_split_over_the_kv_match_onnxruntime(built, family, monkeypatch):
     # The runtime splits a step's attention over the KV when it has fewer query tiles than threads
-    # (a decode step of a few sequences); here with many threads and short splits, so every step
-    # of these short prompts splits, prefill chunks too.
+    # (a decode step of a few sequences); here with many threads and splits of at least 8 keys, so
+    # these short prompts' steps split up to max_splits, prefill chunks too.
     import pgen_runtime.kernels
 
     monkeypatch.setitem(pgen_runtime.kernels.MIN_KEYS_PER_SPLIT, "cpu", 8)
