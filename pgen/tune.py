@@ -386,7 +386,8 @@ def emit_bundle(spec: AttentionSpec, target: str | BuildTarget, out: Path, kerne
 
 
 def ingest(results_file: Path, bundle: Path | None = None, log_root: Path | None = None) -> Path:
-    """Merge a device's results file (and the bundle's build failures) into that device's tuning log."""
+    """Merge a device's results file (and the bundle's build failures) into that device's tuning log,
+    dropping its records of older schedule code."""
     try:
         results = json.loads(Path(results_file).read_text())
         spec = AttentionSpec.from_dict(results["spec"], source=str(results_file))
@@ -398,6 +399,8 @@ def ingest(results_file: Path, bundle: Path | None = None, log_root: Path | None
     path = tuning_log.log_path(spec, target_id, log_root)
     target = BuildTarget(kind, archs=(device.get("arch", ""),) if kind == "cuda" else ())
     log = open_log(path, spec, target, device)
+    # As local tuning does: records of older schedule code go (builds never use them).
+    log["records"] = tuning_log.current_records(log)
     known = {r.get("key") for r in log["records"]}
     failures = []
     if bundle is not None:

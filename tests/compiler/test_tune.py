@@ -346,8 +346,15 @@ def test_candidates_are_timed_and_checked_on_the_workloads_guard_step_offline_an
     results = measure.measure_bundle(bundle, "cpu", progress=lambda line: None)
     assert all(r["error"] is None and r["guard_ms"] > 0 for r in results["results"])
     (tmp_path / "results.json").write_text(json.dumps(results))
-    log = tuning_log.load(tune.ingest(tmp_path / "results.json", bundle, tmp_path / "logs"), SPEC, "llvm")
+    path = tune.ingest(tmp_path / "results.json", bundle, tmp_path / "logs")
+    log = tuning_log.load(path, SPEC, "llvm")
     assert all(r["guard_ms"] > 0 for r in log["records"])
+    # Ingesting again adds nothing, and drops the records of older schedule code.
+    n = len(log["records"])
+    log["records"].append({**log["records"][0], "key": "old", "schedule": "0" * 16})
+    tuning_log.save(path, log)
+    again = tuning_log.load(tune.ingest(tmp_path / "results.json", bundle, tmp_path / "logs"), SPEC, "llvm")
+    assert len(again["records"]) == n and all(r["key"] != "old" for r in again["records"])
     # The local runner too; a wrong output on the guard step fails the candidate.
     target = parse_targets("llvm")[0]
     config = rule_for("decode", "llvm").default(SPEC, target.info)
