@@ -124,11 +124,8 @@ class PagedKernels:
         self._check("seq_lens", seq_lens, (batch,), "int32")
         plan = plan or self.plan_decode(block_tables, seq_lens, _dim(kv_pool, 0))
         _same_batch(plan.batch, batch)
-        max_splits = self.configs["decode"].get("max_splits", 1)
-        if not 1 <= plan.num_splits <= max_splits:
-            # NOTE: the split-KV workspace is sized for max_splits; more would write past it.
-            raise ShapeError(f"plan.num_splits={plan.num_splits} is outside 1..{max_splits} (these kernels' "
-                             "max_splits); make the plan with plan_decode")
+        # NOTE: decode's split-KV workspace is sized for max_splits; more would write past it.
+        self._check_splits("decode", plan.num_splits)
         self._fn["decode"](q, kv_pool, block_tables, plan.indptr, seq_lens, out, plan.num_splits, 1)
 
     def extend(self, q, kv_pool, block_tables, q_indptr, seq_lens, out, *, plan: ExtendPlan | None = None) -> None:
@@ -145,11 +142,14 @@ class PagedKernels:
         _same_batch(plan.batch, batch)
         if plan.num_tokens != tokens:
             raise ShapeError(f"q has {tokens} rows but q_indptr ends at {plan.num_tokens}; they must agree")
-        max_splits = self.configs["extend"].get("max_splits", 1)
-        if not 1 <= plan.num_splits <= max_splits:
-            raise ShapeError(f"plan.num_splits={plan.num_splits} is outside 1..{max_splits} (these kernels' "
-                             "max_splits for extend); make the plan with plan_extend")
+        self._check_splits("extend", plan.num_splits)
         self._fn["extend"](q, kv_pool, block_tables, q_indptr, seq_lens, out, plan.num_splits, plan.max_q_tiles)
+
+    def _check_splits(self, kernel: str, num_splits: int) -> None:
+        max_splits = self.configs[kernel].get("max_splits", 1)
+        if not 1 <= num_splits <= max_splits:
+            raise ShapeError(f"plan.num_splits={num_splits} is outside 1..{max_splits} (these kernels' "
+                             f"max_splits for {kernel}); make the plan with plan_{kernel}")
 
     def cache_write(self, k, v, kv_pool, slot_mapping) -> None:
         """Write k, v [T, Hkv, D] to slots block*block_size + offset; a negative slot is skipped."""
@@ -258,9 +258,7 @@ def decode_splits(spec: AttentionSpec, config: dict[str, Any], seq_lens: np.ndar
     work = len(seq_lens) * spec.num_kv_heads
     if kind == "cpu":
         work //= config.get("kv_heads_per_task", 1)
-    splits = min(config.get("max_splits", 1), max(1, math.ceil(parallelism / max(work, 1))))
-    longest = int(seq_lens.max()) if len(seq_lens) else 0
-    return max(1, min(splits, longest // MIN_KEYS_PER_SPLIT[kind]))
+    return _split_factor(config, work, seq_lens, kind, parallelism)
 
 
 def extend_splits(spec: AttentionSpec, config: dict[str, Any], new_tokens: np.ndarray, seq_lens: np.ndarray,
@@ -275,9 +273,16 @@ def extend_splits(spec: AttentionSpec, config: dict[str, Any], new_tokens: np.nd
     if kind != "cpu" or not len(new_tokens):
         return 1
     tiles = int((-(-new_tokens.astype(np.int64) // config.get("q_tile", 1))).sum())
-    work = tiles * spec.num_kv_heads // config.get("kv_heads_per_task", 1)
+    return _split_factor(config, tiles * spec.num_kv_heads // config.get("kv_heads_per_task", 1), seq_lens, kind,
+                         parallelism)
+
+
+def _split_factor(config: dict[str, Any], work: int, seq_lens: np.ndarray, kind: str, parallelism: int) -> int:
+    """Splits that fill `parallelism` tasks beside `work` unsplit ones, at most `max_splits`, each
+    split at least MIN_KEYS_PER_SPLIT keys of the longest sequence."""
     splits = min(config.get("max_splits", 1), max(1, math.ceil(parallelism / max(work, 1))))
-    return max(1, min(splits, int(seq_lens.max()) // MIN_KEYS_PER_SPLIT[kind]))
+    longest = int(seq_lens.max()) if len(seq_lens) else 0
+    return max(1, min(splits, longest // MIN_KEYS_PER_SPLIT[kind]))
 
 
 def extend_q_tiles(config: dict[str, Any], new_tokens: np.ndarray, kind: str) -> int:
