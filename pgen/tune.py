@@ -4,11 +4,13 @@ Candidates are the rule's knob space pruned by `check` (the target's limits), de
 seeded sample. Each is compiled alone into its own library (in parallel processes), then measured:
 in this process for the CPU, on remote devices through TVM's RPC (`pgen.rpc`), or offline for
 devices that cannot reach this host — `emit_bundle` writes every candidate plus the TVM runtime
-into one folder that `python -m pgen_runtime.measure` times on the device, and `ingest` turns its results into the same log an online run writes. A
-candidate that fails to build or run gets no time (infinite) and the run goes on. After the search
-the fastest few and the default are re-timed side by side (`_confirm`); the log's best is chosen
-on those times. Runs resume: candidates already in the log for the same workload are not measured
-again.
+into one folder that `python -m pgen_runtime.measure` times on the device, and `ingest` turns its
+results into the same log an online run writes. Online runs spend half their trials on the sample
+and the rest refining the fastest config found (`_refine`: configs one knob away from it,
+hill-climbing). A candidate that fails to build or run gets no time (infinite) and the run goes
+on. After the search the fastest few and the default are re-timed side by side (`_confirm`); the
+log's best is chosen on those times. Runs resume: candidates already in the log for the same
+workload are not measured again.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ TUNABLE = ("decode", "extend")
 # 8 leaves one 16k-token sequence 8 splits of its 8 KV heads, 64 thread blocks on 132 SMs).
 PLAN_CAPS = ("max_splits",)
 CONFIRM_TOP, CONFIRM_ROUNDS = 3, 3  # fastest candidates re-timed with the default after a search
+# NOTE: CPU knob spaces hold 10^5-10^6 configs (Llama-3-8B: decode 414,720, extend 3,110,400), so a
+# sample of a dozen sees a few knobs' good values by chance. Online runs measure the sample, then
+# spend this share of the trials on configs one knob away from the fastest so far.
+REFINE_SHARE = 0.5
 # Workers start fresh: forking a process that holds TVM's thread pool and CUDA state is unsafe.
 _SPAWN = multiprocessing.get_context("spawn")
 
@@ -72,6 +78,29 @@ def candidates(spec: AttentionSpec, target: BuildTarget, kernel: str, trials: in
             families.setdefault(stratum(config), []).append(config)
         rest = [c for group in itertools.zip_longest(*families.values()) for c in group if c is not None]
     return [default] + rest[: max(trials - 1, 0)]
+
+
+def sample_size(trials: int) -> int:
+    """Candidates of the seeded sample in an online run of `trials` per kernel; the rest refine."""
+    return max(1, trials - int(trials * REFINE_SHARE))
+
+
+def neighbours(spec: AttentionSpec, target: BuildTarget, kernel: str, config: dict) -> list[dict]:
+    """The valid configs one knob away from `config` (`PLAN_CAPS` kept), in knob order.
+
+    Built from the knobs, not by scanning the space (millions of configs on the CPU).
+    """
+    rule = rule_for(kernel, target.kind)
+    out = []
+    for knob in rule.knobs(spec, target.info):
+        if knob.name in PLAN_CAPS:
+            continue
+        for value in knob.choices:
+            if value != config.get(knob.name):
+                moved = {**config, knob.name: value}
+                if rule.check(spec, target.info, moved) is None:
+                    out.append(moved)
+    return out
 
 
 def candidate_key(kernel: str, config: dict, workload: dict, target_kind: str) -> str:
@@ -106,8 +135,12 @@ def tune(spec: AttentionSpec, target: str | BuildTarget = "llvm", kernels: tuple
     # Records of older schedule code can never be used again (`tuning_log.current`): drop them so
     # the log holds this code's measurements only.
     log["records"] = tuning_log.current_records(log)
-    todo = _pending(spec, target, kernels, trials, workloads or {}, {r.get("key") for r in log["records"]})
-    bar = _Progress(len(todo), progress)
+    todo = _pending(spec, target, kernels, sample_size(trials), workloads or {}, {r.get("key") for r in log["records"]})
+    # Each kernel measures its sample's new candidates, then refines up to `trials` records.
+    steps = {k: _workload(workloads or {}, k, target, spec) for k in kernels}
+    have = {k: len(_records(log, k, steps[k])) for k in kernels}
+    total = sum(max(sum(c.kernel == k for c in todo), trials - have[k]) for k in kernels)
+    bar = _Progress(total, progress)
 
     def record(cand: Candidate, result: dict[str, Any]) -> None:
         rec = {"kernel": cand.kernel, "config": cand.config, "workload": cand.workload, "key": cand.key,
@@ -118,9 +151,43 @@ def tune(spec: AttentionSpec, target: str | BuildTarget = "llvm", kernels: tuple
 
     _build_and_time(spec, target, todo, runner, jobs, record)
     for kernel in kernels:
-        if _confirm(spec, target, log, kernel, _workload(workloads or {}, kernel, target, spec), runner):
+        _refine(spec, target, log, kernel, steps[kernel], trials, runner, jobs, record)
+    for kernel in kernels:
+        if _confirm(spec, target, log, kernel, steps[kernel], runner):
             tuning_log.save(path, log)
     return path
+
+
+def _records(log: dict[str, Any], kernel: str, workload: dict) -> list[dict[str, Any]]:
+    return [r for r in log["records"] if r["kernel"] == kernel and r.get("workload") == workload]
+
+
+def _refine(spec: AttentionSpec, target: BuildTarget, log: dict[str, Any], kernel: str, workload: dict, trials: int,
+            runner: Runner, jobs: int, record: Callable[[Candidate, dict[str, Any]], None], seed: int = 0) -> None:
+    """Measure configs one knob away from the fastest record until the kernel has `trials` records
+    on `workload`, `jobs` at a time (the fastest is looked up again after each batch: hill-climbing).
+
+    Where every neighbour of the fastest is measured (a local optimum), the next fastest's are
+    taken; the search ends early when no measured record has an unmeasured neighbour. Configs
+    outside the guard (`tuning_log.within_guard`) and failed ones are never climbed from.
+    """
+    rng = random.Random(seed)
+    default = rule_for(kernel, target.kind).default(spec, target.info)
+    while (left := trials - len(recs := _records(log, kernel, workload))) > 0:
+        done = {r.get("key") for r in recs}
+        ok = sorted((r for r in tuning_log.within_guard(recs, log)
+                     if r["median_ms"] is not None and not r.get("error")), key=lambda r: r["median_ms"])
+        batch: list[Candidate] = []
+        for rec in ok:
+            fresh = [(c, k) for c in neighbours(spec, target, kernel, rec["config"])
+                     if (k := candidate_key(kernel, c, workload, target.kind)) not in done]
+            if fresh:
+                rng.shuffle(fresh)
+                batch = [Candidate(kernel, c, workload, k, c == default) for c, k in fresh[:max(1, min(jobs, left))]]
+                break
+        if not batch:
+            return
+        _build_and_time(spec, target, batch, runner, jobs, record)
 
 
 def _confirm(spec: AttentionSpec, target: BuildTarget, log: dict[str, Any], kernel: str, workload: dict,

@@ -366,3 +366,109 @@ def test_candidates_are_timed_and_checked_on_the_workloads_guard_step_offline_an
                         lambda spec, kernel, arrays: right(spec, kernel, arrays) + (len(arrays[3][0]) == 1))
     record = tune._time(tune.LocalRunner(), SPEC, cand, library)
     assert record["median_ms"] is None and "wrong result" in record["error"]
+
+
+def test_neighbours_are_every_valid_one_knob_move_with_the_plan_caps_kept():
+    target = parse_targets("llvm")[0]
+    rule = rule_for("decode", "llvm")
+    config = {**rule.default(SPEC, target.info), "qk_key_group": 1}
+    got = tune.neighbours(SPEC, target, "decode", config)
+    want = [{**config, k.name: v} for k in rule.knobs(SPEC, target.info) if k.name not in tune.PLAN_CAPS
+            for v in k.choices if v != config[k.name]]
+    want = [c for c in want if rule.check(SPEC, target.info, c) is None]
+    assert got == want and len(got) > 10
+    assert all(sum(c[k] != config[k] for k in config) == 1 and c["max_splits"] == config["max_splits"] for c in got)
+    # qk_key_group is on: the transposed QK loop (the other of the two) is no neighbour.
+    assert all(not c["qk_transpose"] for c in got)
+
+
+class _SyntheticRunner:
+    """Times a config by a made-up cost: 10 ms, 1 less for each of seven knob values (one config in
+    1,728 has all seven: a random sample rarely holds it). One knob at a time the search can reach
+    it from any other config."""
+
+    workers, overlap = 1, False
+    GOOD = {"kv_streams": 2, "touch_v": 0, "prefetch_locality": 3, "prefetch_ahead": 8, "vector_lanes": 8,
+            "qk_chains": 1, "prefetch_next_head": 0}
+
+    def device_info(self):
+        return {"kind": "cpu", "name": host_target_id()}
+
+    def cost(self, config):
+        return 10.0 - sum(config.get(k) == v for k, v in self.GOOD.items())
+
+    def measure(self, spec, cand, library):
+        t = self.cost(cand.config)
+        return {"times_ms": [t], "median_ms": t, "error": None}
+
+
+@pytest.fixture
+def synthetic(monkeypatch):
+    """Candidates 'built' instantly and timed by `_SyntheticRunner` (no compiler, no kernels)."""
+    runner = _SyntheticRunner()
+
+    def build_and_time(spec, target, todo, runner_, jobs, record):
+        for cand in todo:
+            record(cand, runner_.measure(spec, cand, None))
+
+    monkeypatch.setattr(tune, "_build_and_time", build_and_time)
+    monkeypatch.setattr(tune, "_build_candidate", lambda spec, target, kernel, config, out: out / "kernels.so")
+    return runner
+
+
+def test_refinement_climbs_from_the_fastest_config_one_knob_at_a_time(synthetic, tmp_path):
+    target = parse_targets("llvm")[0]
+    trials = 140
+    path = tune.tune(SPEC, "llvm", ("decode",), trials, WORKLOAD, tmp_path, jobs=1, runner=synthetic)
+    recs = json.loads(path.read_text())["records"]
+    sample = tune.sample_size(trials)
+    assert len(recs) == trials and sample == 70
+    # The sample first, then each refined config one knob away from the fastest measured before it
+    # (or, where all of that one's neighbours were measured, from the next fastest).
+    sampled = [c for c in tune.candidates(SPEC, target, "decode", sample)]
+    assert [r["config"] for r in recs[:sample]] == sampled
+    for i in range(sample, trials):
+        before = sorted(recs[:i], key=lambda r: r["median_ms"])
+        measured = [r["config"] for r in recs[:i]]
+        origin = next(r for r in before if any(c not in measured for c in tune.neighbours(SPEC, target, "decode", r["config"])))
+        assert recs[i]["config"] in tune.neighbours(SPEC, target, "decode", origin["config"]), i
+    # A separable cost: the local optimum it climbed to is the fastest config of the space, and
+    # every neighbour of it was measured.
+    best = min(recs, key=lambda r: r["median_ms"])
+    assert best["median_ms"] == 3.0 and all(best["config"][k] == v for k, v in synthetic.GOOD.items())
+    assert all(c in [r["config"] for r in recs] for c in tune.neighbours(SPEC, target, "decode", best["config"]))
+    assert tuning_log.best(tuning_log.load(path, SPEC, "llvm"))["decode"][0] == best["config"]
+
+
+def test_refinement_resumes_and_a_failed_or_guard_failing_config_is_never_climbed_from(synthetic, tmp_path):
+    target = parse_targets("llvm")[0]
+    path = tune.tune(SPEC, "llvm", ("decode",), 6, WORKLOAD, tmp_path, jobs=2, runner=synthetic)
+    log = json.loads(path.read_text())
+    assert len(log["records"]) == 6
+    # Resume with a larger budget: the 6 are kept, 4 more measured, none twice.
+    path = tune.tune(SPEC, "llvm", ("decode",), 10, WORKLOAD, tmp_path, jobs=2, runner=synthetic)
+    recs = json.loads(path.read_text())["records"]
+    assert [(r["key"], r["median_ms"]) for r in recs[:6]] == [(r["key"], r["median_ms"]) for r in log["records"]]
+    assert len(recs) == 10 and len({r["key"] for r in recs}) == 10
+    # A failed record, however its time reads, is never the origin of a move.
+    log = {"target_kind": "llvm", "device": {}, "spec": SPEC.to_dict(),
+           "records": [{**recs[0], "median_ms": 0.1, "error": "boom"}]}
+    grown = []
+    tune._refine(SPEC, target, log, "decode", WORKLOAD["decode"], 2, synthetic, 1,
+                 lambda cand, result: log["records"].append({"kernel": cand.kernel, "config": cand.config,
+                                                             "workload": cand.workload, "key": cand.key, **result})
+                 or grown.append(cand))
+    assert grown == []
+    # Nor is a config too slow on the guard step: the climb starts from the default.
+    default = rule_for("decode", "llvm").default(SPEC, target.info)
+    far = {**default, "kv_streams": 2, "touch_v": 0, "vector_lanes": 8}
+    workload = {**WORKLOAD["decode"], "guard": {"seq_lens": [600]}}
+    log["records"] = [{"kernel": "decode", "config": default, "workload": workload, "key": "d", "default": True,
+                       "median_ms": 5.0, "guard_ms": 1.0, "error": None},
+                      {"kernel": "decode", "config": far, "workload": workload, "key": "f", "default": False,
+                       "median_ms": 1.0, "guard_ms": 5.0, "error": None}]
+    tune._refine(SPEC, target, log, "decode", workload, 3, synthetic, 1,
+                 lambda cand, result: log["records"].append({"kernel": cand.kernel, "config": cand.config,
+                                                             "workload": cand.workload, "key": cand.key, **result})
+                 or grown.append(cand))
+    assert len(grown) == 1 and grown[0].config in tune.neighbours(SPEC, target, "decode", default)
