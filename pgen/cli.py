@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="time on the servers of this TVM RPC tracker")
     p.add_argument("--rpc-key", help="the key the RPC servers registered with")
     p.add_argument("--offline", metavar="DIR", help="write a measuring bundle for a device that cannot reach here")
+    p.add_argument("--refine-from", metavar="LOG", help="with --offline: the device's tuning log; the bundle "
+                   "holds configs one knob away from its fastest records instead of a sample")
     p.add_argument("--ingest", metavar="RESULTS", help="merge the results a bundle's measuring script wrote")
     p.add_argument("--bundle", metavar="DIR", help="the bundle the --ingest results came from (build failures)")
     p.add_argument("--block-sizes", help="co-tune the block size over these, e.g. 8,16,32,64")
@@ -138,8 +140,11 @@ def _tune(args) -> int:
     (target,) = parse_targets(args.target)
     kernels = tune.parse_kernels(args.kernels)
     workload = tune.load_workload(args.workload) if args.workload else {}
+    if args.refine_from and not args.offline:
+        raise TuneError("--refine-from goes with --offline DIR (online runs refine by themselves)")
     if args.offline:
-        out = tune.emit_bundle(spec, target, Path(args.offline), kernels, args.trials, workload, args.jobs, printer)
+        out = tune.emit_bundle(spec, target, Path(args.offline), kernels, args.trials, workload, args.jobs, printer,
+                               Path(args.refine_from) if args.refine_from else None)
         print(f"wrote {out}: copy it to the device, run\n  python -m pgen_runtime.measure {out.name} "
               f"--device {'cuda:0' if target.kind == 'cuda' else 'cpu'} -o results.json\n"
               f"then: pgen tune --ingest results.json --bundle {out}")

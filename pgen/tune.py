@@ -411,11 +411,19 @@ def parse_ints(name: str, text: str) -> list[int]:
 
 def emit_bundle(spec: AttentionSpec, target: str | BuildTarget, out: Path, kernels: tuple[str, ...] = TUNABLE,
                 trials: int = 8, workloads: dict[str, dict] | None = None, jobs: int = 2,
-                progress: Callable[[str], None] | None = None) -> Path:
-    """Build every candidate into one folder that the device measures with only pgen_runtime."""
+                progress: Callable[[str], None] | None = None, refine_from: Path | None = None) -> Path:
+    """Build every candidate into one folder that the device measures with only pgen_runtime.
+
+    Args:
+        refine_from: the device's tuning log. A kernel with records on its workload there gets, in
+            place of the sample, up to `trials` configs it has not measured, one knob away from its
+            fastest records (fastest first): the offline counterpart of `_refine`, one step per
+            round trip (bundle, measure there, ingest).
+    """
     from . import cuda
 
     target = parse_targets(target)[0] if isinstance(target, str) else target
+    log = tuning_log.load(Path(refine_from), spec, target.kind) if refine_from is not None else None
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
@@ -424,7 +432,8 @@ def emit_bundle(spec: AttentionSpec, target: str | BuildTarget, out: Path, kerne
         shutil.copy2(lib, out / "lib" / "tvm" / lib.name)
     kind = "cuda" if target.kind == "cuda" else "cpu"
     workloads = {k: (workloads or {}).get(k) or default_workload(k, kind, spec) for k in kernels}
-    todo = [(k, c) for k in kernels for c in candidates(spec, target, k, trials)]
+    todo = [(k, c) for k in kernels for c in (_neighbourhood(spec, target, log, k, workloads[k], trials) if log else None)
+            or candidates(spec, target, k, trials)]
     bar = _Progress(len(todo), progress, measured=False)
     entries = []
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=_SPAWN) as pool:
@@ -449,6 +458,33 @@ def emit_bundle(spec: AttentionSpec, target: str | BuildTarget, out: Path, kerne
             "workloads": workloads, "candidates": [e for e in entries if e["library"]],
             "build_failures": [e for e in entries if not e["library"]]}
     (out / BUNDLE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+    return out
+
+
+def _neighbourhood(spec: AttentionSpec, target: BuildTarget, log: dict[str, Any], kernel: str, workload: dict,
+                   trials: int) -> list[dict]:
+    """The default, then up to `trials` - 1 configs `log` has not measured on `workload`, one knob away
+    from its fastest current records there (fastest first; failed ones and those outside the guard
+    never count); [] where it has no such records.
+
+    NOTE: the default comes along because the device that measures the bundle may not be the one
+    whose log it refines (an H100 refining from the H200's): its log then still has the default to
+    compare against. Where the log has it already, `ingest` keeps the first measurement."""
+    recs = _records({"records": tuning_log.current_records(log)}, kernel, workload)
+    done = {candidate_key(kernel, r["config"], workload, target.kind) for r in recs}
+    ok = sorted((r for r in tuning_log.within_guard(recs, log) if r["median_ms"] is not None and not r.get("error")),
+                key=lambda r: r["median_ms"])
+    if not ok:
+        return []
+    default = rule_for(kernel, target.kind).default(spec, target.info)
+    out = [default]
+    done.add(candidate_key(kernel, default, workload, target.kind))
+    for rec in ok:
+        for config in neighbours(spec, target, kernel, rec["config"]):
+            key = candidate_key(kernel, config, workload, target.kind)
+            if key not in done and len(out) < trials:
+                done.add(key)
+                out.append(config)
     return out
 
 

@@ -5,7 +5,9 @@
   (`mma`) for every spec. The TVM runtime libraries travel in the first package only (run.sh
   copies them back: they are the same files, so the manifests' hashes still hold);
 - bundles/: offline tuning bundles for the entries of --tune (`spec[@dtype][/kernel+kernel]`);
-  runtime libraries likewise in the first bundle only;
+  runtime libraries likewise in the first bundle only. A spec with an H200 log gets the default
+  and configs one knob away from that log's fastest (`emit_bundle`'s `refine_from`; `--sample`
+  for a fresh sample instead);
 - runtime/: the pgen_runtime sources (the device has no pgen and no apache-tvm);
 - wheels/: apache-tvm-ffi for the device's Python 3.12.
 
@@ -54,6 +56,8 @@ def main() -> int:
     parser.add_argument("--tune", default=",".join(TUNE),
                         help="comma list of specs/<name>.toml to build tuning bundles for, each as "
                              "name[@dtype][/kernel+kernel] (all tunable kernels by default; '' for none)")
+    parser.add_argument("--sample", action="store_true",
+                        help="bundle a seeded sample even where an H200 log could be refined")
     args = parser.parse_args()
 
     import pgen
@@ -101,9 +105,11 @@ def main() -> int:
         spec = pgen.load_spec(REPO / "specs" / f"{name}.toml")
         if dtype:
             spec = dataclasses.replace(spec, dtype=dtype, kv_dtype=dtype)
+        log = REPO / "tuning_logs" / "cuda-sm_90-nvidia-h200" / f"{spec.uri}.json"
         bundle = emit_bundle(spec, "cuda:sm_90", out / "bundles" / spec.uri, trials=args.trials,
                              kernels=tuple(kernels.split("+")) if kernels else TUNABLE,
-                             progress=lambda line: print(line, flush=True))
+                             progress=lambda line: print(line, flush=True),
+                             refine_from=log if log.is_file() and not args.sample else None)
         # The carry is size-limited: later bundles borrow the first one's runtime libraries.
         if libs is None:
             libs = bundle / "lib"

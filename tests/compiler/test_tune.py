@@ -472,3 +472,39 @@ def test_refinement_resumes_and_a_failed_or_guard_failing_config_is_never_climbe
                                                              "workload": cand.workload, "key": cand.key, **result})
                  or grown.append(cand))
     assert len(grown) == 1 and grown[0].config in tune.neighbours(SPEC, target, "decode", default)
+
+
+def test_an_offline_bundle_refines_from_the_devices_log(tmp_path, capsys):
+    # Round 1: a sample. Its results ingested, round 2 (--refine-from that log) holds the default
+    # and configs the log lacks, one knob away from its fastest, fastest first.
+    from pgen_runtime import measure
+
+    target = parse_targets("llvm")[0]
+    workloads = {"decode": WORKLOAD["decode"]}
+    first = tune.emit_bundle(SPEC, "llvm", tmp_path / "b1", kernels=("decode",), trials=2, workloads=workloads, jobs=1)
+    (tmp_path / "r1.json").write_text(json.dumps(measure.measure_bundle(first, "cpu", progress=lambda line: None)))
+    log_path = tune.ingest(tmp_path / "r1.json", first, tmp_path / "logs")
+    log = tuning_log.load(log_path, SPEC, "llvm")
+    fastest = min(log["records"], key=lambda r: r["median_ms"])
+    assert len(log["records"]) == 2
+    (tmp_path / "spec.toml").write_text(SPEC_TOML)
+    (tmp_path / "w.json").write_text(json.dumps(workloads))
+    assert cli.main(["tune", "--spec", str(tmp_path / "spec.toml"), "--kernels", "decode", "--trials", "3",
+                     "--workload", str(tmp_path / "w.json"), "--offline", str(tmp_path / "b2"),
+                     "--refine-from", str(log_path)]) == 0
+    second = json.loads((tmp_path / "b2" / measure.BUNDLE).read_text())["candidates"]
+    near = tune.neighbours(SPEC, target, "decode", fastest["config"])
+    measured = [r["config"] for r in log["records"]]
+    default = rule_for("decode", "llvm").default(SPEC, target.info)
+    assert [c["config"] for c in second] == [default] + [c for c in near if c not in measured][:2]
+    (tmp_path / "r2.json").write_text(json.dumps(measure.measure_bundle(tmp_path / "b2", "cpu",
+                                                                         progress=lambda line: None)))
+    # The default was measured in round 1: the log keeps that measurement and gains the two others.
+    assert len(tuning_log.load(tune.ingest(tmp_path / "r2.json", tmp_path / "b2", tmp_path / "logs"))["records"]) == 4
+    # Without records on the bundle's workload, the sample; without --offline, a clear error.
+    other = tune.emit_bundle(SPEC, "llvm", tmp_path / "b3", kernels=("extend",), trials=2, workloads=WORKLOAD, jobs=1,
+                             refine_from=log_path)
+    assert [c["config"] for c in json.loads((other / measure.BUNDLE).read_text())["candidates"]] == \
+        tune.candidates(SPEC, target, "extend", 2)
+    assert cli.main(["tune", "--spec", str(tmp_path / "spec.toml"), "--refine-from", str(log_path)]) != 0
+    assert "--refine-from goes with --offline" in capsys.readouterr().err
