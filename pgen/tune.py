@@ -138,7 +138,7 @@ def tune(spec: AttentionSpec, target: str | BuildTarget = "llvm", kernels: tuple
     todo = _pending(spec, target, kernels, sample_size(trials), workloads or {}, {r.get("key") for r in log["records"]})
     # Each kernel measures its sample's new candidates, then refines up to `trials` records.
     steps = {k: _workload(workloads or {}, k, target, spec) for k in kernels}
-    have = {k: len(_records(log, k, steps[k])) for k in kernels}
+    have = {k: len(_records(log["records"], k, steps[k])) for k in kernels}
     total = sum(max(sum(c.kernel == k for c in todo), trials - have[k]) for k in kernels)
     bar = _Progress(total, progress)
 
@@ -158,8 +158,15 @@ def tune(spec: AttentionSpec, target: str | BuildTarget = "llvm", kernels: tuple
     return path
 
 
-def _records(log: dict[str, Any], kernel: str, workload: dict) -> list[dict[str, Any]]:
-    return [r for r in log["records"] if r["kernel"] == kernel and r.get("workload") == workload]
+def _records(records: list[dict[str, Any]], kernel: str, workload: dict) -> list[dict[str, Any]]:
+    return [r for r in records if r["kernel"] == kernel and r.get("workload") == workload]
+
+
+def _fastest_first(records: list[dict[str, Any]], log: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records that may compete or be climbed from, fastest first: measured, not failed, within
+    the guard (`tuning_log.within_guard`)."""
+    ok = (r for r in tuning_log.within_guard(records, log) if r["median_ms"] is not None and not r.get("error"))
+    return sorted(ok, key=lambda r: r["median_ms"])
 
 
 def _refine(spec: AttentionSpec, target: BuildTarget, log: dict[str, Any], kernel: str, workload: dict, trials: int,
@@ -173,12 +180,10 @@ def _refine(spec: AttentionSpec, target: BuildTarget, log: dict[str, Any], kerne
     """
     rng = random.Random(seed)
     default = rule_for(kernel, target.kind).default(spec, target.info)
-    while (left := trials - len(recs := _records(log, kernel, workload))) > 0:
+    while (left := trials - len(recs := _records(log["records"], kernel, workload))) > 0:
         done = {r.get("key") for r in recs}
-        ok = sorted((r for r in tuning_log.within_guard(recs, log)
-                     if r["median_ms"] is not None and not r.get("error")), key=lambda r: r["median_ms"])
         batch: list[Candidate] = []
-        for rec in ok:
+        for rec in _fastest_first(recs, log):
             fresh = [(c, k) for c in neighbours(spec, target, kernel, rec["config"])
                      if (k := candidate_key(kernel, c, workload, target.kind)) not in done]
             if fresh:
@@ -197,9 +202,8 @@ def _confirm(spec: AttentionSpec, target: BuildTarget, log: dict[str, Any], kern
     NOTE: on a shared machine one search timing can be off by 2x either way; timings taken side by
     side in rounds see the same load, so their ratio holds. Returns whether anything was re-timed.
     """
-    recs = [r for r in log["records"] if r["kernel"] == kernel and r.get("workload") == workload]
-    passing = tuning_log.within_guard(recs, log)
-    ok = sorted((r for r in passing if r["median_ms"] is not None and not r.get("error")), key=lambda r: r["median_ms"])
+    recs = _records(log["records"], kernel, workload)
+    ok = _fastest_first(recs, log)
     finalists = ok[:CONFIRM_TOP] + [r for r in ok[CONFIRM_TOP:] if r.get("default")]
     if not finalists or all(r.get("confirm_ms") is not None for r in finalists):
         return False
@@ -416,9 +420,9 @@ def emit_bundle(spec: AttentionSpec, target: str | BuildTarget, out: Path, kerne
 
     Args:
         refine_from: the device's tuning log. A kernel with records on its workload there gets, in
-            place of the sample, up to `trials` configs it has not measured, one knob away from its
-            fastest records (fastest first): the offline counterpart of `_refine`, one step per
-            round trip (bundle, measure there, ingest).
+            place of the sample, the default and configs the log lacks one knob away from its
+            fastest records (`_neighbourhood`, `trials` in all): the offline counterpart of
+            `_refine`, one step per round trip (bundle, measure there, ingest).
     """
     from . import cuda
 
@@ -470,10 +474,9 @@ def _neighbourhood(spec: AttentionSpec, target: BuildTarget, log: dict[str, Any]
     NOTE: the default comes along because the device that measures the bundle may not be the one
     whose log it refines (an H100 refining from the H200's): its log then still has the default to
     compare against. Where the log has it already, `ingest` keeps the first measurement."""
-    recs = _records({"records": tuning_log.current_records(log)}, kernel, workload)
+    recs = _records(tuning_log.current_records(log), kernel, workload)
     done = {candidate_key(kernel, r["config"], workload, target.kind) for r in recs}
-    ok = sorted((r for r in tuning_log.within_guard(recs, log) if r["median_ms"] is not None and not r.get("error")),
-                key=lambda r: r["median_ms"])
+    ok = _fastest_first(recs, log)
     if not ok:
         return []
     default = rule_for(kernel, target.kind).default(spec, target.info)
