@@ -184,15 +184,20 @@ def _refine(spec: AttentionSpec, target: BuildTarget, log: dict[str, Any], kerne
         done = {r.get("key") for r in recs}
         batch: list[Candidate] = []
         for rec in _fastest_first(recs, log):
-            fresh = [(c, k) for c in neighbours(spec, target, kernel, rec["config"])
-                     if (k := candidate_key(kernel, c, workload, target.kind)) not in done]
-            if fresh:
+            if fresh := _fresh_neighbours(spec, target, kernel, workload, rec["config"], done):
                 rng.shuffle(fresh)
                 batch = [Candidate(kernel, c, workload, k, c == default) for c, k in fresh[:max(1, min(jobs, left))]]
                 break
         if not batch:
             return
         _build_and_time(spec, target, batch, runner, jobs, record)
+
+
+def _fresh_neighbours(spec: AttentionSpec, target: BuildTarget, kernel: str, workload: dict, config: dict,
+                      done: set) -> list[tuple[dict, str]]:
+    """`config`'s neighbours whose candidate keys on `workload` are not in `done`, with those keys."""
+    return [(c, k) for c in neighbours(spec, target, kernel, config)
+            if (k := candidate_key(kernel, c, workload, target.kind)) not in done]
 
 
 def _confirm(spec: AttentionSpec, target: BuildTarget, log: dict[str, Any], kernel: str, workload: dict,
@@ -475,19 +480,16 @@ def _neighbourhood(spec: AttentionSpec, target: BuildTarget, log: dict[str, Any]
     whose log it refines (an H100 refining from the H200's): its log then still has the default to
     compare against. Where the log has it already, `ingest` keeps the first measurement."""
     recs = _records(tuning_log.current_records(log), kernel, workload)
-    done = {candidate_key(kernel, r["config"], workload, target.kind) for r in recs}
     ok = _fastest_first(recs, log)
     if not ok:
         return []
     default = rule_for(kernel, target.kind).default(spec, target.info)
     out = [default]
-    done.add(candidate_key(kernel, default, workload, target.kind))
+    done = {r.get("key") for r in recs} | {candidate_key(kernel, default, workload, target.kind)}
     for rec in ok:
-        for config in neighbours(spec, target, kernel, rec["config"]):
-            key = candidate_key(kernel, config, workload, target.kind)
-            if key not in done and len(out) < trials:
-                done.add(key)
-                out.append(config)
+        fresh = _fresh_neighbours(spec, target, kernel, workload, rec["config"], done)[:max(0, trials - len(out))]
+        done.update(key for _, key in fresh)
+        out += [config for config, _ in fresh]
     return out
 
 

@@ -425,8 +425,7 @@ def test_refinement_climbs_from_the_fastest_config_one_knob_at_a_time(synthetic,
     assert len(recs) == trials and sample == 70
     # The sample first, then each refined config one knob away from the fastest measured before it
     # (or, where all of that one's neighbours were measured, from the next fastest).
-    sampled = [c for c in tune.candidates(SPEC, target, "decode", sample)]
-    assert [r["config"] for r in recs[:sample]] == sampled
+    assert [r["config"] for r in recs[:sample]] == tune.candidates(SPEC, target, "decode", sample)
     for i in range(sample, trials):
         before = sorted(recs[:i], key=lambda r: r["median_ms"])
         measured = [r["config"] for r in recs[:i]]
@@ -454,10 +453,13 @@ def test_refinement_resumes_and_a_failed_or_guard_failing_config_is_never_climbe
     log = {"target_kind": "llvm", "device": {}, "spec": SPEC.to_dict(),
            "records": [{**recs[0], "median_ms": 0.1, "error": "boom"}]}
     grown = []
-    tune._refine(SPEC, target, log, "decode", WORKLOAD["decode"], 2, synthetic, 1,
-                 lambda cand, result: log["records"].append({"kernel": cand.kernel, "config": cand.config,
-                                                             "workload": cand.workload, "key": cand.key, **result})
-                 or grown.append(cand))
+
+    def record(cand, result):
+        log["records"].append({"kernel": cand.kernel, "config": cand.config, "workload": cand.workload,
+                               "key": cand.key, **result})
+        grown.append(cand)
+
+    tune._refine(SPEC, target, log, "decode", WORKLOAD["decode"], 2, synthetic, 1, record)
     assert grown == []
     # Nor is a config too slow on the guard step: the climb starts from the default.
     default = rule_for("decode", "llvm").default(SPEC, target.info)
@@ -467,10 +469,7 @@ def test_refinement_resumes_and_a_failed_or_guard_failing_config_is_never_climbe
                        "median_ms": 5.0, "guard_ms": 1.0, "error": None},
                       {"kernel": "decode", "config": far, "workload": workload, "key": "f", "default": False,
                        "median_ms": 1.0, "guard_ms": 5.0, "error": None}]
-    tune._refine(SPEC, target, log, "decode", workload, 3, synthetic, 1,
-                 lambda cand, result: log["records"].append({"kernel": cand.kernel, "config": cand.config,
-                                                             "workload": cand.workload, "key": cand.key, **result})
-                 or grown.append(cand))
+    tune._refine(SPEC, target, log, "decode", workload, 3, synthetic, 1, record)
     assert len(grown) == 1 and grown[0].config in tune.neighbours(SPEC, target, "decode", default)
 
 
