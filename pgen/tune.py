@@ -441,8 +441,8 @@ def emit_bundle(spec: AttentionSpec, target: str | BuildTarget, out: Path, kerne
         shutil.copy2(lib, out / "lib" / "tvm" / lib.name)
     kind = "cuda" if target.kind == "cuda" else "cpu"
     workloads = {k: (workloads or {}).get(k) or default_workload(k, kind, spec) for k in kernels}
-    todo = [(k, c) for k in kernels for c in (_neighbourhood(spec, target, log, k, workloads[k], trials) if log else None)
-            or candidates(spec, target, k, trials)]
+    refined = {k: _neighbourhood(spec, target, log, k, workloads[k], trials) if log else [] for k in kernels}
+    todo = [(k, c) for k in kernels for c in refined[k] or candidates(spec, target, k, trials)]
     bar = _Progress(len(todo), progress, measured=False)
     entries = []
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=_SPAWN) as pool:
