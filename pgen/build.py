@@ -175,7 +175,8 @@ def compile_functions(spec: AttentionSpec, target: BuildTarget, configs: dict[st
     sass: dict[str, list[dict[str, Any]]] = {}
     try:
         if target.kind == "llvm":
-            executable = tvm.compile(mod, target=tvm.target.Target(target.tvm_target()))
+            executable = tvm.compile(mod, target=tvm.target.Target(target.tvm_target()),
+                                     tir_pipeline=target.tir_pipeline)
         else:
             from . import cuda
 
@@ -223,7 +224,7 @@ def versions() -> dict[str, str]:
 def _cache_key(spec: AttentionSpec, target: BuildTarget, choices: dict[str, KernelChoice]) -> str:
     h = hashlib.sha256()
     h.update(spec.digest().encode())
-    h.update(json.dumps([target.name, target.mcpu, versions()]).encode())
+    h.update(json.dumps([target.name, target.mcpu, target.bounds_checks, versions()]).encode())
     h.update(json.dumps({n: c.config for n, c in choices.items()}, sort_keys=True).encode())
     for path in _SOURCES:
         h.update(path.read_bytes())

@@ -33,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--eos-token-id", type=int, default=None, help="default: the model's eos_token_id metadata")
     p.add_argument("--tokenizer", help="the model's HF tokenizer.json to ship in the package (default: byte-level)")
+    p.add_argument("--sliding-window", type=int, default=None,
+                   help="every layer's sliding window, 0 for none (default: what each layer's mask builds)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip comparing the compiled model's logits with onnxruntime's before writing it")
+    p.add_argument("--bounds-checks", action="store_true",
+                   help="check every buffer access at run time (raises instead of reading out of bounds; slower)")
     p.add_argument("-o", "--out", required=True, help="NAME.pgenpkg")
 
     p = sub.add_parser("tune", help="search the kernels' knobs on a device and write its tuning log")
@@ -119,8 +125,8 @@ def _compile_model(args) -> int:
     from .onnx import compile_model
 
     compile_model(args.model, args.out, target=args.target, block_size=args.block_size,
-                  eos_token_id=args.eos_token_id, tokenizer=args.tokenizer,
-                  progress=lambda line: print(line, flush=True))
+                  eos_token_id=args.eos_token_id, tokenizer=args.tokenizer, bounds_checks=args.bounds_checks,
+                  sliding_window=args.sliding_window, verify=not args.no_verify, progress=lambda line: print(line, flush=True))
     return 0
 
 

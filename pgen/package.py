@@ -24,7 +24,7 @@ from pgen_runtime.spec import KV_LAYOUT, NULL_BLOCK_ID, AttentionSpec
 
 from . import templates
 from .build import BuiltLibrary, build_library, versions
-from .target import BuildTarget, parse_targets
+from .target import BuildTarget, cpu_features, parse_targets
 
 _TEMPLATES = jinja2.Environment(
     loader=jinja2.FileSystemLoader(Path(templates.__file__).parent),
@@ -66,9 +66,11 @@ def package(spec: AttentionSpec, targets: str | Iterable[BuildTarget], out: str 
 
 
 def publish(out: Path, fill: Callable[[Path], dict], as_tar: bool = False,
-            progress: Callable[[str], None] = print) -> Path:
+            progress: Callable[[str], None] = print, check: Callable[[Path], None] | None = None) -> Path:
     """Write a package atomically: `fill(staging)` writes its files and returns the manifest; the
-    sha256 of every file is added, then the folder (or one .tar) replaces `out` in one rename.
+    sha256 of every file is added, `check(staging)` may still refuse it (by raising: nothing is
+    written, and a package already at `out` stays), then the folder (or one .tar) replaces `out`
+    in one rename.
 
     Raises:
         PackageError: `out`'s parent folder does not exist.
@@ -82,6 +84,8 @@ def publish(out: Path, fill: Callable[[Path], dict], as_tar: bool = False,
         manifest["files"] = hash_files(staging)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         progress(f"manifest: {len(manifest['files'])} files, targets {[t['name'] for t in manifest['targets']]}")
+        if check is not None:
+            check(staging)
         final = out.with_name(out.name + ".tar") if as_tar else out
         if as_tar:
             tmp_tar = staging.with_suffix(".tar.tmp")
@@ -124,6 +128,7 @@ def assemble(spec: AttentionSpec, built: list[BuiltLibrary], root: Path, name: s
             "archs": list(lib.target.archs),
             "mcpu": lib.target.mcpu,
             "machine": platform.machine(),
+            "cpu_features": cpu_features(lib.target.mcpu) if lib.target.kind == "llvm" else [],
             "library": f"{folder}/kernels.so",
             "ptx_arch": lib.target.archs[-1] if lib.target.kind == "cuda" else None,
             "kernels": {

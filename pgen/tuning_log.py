@@ -216,22 +216,24 @@ def best_configs(spec: AttentionSpec, target) -> tuple[dict[str, tuple[dict[str,
 
 
 def find_log(spec: AttentionSpec, target) -> Path | None:
-    """The log for this spec on this target: the host CPU's for llvm; for CUDA, a log of the newest arch."""
+    """The log for this spec on this target: for llvm the host CPU's, else its ISA class's
+    (`cpu-x86-avx2`); for CUDA, a log of the newest arch."""
     root = logs_root()
     if target.kind == "llvm":
-        from .target import host_target_id
+        from .target import host_target_ids
 
-        path = log_path(spec, host_target_id(), root)
-        return path if path.is_file() else None
+        return next((p for i in host_target_ids() if (p := log_path(spec, i, root)).is_file()), None)
     arch = target.archs[-1]
     found = sorted(root.glob(f"cuda-{arch}-*/{spec.uri}.json"))
     return found[0] if found else None
 
 
 def _info(kind: str):
-    from .schedules.base import TargetInfo
+    """The target a record's knobs are checked against: this host's CPU (its vector width decides
+    knobs such as qk_key_group), or a CUDA arch."""
+    from .target import BuildTarget, host_cpu_name
 
-    return TargetInfo(kind, vector_bits=512)
+    return (BuildTarget("llvm", mcpu=host_cpu_name()) if kind == "llvm" else BuildTarget("cuda", ("sm_90",))).info
 
 
 def compare(data: dict[str, Any]) -> dict[str, dict[str, Any]]:

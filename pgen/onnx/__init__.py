@@ -8,6 +8,7 @@ converter for that node; `compile` builds the model library and writes a package
 from __future__ import annotations
 
 from .compile import compile_model
-from .rewrite import Layer, Rewritten, rewrite
+from .attention import Layer
+from .rewrite import Rewritten, rewrite
 
 __all__ = ["Layer", "Rewritten", "compile_model", "rewrite"]

@@ -7,6 +7,7 @@ and a `model` section in the manifest that `pgen_runtime.LLM` reads.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -42,27 +43,37 @@ def compiler_version() -> str:
     return h.hexdigest()[:16]
 
 
-def model_spec(rewritten: Rewritten, block_size: int) -> AttentionSpec:
-    """The one AttentionSpec of every layer.
+def layer_specs(rewritten: Rewritten, block_size: int) -> list[AttentionSpec]:
+    """The AttentionSpec of every layer: one shape, scale and dtype, windows may differ (Gemma-2's
+    local and global layers).
 
     Raises:
-        ModelImportError: layers differ in heads, head_dim, scale or dtype, or the spec is invalid.
+        ModelImportError: layers differ in heads, head_dim, scale, soft-cap or dtype, or a spec is invalid.
     """
-    specs = set()
+    specs = []
     for layer in rewritten.layers:
         try:
-            specs.add(AttentionSpec(layer.num_q_heads, layer.num_kv_heads, layer.head_dim, block_size,
-                                    layer.dtype, scale=layer.scale, logit_softcap=layer.softcap))
+            specs.append(AttentionSpec(layer.num_q_heads, layer.num_kv_heads, layer.head_dim, block_size,
+                                       layer.dtype, scale=layer.scale, logit_softcap=layer.softcap,
+                                       sliding_window=layer.window))
         except Exception as err:
             raise ModelImportError(f"layer {layer.index} ({layer.core.op_type} {layer.out!r}): {err}") from err
-    if len(specs) != 1:
-        raise ModelImportError(f"layers need different attention specs {sorted(s.uri for s in specs)}; "
-                               "pgen builds one spec per model")
-    return specs.pop()
+    shapes = {dataclasses.replace(s, sliding_window=None) for s in specs}
+    if len(shapes) != 1:
+        raise ModelImportError(f"layers need different attention specs {sorted(s.uri for s in shapes)}; "
+                               "pgen builds one shape, scale and dtype per model")
+    return specs
+
+
+def model_spec(specs: list[AttentionSpec]) -> AttentionSpec:
+    """The spec of the package's kernel library: the layers' own where they agree, else without a
+    window (the pool layout, block copies and swaps do not depend on it)."""
+    return specs[0] if len(set(specs)) == 1 else dataclasses.replace(specs[0], sliding_window=None)
 
 
 def compile_model(model_path: str | Path, out: str | Path, target: str = "llvm", block_size: int = 16,
                   eos_token_id: int | None = None, name: str | None = None, tokenizer: str | Path | None = None,
+                  sliding_window: int | None = None, bounds_checks: bool = False, verify: bool = True,
                   progress=print) -> Path:
     """Compile an ONNX decoder export (past/present KV) into a package served by `pgen_runtime.LLM`.
 
@@ -75,27 +86,37 @@ def compile_model(model_path: str | Path, out: str | Path, target: str = "llvm",
         name: package name (default: the folder's name without suffix).
         tokenizer: a HF `tokenizers` JSON file to ship as the package's tokenizer.json; without it
             the runtime uses a byte-level tokenizer over the model's vocabulary.
+        sliding_window: every layer's window (0: none); default: what each layer's mask builds.
+        bounds_checks: build the model and its kernels with a check on every buffer access, which
+            raises (naming the buffer and index) instead of reading out of bounds; for tests.
+        verify: run the export with onnxruntime and the compiled model on a few prompts (a mixed
+            batch, prefill and decode) and refuse to write a package whose logits disagree.
         progress: called with one line of text per step.
 
     Returns:
         The package path.
 
     Raises:
-        ModelImportError: the graph cannot be rewritten to the paged cache (names the node).
+        ModelImportError: the graph cannot be rewritten to the paged cache (names the node), or
+            the compiled model disagrees with onnxruntime (names the prompt, step and layer).
         ConfigError: `tokenizer` is unreadable or has ids past the model's vocabulary.
         BuildError: compiling the model or the kernels failed. PackageError: cannot write `out`.
     """
     model_path, out = Path(model_path), Path(out)
     tokenizer = Path(tokenizer) if tokenizer is not None else None
     (build_target,) = parse_targets(target)
+    build_target = dataclasses.replace(build_target, bounds_checks=bounds_checks)
     if build_target.kind != "llvm":
         raise ModelImportError(f"target {target!r}: compile-model builds for llvm only so far")
     source = onnx.load(str(model_path))
-    rewritten = rewrite(source, block_size)
-    spec = model_spec(rewritten, block_size)
+    rewritten = rewrite(source, block_size, sliding_window)
+    specs = layer_specs(rewritten, block_size)
+    spec = model_spec(specs)
     if tokenizer is not None:
         check_tokenizer(tokenizer, rewritten.vocab_size)
-    progress(f"{model_path.name}: {len(rewritten.layers)} layers, spec {spec.uri}, vocab {rewritten.vocab_size}")
+    windows = sorted({str(s.sliding_window) for s in specs})
+    progress(f"{model_path.name}: {len(rewritten.layers)} layers, spec {spec.uri}, windows {', '.join(windows)}, "
+             f"vocab {rewritten.vocab_size}")
     configs = {n: c.config for n, c in choose_configs(spec, build_target).items()}
     executable = build_executable(import_model(rewritten.model, spec, build_target, configs), build_target)
     kernels = build_library(spec, build_target)
@@ -110,13 +131,18 @@ def compile_model(model_path: str | Path, out: str | Path, target: str = "llvm",
         library = str(Path(target_entry["library"]).with_name(MODEL_LIBRARY))
         executable.export_library(str(root / library))
         target_entry["model_library"] = library
-        manifest["model"] = _model_section(rewritten, spec, eos_token_id, model_path)
+        manifest["model"] = _model_section(rewritten, specs, eos_token_id, model_path)
         if tokenizer is not None:
             shutil.copyfile(tokenizer, root / TOKENIZER_FILE)
         manifest["model"]["tokenizer"] = TOKENIZER_FILE if tokenizer is not None else "byte-level"
         return manifest
 
-    return publish(out, fill, progress=progress)
+    def check(root: Path) -> None:
+        from .verify import verify as verify_package
+
+        verify_package(root, model_path, progress=progress)
+
+    return publish(out, fill, progress=progress, check=check if verify else None)
 
 
 def check_tokenizer(path: Path, vocab_size: int) -> None:
@@ -140,7 +166,8 @@ def check_tokenizer(path: Path, vocab_size: int) -> None:
                           "the tokenizer this model was trained with")
 
 
-def _model_section(rewritten: Rewritten, spec: AttentionSpec, eos_token_id: int | None, source: Path) -> dict:
+def _model_section(rewritten: Rewritten, specs: list[AttentionSpec], eos_token_id: int | None,
+                   source: Path) -> dict:
     graph = rewritten.model.graph
 
     def io(values):
@@ -153,10 +180,11 @@ def _model_section(rewritten: Rewritten, spec: AttentionSpec, eos_token_id: int 
         "outputs": io(graph.output),
         "logits": "logits[b] belongs to row logits_indices[b] of the flattened token batch",
         "num_layers": len(rewritten.layers),
-        "layers": [spec.to_dict() for _ in rewritten.layers],
+        "layers": [s.to_dict() for s in specs],
         "vocab_size": rewritten.vocab_size,
         "eos_token_id": eos_token_id,
         "has_positions": rewritten.has_positions,
+        "max_positions": rewritten.max_positions,
         "weights": "embedded as constants in model.so",
         "compiler": compiler_version(),
         "source": {"file": source.name, "sha256": hashlib.sha256(source.read_bytes()).hexdigest()},

@@ -10,14 +10,25 @@ from onnx import numpy_helper
 
 from pgen_runtime.errors import ModelImportError
 
-# Elementwise ops on constants that exporters use to compute a softmax scale.
+# Ops on constants that exporters use to compute a softmax scale, e.g. GPT-2's
+# 1 / sqrt(Cast(Gather(Shape(value), -1))): folded once the shapes they read are static.
 _CONST_OPS = {
-    "Identity": lambda a: a[0],
-    "Cast": lambda a: a[0],
-    "Sqrt": lambda a: np.sqrt(a[0]),
-    "Reciprocal": lambda a: 1.0 / a[0],
-    "Mul": lambda a: a[0] * a[1],
-    "Div": lambda a: a[0] / a[1],
+    "Identity": lambda g, n, a: a[0],
+    "Cast": lambda g, n, a: a[0].astype(onnx.helper.tensor_dtype_to_np_dtype(g.attr(n, "to"))),
+    "Sqrt": lambda g, n, a: np.sqrt(a[0]),
+    "Reciprocal": lambda g, n, a: 1.0 / a[0],
+    "Neg": lambda g, n, a: -a[0],
+    "Mul": lambda g, n, a: a[0] * a[1],
+    "Div": lambda g, n, a: a[0] / a[1] if a[0].dtype.kind == "f" else a[0] // a[1],
+    "Add": lambda g, n, a: a[0] + a[1],
+    "Sub": lambda g, n, a: a[0] - a[1],
+    "Pow": lambda g, n, a: np.power(a[0], a[1]),
+    "Gather": lambda g, n, a: np.take(a[0], a[1], axis=g.attr(n, "axis", 0)),
+    "Squeeze": lambda g, n, a: a[0].reshape([d for d in a[0].shape if d != 1]) if len(a) == 1 else
+    np.squeeze(a[0], tuple(int(x) for x in a[1].reshape(-1))),
+    "Unsqueeze": lambda g, n, a: np.expand_dims(a[0], tuple(int(x) for x in a[1].reshape(-1))),
+    "Slice": lambda g, n, a: a[0][slice(int(a[1][0]), int(a[2][0]))] if a[0].ndim == 1 and len(a) == 3 else None,
+    "Concat": lambda g, n, a: np.concatenate(a, axis=g.attr(n, "axis", 0)),
 }
 
 
@@ -67,11 +78,52 @@ class Graph:
             if attr.name in ("value_float", "value_int"):
                 return np.array(onnx.helper.get_attribute_value(attr))
             return None
+        if node.op_type == "Shape":
+            return self._static_shape(node)
+        if node.op_type == "Gather" and (dims := self._shape_of(node.input[0])) is not None:
+            index = self.const(node.input[1])  # one dim of a partly dynamic shape
+            if index is not None and index.size == 1 and -len(dims) <= int(index.reshape(())) < len(dims):
+                dim = dims[int(index.reshape(()))]
+                return np.array(dim, np.int64).reshape(index.shape) if isinstance(dim, int) else None
         if node.op_type in _CONST_OPS:
-            args = [self.const(i) for i in node.input]
+            args = [self.const(i) for i in node.input if i]
             if all(a is not None for a in args):
-                return np.asarray(_CONST_OPS[node.op_type](args), dtype=np.float64)
+                try:
+                    value = _CONST_OPS[node.op_type](self, node, [np.asarray(a) for a in args])
+                except (ValueError, IndexError, TypeError):
+                    return None
+                return None if value is None else np.asarray(value)
         return None
+
+    def _static_shape(self, node: onnx.NodeProto) -> np.ndarray | None:
+        dims = self._shape_of(node.output[0])
+        return np.array(dims, np.int64) if dims is not None and all(isinstance(d, int) for d in dims) else None
+
+    def _shape_of(self, name: str) -> list | None:
+        """The dims (int, or None where dynamic) that `name` holds when a Shape node computes it."""
+        node = self.producer.get(name)
+        if node is None or node.op_type != "Shape":
+            return None
+        shape = self.shape(node.input[0])
+        if shape is None:
+            return None
+        dims = shape[self.attr(node, "start", 0):self.attr(node, "end", len(shape))]
+        return [d if isinstance(d, int) else None for d in dims]
+
+    def vector(self, name: str) -> list[int | None] | None:
+        """A 1-D int64 value elementwise, None where an element is computed at run time (a shape
+        that exporters build as Concat of constants and Unsqueezed dims)."""
+        value = self.const(name)
+        if value is not None:
+            return [int(v) for v in value.reshape(-1)] if value.ndim <= 1 else None
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Concat":
+            parts = [self.vector(i) for i in node.input]
+            return None if any(p is None for p in parts) else [v for p in parts for v in p]
+        if node is not None and node.op_type == "Unsqueeze" and len(self.shape(node.input[0]) or [None]) == 0:
+            return [None]
+        shape = self.shape(name)
+        return [None] * shape[0] if shape and len(shape) == 1 and isinstance(shape[0], int) else None
 
     def scalar(self, name: str) -> float | None:
         value = self.const(name)

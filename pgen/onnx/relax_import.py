@@ -10,6 +10,7 @@ packaged kernel library, so model and kernels agree on the pool.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -35,15 +36,18 @@ class _Kernels:
     configs: dict[str, dict]
     added: dict[str, relax.GlobalVar] = field(default_factory=dict)
 
-    def global_var(self, bb: relax.BlockBuilder, name: str) -> relax.GlobalVar:
-        if name not in self.added:
-            func = rule_for(name, self.target.kind).apply(self.spec, self.target.info, self.configs[name])
+    def global_var(self, bb: relax.BlockBuilder, name: str, spec: AttentionSpec) -> relax.GlobalVar:
+        """The kernel `name` for a layer of `spec` (the model's shape, the layer's window), built
+        with the model's configs: every layer launches with the one split factor of the step."""
+        key = f"pgen_{name}" + (f"_win{spec.sliding_window}" if spec.sliding_window != self.spec.sliding_window else "")
+        if key not in self.added:
+            func = rule_for(name, self.target.kind).apply(spec, self.target.info, self.configs[name])
             if func is None:
-                raise BuildError(f"the {name} rule does not apply to {self.spec.uri} on {self.target.name}")
+                raise BuildError(f"the {name} rule does not apply to {spec.uri} on {self.target.name}")
             if name == "extend":
                 func = _bind_launch_args(func, self.configs[name].get("q_tile", 1))
-            self.added[name] = bb.add_func(func.without_attr("global_symbol"), f"pgen_{name}")
-        return self.added[name]
+            self.added[key] = bb.add_func(func.without_attr("global_symbol"), key)
+        return self.added[key]
 
 
 _active: list[_Kernels] = []
@@ -65,13 +69,15 @@ class PagedAttention(onnx_frontend.OnnxOpConverter):
             raise ModelImportError(f"layer {attr.get('layer')} has heads/head_dim "
                                    f"{attr['num_q_heads']}/{attr['num_kv_heads']}/{attr['head_dim']} but the model's "
                                    f"spec is {spec.uri}; pgen builds one spec per model")
+        window = attr.get("sliding_window")
+        layer_spec = dataclasses.replace(spec, sliding_window=int(window) if window else None)
         q, k, v, pool, tables, slots, indptr, lens, splits = inputs
         q, k, v = (bb.emit(relax.op.permute_dims(relax.op.squeeze(x, [0]), [1, 0, 2])) for x in (q, k, v))
-        pool = bb.emit(relax.call_tir_inplace(kernels.global_var(bb, "cache_write"), [k, v, pool, slots],
+        pool = bb.emit(relax.call_tir_inplace(kernels.global_var(bb, "cache_write", spec), [k, v, pool, slots],
                                               [2], pool.ty))
         tokens = q.ty.shape[0]
         num_splits = relax.prim_value(tvm.tirx.Cast("int32", splits.ty.shape[0]))
-        out = bb.emit(relax.call_tir(kernels.global_var(bb, "extend"), [q, pool, tables, indptr, lens, num_splits],
+        out = bb.emit(relax.call_tir(kernels.global_var(bb, "extend", layer_spec), [q, pool, tables, indptr, lens, num_splits],
                                      relax.TensorType([tokens, spec.num_q_heads, spec.head_dim], spec.dtype)))
         return relax.op.expand_dims(relax.op.permute_dims(out, [1, 0, 2]), [0])
 
@@ -125,7 +131,8 @@ def build_executable(mod: tvm.IRModule, target: BuildTarget):
     """tvm.compile for the target with pgen's model pipeline; returns the Relax executable."""
     tvm_target = tvm.target.Target(target.tvm_target())
     try:
-        return tvm.compile(mod, target=tvm_target, relax_pipeline=model_pipeline(target))
+        return tvm.compile(mod, target=tvm_target, relax_pipeline=model_pipeline(target),
+                           tir_pipeline=target.tir_pipeline)
     except Exception as err:
         raise BuildError(f"compiling the model for {target.name} failed: {err}") from err
 
@@ -150,7 +157,73 @@ def model_pipeline(target: BuildTarget) -> tvm.transform.Pass:
                     mod[gvar] = scheduled
         return mod
 
+    @tvm.transform.module_pass(opt_level=0, name="pgen.ElementAlignedParams")
+    def element_aligned(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        for gvar, func in list(mod.functions.items()):
+            if isinstance(func, tvm.tirx.PrimFunc):
+                mod[gvar] = element_aligned_params(func)
+        return mod
+
     # Sampling and sort/scan ops dispatch to their library kernels before "zero" legalizes them.
-    return tvm.transform.Sequential([backend.DispatchSampling(), backend.DispatchSortScan(),
-                                     relax.get_pipeline("zero"), schedule_dense, relax.get_pipeline("default")],
-                                    name="pgen.model_pipeline")
+    return tvm.transform.Sequential([checked_take(), backend.DispatchSampling(), backend.DispatchSortScan(),
+                                     relax.get_pipeline("zero"), schedule_dense, relax.get_pipeline("default"),
+                                     element_aligned], name="pgen.model_pipeline")
+
+
+def checked_take() -> tvm.transform.Pass:
+    """Every `take` (ONNX Gather) clamps its indices instead of trusting them.
+
+    NOTE: TVM's ONNX frontend maps Gather to `take(mode="fast")`, which reads out of bounds for an
+    index past the table: a token id past the vocabulary, or a position past the rotary table
+    (a sequence longer than the export's max positions). The frontend already maps negative
+    indices; "clip" makes any other index safe by construction, at one min/max per gathered row.
+    The runtime refuses such inputs with a typed error before they reach the model.
+    """
+    take = tvm.ir.Op.get("relax.take")
+
+    @relax.expr_functor.mutator
+    class _Checked(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if call.op.same_as(take) and call.attrs.mode == "fast":
+                return relax.op.take(call.args[0], call.args[1], call.attrs.axis, mode="clip")
+            return call
+
+    @tvm.transform.module_pass(opt_level=0, name="pgen.CheckedTake")
+    def checked(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        for gvar, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                mod[gvar] = _Checked().visit_expr(func)
+        return mod
+
+    return checked
+
+
+def element_aligned_params(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+    """`func` with every buffer parameter assumed aligned to one element, not to 64 bytes.
+
+    NOTE: TVM declares the buffers of the functions it legalizes 64-byte aligned, and LLVM then
+    emits aligned vector loads and stores (vmovaps/vmovdqa), which fault on a tensor that is only
+    element-aligned: a numpy array of a few tokens (16-byte aligned) passed as input_ids crashed
+    the model at its first batched step on AVX2 hosts. The VM passes its inputs through without
+    checking alignment, so the compiled model must accept what any DLPack tensor guarantees, as
+    pgen's kernels do (`schedules.base.elem_bytes`). Unaligned vector loads of aligned data cost
+    nothing on the x86 cores pgen targets.
+    """
+    import tvm_ffi
+    from tvm.tirx.buffer import BufferType
+
+    swaps = []
+    for p in func.params:
+        elem = max(1, p.dtype.bits * p.dtype.lanes // 8) if isinstance(p.ty, BufferType) else 0
+        if elem and p.data_alignment > elem:
+            swaps.append((p, tvm.tirx.decl_buffer(p.shape, p.dtype, p.name, data=p.data, strides=p.strides,
+                                                  elem_offset=p.elem_offset, scope=p.scope(),
+                                                  data_alignment=elem, offset_factor=p.offset_factor)))
+    if not swaps:
+        return func
+
+    def swap(buffer: tvm.tirx.Buffer) -> tvm.tirx.Buffer:
+        return next((new for old, new in swaps if buffer.same_as(old)), buffer)
+
+    return tvm_ffi.structural_map(func, [(tvm.tirx.Buffer, lambda v: swap(v) if isinstance(v.ty, BufferType) else v)])

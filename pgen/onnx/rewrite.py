@@ -1,13 +1,10 @@
 """Rewrite a past/present KV decoder export so that every layer's attention reads the paged cache.
 
-Per layer it finds the attention core and the past-KV `Concat` it reads, and replaces both with one
-`pgen.PagedAttention` node (see `PAGED_INPUTS`). The past / present / attention-mask plumbing dies
-with them and is removed. Supported cores:
-
-- decomposed: `MatMul(q*s, K'*s) [*s] + mask -> Softmax -> MatMul(., V')` (torch dynamo opset 18,
-  the TorchScript exporter), where K', V' reach the past `Concat` through Reshape, Transpose,
-  Expand, Unsqueeze (GQA repeat) and scalar Mul/Div;
-- the ONNX `Attention` op (opset 23), reading the concatenated K/V or taking past_key/past_value.
+Per layer it finds the attention core and the past-KV `Concat` it reads (`pgen.onnx.attention`,
+whose patterns name the export forms it accepts), and replaces both with one `pgen.PagedAttention`
+node (see `PAGED_INPUTS`). The past / present / attention-mask plumbing dies with them and is
+removed (dead-code elimination from the logits back), so no mask or position arithmetic of the
+export runs on the flattened batch, whose shapes it was not written for.
 
 The rewritten graph runs a flattened ragged batch of T tokens (B sequences):
 
@@ -20,39 +17,17 @@ The rewritten graph runs a flattened ragged batch of T tokens (B sequences):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import onnx
 from onnx import TensorProto, helper
 
+from .attention import DTYPES, Layer, find_layers
 from .graph import Graph, fail
 
 DOMAIN = "pgen"
 OP = "PagedAttention"
 PAGED_INPUTS = ("block_tables", "slot_mapping", "q_indptr", "seq_lens", "kv_splits")
-# Ops between a past Concat and the attention core that only move or repeat data (GQA repeat_kv).
-_MOVES = {"Reshape", "Transpose", "Expand", "Unsqueeze", "Squeeze", "Identity"}
-_CONTRIB = {"GroupQueryAttention", "MultiHeadAttention", "Attention", "PackedMultiHeadAttention"}
-_DTYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
-
-
-@dataclass(frozen=True, slots=True)
-class Layer:
-    """One attention layer as found in the export."""
-
-    index: int
-    q: str
-    k: str
-    v: str
-    out: str
-    core: onnx.NodeProto  # the node whose output `out` becomes the paged node's output
-    num_q_heads: int
-    num_kv_heads: int
-    head_dim: int
-    scale: float
-    softcap: float | None
-    dtype: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,161 +36,20 @@ class Rewritten:
     layers: list[Layer]
     vocab_size: int
     has_positions: bool
+    max_positions: int | None  # rows of the tables that position_ids index (rotary or learned)
 
 
-def find_layers(g: Graph) -> list[Layer]:
-    """Every attention core that reads a past-KV Concat, in graph order.
-
-    Raises:
-        ModelImportError: a Softmax/Attention core does not read a past cache in a supported way,
-            or the graph has no such core at all.
-    """
-    layers: list[Layer] = []
-    for node in g.graph.node:
-        if node.domain == "com.microsoft" and node.op_type in _CONTRIB:
-            raise fail(node, f"com.microsoft {node.op_type} is not supported yet; export without ORT's fusions "
-                             "(torch.onnx dynamo at opset 18 or 23, or the TorchScript exporter)")
-        if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
-            layers.append(_attention_op(g, node, len(layers)))
-        elif node.op_type == "Softmax":
-            layers.append(_decomposed(g, node, len(layers)))
-    if not layers:
-        raise fail(None, "no attention core (Softmax between two MatMuls, or an Attention op) reads a "
-                         "past_key_values input; export the decoder with past/present KV (use_cache=True)")
-    return layers
-
-
-def _attention_op(g: Graph, node: onnx.NodeProto, index: int) -> Layer:
-    if len(node.input) > 4 and node.input[4]:
-        raise fail(node, "Attention with past_key/past_value inputs is not supported yet; export with the "
-                         "past Concat outside the op (torch.onnx dynamo does)")
-    q = node.input[0]
-    if len(g.shape(q) or []) != 4:
-        raise fail(node, f"query {q!r} must be 4-D [batch, heads, seq, head_dim]; 3-D packed heads are not supported")
-    k, past_k = _past_concat(g, node.input[1], node)
-    v, _ = _past_concat(g, node.input[2], node)
-    d = _dim(g, past_k, 3, node)
-    cap = g.attr(node, "softcap", 0.0)
-    return _layer(g, index, node, q, k, v, node.output[0], past_k, d,
-                  scale=g.attr(node, "scale", 1.0 / math.sqrt(d)), softcap=cap or None)
-
-
-def _decomposed(g: Graph, softmax: onnx.NodeProto, index: int) -> Layer:
-    axis = g.attr(softmax, "axis", -1)
-    if axis not in (-1, 3):
-        raise fail(softmax, f"Softmax over axis {axis}; attention normalizes over the last (key) axis")
-    scale, name = 1.0, softmax.input[0]
-    while True:  # back from the Softmax: mask Adds and scalar scales, up to the QK MatMul
-        node = g.producer.get(name)
-        if node is None:
-            raise fail(softmax, "Softmax input does not come from a Q.K^T MatMul")
-        if node.op_type == "MatMul":
-            break
-        if node.op_type == "Add":
-            name = next((i for i in node.input if _leads_to_matmul(g, i)), None)
-            if name is None:
-                raise fail(node, "neither operand of the mask Add comes from the Q.K^T MatMul")
-            continue
-        factor, name = _scalar_step(g, node)
-        if factor is None:
-            raise fail(node, "unsupported op between the Q.K^T MatMul and the Softmax (expected a mask Add "
-                             "or a scalar Mul/Div)")
-        scale *= factor
-    qk = node
-    q_scale, q = _strip_scales(g, qk.input[0])
-    k, past_k = _past_concat(g, qk.input[1], qk)
-    consumers = g.consumers[softmax.output[0]]
-    if len(consumers) != 1 or consumers[0].op_type != "MatMul" or consumers[0].input[0] != softmax.output[0]:
-        raise fail(softmax, "the attention weights must feed exactly one MatMul with V")
-    pv = consumers[0]
-    v, _ = _past_concat(g, pv.input[1], pv)
-    k_scale = _strip_scales(g, qk.input[1], through_moves=True)[0]
-    d = _dim(g, past_k, 3, qk)
-    return _layer(g, index, pv, q, k, v, pv.output[0], past_k, d, scale=scale * q_scale * k_scale, softcap=None)
-
-
-def _layer(g: Graph, index, core, q, k, v, out, past_k, d, scale, softcap) -> Layer:
-    hq, hkv = _dim(g, q, 1, core), _dim(g, past_k, 1, core)
-    dtype = _DTYPES.get(g.elem_type(q))
-    if dtype is None:
-        raise fail(core, f"query {q!r} has ONNX element type {g.elem_type(q)}; use float32, float16 or bfloat16")
-    if hq % hkv:
-        raise fail(core, f"{hq} query heads are not a multiple of {hkv} KV heads")
-    return Layer(index, q, k, v, out, core, hq, hkv, d, float(scale), softcap, dtype)
-
-
-def _leads_to_matmul(g: Graph, name: str) -> bool:
-    while True:
-        node = g.producer.get(name)
-        if node is None:
-            return False
-        if node.op_type == "MatMul":
-            return True
-        factor, name = _scalar_step(g, node)
-        if factor is None:
-            return False
-
-
-def _scalar_step(g: Graph, node: onnx.NodeProto) -> tuple[float | None, str]:
-    """(factor, other input) when `node` multiplies or divides by a scalar constant, else (None, '')."""
-    if node.op_type not in ("Mul", "Div") or len(node.input) != 2:
-        return None, ""
-    a, b = node.input
-    if (s := g.scalar(b)) is not None:
-        return (s if node.op_type == "Mul" else 1.0 / s), a
-    if node.op_type == "Mul" and (s := g.scalar(a)) is not None:
-        return s, b
-    return None, ""
-
-
-def _strip_scales(g: Graph, name: str, through_moves: bool = False) -> tuple[float, str]:
-    scale = 1.0
-    while (node := g.producer.get(name)) is not None:
-        if through_moves and node.op_type in _MOVES:
-            name = node.input[0]
-            continue
-        factor, other = _scalar_step(g, node)
-        if factor is None:
-            break
-        scale, name = scale * factor, other
-    return scale, name
-
-
-def _past_concat(g: Graph, name: str, core: onnx.NodeProto) -> tuple[str, str]:
-    """(new K or V tensor, past input) of the Concat that `name` reaches through data movement."""
-    start = name
-    while (node := g.producer.get(name)) is not None and node.op_type != "Concat":
-        factor, other = _scalar_step(g, node)
-        if node.op_type in _MOVES:
-            name = node.input[0]
-        elif factor is not None:
-            name = other
-        else:
-            break
-    if node is None or node.op_type != "Concat" or len(node.input) != 2 or node.input[0] not in g.inputs:
-        raise fail(core, f"its K/V operand {start!r} does not come from Concat(past_key_values input, new K/V)")
-    if g.attr(node, "axis") not in (2, -2):
-        raise fail(node, f"the past Concat joins axis {g.attr(node, 'axis')}; expected the sequence axis 2 "
-                         "of [batch, kv_heads, seq, head_dim]")
-    return node.input[1], node.input[0]
-
-
-def _dim(g: Graph, name: str, axis: int, core: onnx.NodeProto) -> int:
-    shape = g.shape(name)
-    if not shape or len(shape) != 4 or not isinstance(shape[axis], int) or shape[axis] <= 0:
-        raise fail(core, f"cannot infer dim {axis} of {name!r} (shape {shape}); export with static head counts "
-                         "and head_dim")
-    return shape[axis]
-
-
-def rewrite(model: onnx.ModelProto, block_size: int) -> Rewritten:
+def rewrite(model: onnx.ModelProto, block_size: int, sliding_window: int | None = None) -> Rewritten:
     """Return a copy of `model` with every layer's attention on the paged cache (see module doc).
+
+    Args:
+        sliding_window: every layer's window (0: none); default: what each layer's mask builds.
 
     Raises:
         ModelImportError: the graph does not have the supported shape; the message names the node.
     """
     g = Graph(model)
-    layers = find_layers(g)
+    layers = find_layers(g, sliding_window)
     if "input_ids" not in g.inputs:
         raise fail(None, f"the graph has no 'input_ids' input (it has {sorted(g.inputs)})")
     has_positions = "position_ids" in g.inputs
@@ -261,7 +95,29 @@ def rewrite(model: onnx.ModelProto, block_size: int) -> Rewritten:
     opsets = [o for o in model.opset_import if o.domain != DOMAIN] + [helper.make_opsetid(DOMAIN, 1)]
     out = helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version)
     out.metadata_props.extend(model.metadata_props)
-    return Rewritten(out, layers, vocab, has_positions)
+    return Rewritten(out, layers, vocab, has_positions, _max_positions(g) if has_positions else None)
+
+
+def _max_positions(g: Graph) -> int | None:
+    """The fewest rows of a constant table that position_ids gather from (None: none does).
+
+    A position past it has no rotary angle or learned embedding: the runtime caps a sequence's
+    length there, rather than let the model read past the table.
+    """
+    rows, stack, seen = [], ["position_ids"], set()
+    while stack:
+        name = stack.pop()
+        for node in g.consumers.get(name, []):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type == "Gather" and node.input[1] == name and g.attr(node, "axis", 0) == 0:
+                table = g.shape(node.input[0]) or []
+                if table and isinstance(table[0], int):
+                    rows.append(table[0])
+            elif node.op_type in ("Unsqueeze", "Squeeze", "Reshape", "Cast", "Identity", "Flatten"):
+                stack.append(node.output[0])
+    return min(rows) if rows else None
 
 
 def _paged_node(layer: Layer) -> onnx.NodeProto:
@@ -269,6 +125,8 @@ def _paged_node(layer: Layer) -> onnx.NodeProto:
                  scale=layer.scale, layer=layer.index)
     if layer.softcap:
         attrs["softcap"] = layer.softcap
+    if layer.window:
+        attrs["sliding_window"] = layer.window
     return helper.make_node(OP, [layer.q, layer.k, layer.v, f"kv_pool_{layer.index}", *PAGED_INPUTS],
                             [layer.out], name=f"paged_attention_{layer.index}", domain=DOMAIN, **attrs)
 
@@ -356,6 +214,6 @@ def _input(name: str, elem: int, dims: list) -> onnx.ValueInfoProto:
 
 
 def _pool_input(layer: Layer, block_size: int) -> onnx.ValueInfoProto:
-    elem = {v: k for k, v in _DTYPES.items()}[layer.dtype]
+    elem = {v: k for k, v in DTYPES.items()}[layer.dtype]
     return helper.make_tensor_value_info(f"kv_pool_{layer.index}", elem,
                                          ["num_blocks", 2, layer.num_kv_heads, block_size, layer.head_dim])

@@ -143,6 +143,12 @@ class BlockAllocator:
             self.block_pool.touch(block)
         self._seqs[child_id] = parent.child(child_id)
 
+    def forget_cached(self, seq_id: Hashable) -> None:
+        """Drop the prefix-cache entries of a sequence's blocks, whose KV a failed step may have
+        left unwritten: no later prompt may find them (the blocks stay in its table)."""
+        for block in self._get(seq_id, "forget_cached").blocks:
+            self.block_pool.forget(block)
+
     def free(self, seq_id: Hashable) -> None:
         """Release a finished sequence's device blocks; its id cannot be used again.
 

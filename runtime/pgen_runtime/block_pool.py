@@ -157,6 +157,11 @@ class BlockPool:
             block.block_hash = block_hash
             self.cached[block_hash] = block
 
+    def forget(self, block: Block) -> None:
+        """Forget the prefix `block` holds, if it is the cached one (its contents are suspect)."""
+        if block.block_hash is not None and self.cached.get(block.block_hash) is block:
+            self._evict_hash(block)
+
     def reset_prefix_cache(self) -> int:
         """Forget every cached hash of a free block (e.g. after new weights); returns how many."""
         evicted = [b for b in self._free if b.block_hash is not None]

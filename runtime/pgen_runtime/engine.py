@@ -50,7 +50,8 @@ class Engine:
         max_num_seqs: sequences per step.
         preemption_mode: "swap" or "recompute" to force one; None lets the policy choose.
         enable_prefix_caching: reuse the KV of equal prompt prefixes across sequences.
-        max_model_len: prompt + max_tokens limit; default: what one sequence can hold in the pool.
+        max_model_len: prompt + max_tokens limit; default: what one sequence can hold in the pool,
+            at most the model's positions (its rotary or position-embedding table).
         tokenizer: default: the package's tokenizer.json, else byte-level.
     """
 
@@ -67,9 +68,12 @@ class Engine:
         self.scheduler = Scheduler(self.manager, max_num_batched_tokens, max_num_seqs, preemption_mode)
         self.tokenizer = tokenizer or load_tokenizer(self.model.root, self.model.vocab_size)
         capacity = (self.manager.block_pool.num_usable - self.manager.watermark_blocks) * self.manager.block_size
-        if max_model_len is not None and not 1 <= max_model_len <= capacity:
-            raise ConfigError(f"max_model_len={max_model_len} must be in [1, {capacity}] (what one sequence can "
-                              "hold in the KV pool); raise num_blocks for longer sequences")
+        positions = self.model.info.get("max_positions") or capacity
+        if max_model_len is not None and not 1 <= max_model_len <= min(capacity, positions):
+            raise ConfigError(f"max_model_len={max_model_len} must be in [1, {min(capacity, positions)}]: one "
+                              f"sequence holds {capacity} tokens in the KV pool (raise num_blocks for more) and the "
+                              f"model has {positions} positions")
+        capacity = min(capacity, positions)
         self.max_model_len = max_model_len or capacity
         self.requests: dict[str, _Request] = {}
         self.stats = EngineStats()
@@ -132,17 +136,28 @@ class Engine:
         self.scheduler.add(self._start_seq(req, 0, list(ids)))
         return output
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request and free its blocks; unknown or finished ids are ignored."""
+    def abort(self, request_id: str, error: str | None = None) -> None:
+        """Stop a request and free its blocks; unknown or finished ids are ignored.
+
+        Args:
+            error: why it failed; its completions then end with finish_reason "error" and no
+                later prompt reuses its blocks from the prefix cache.
+        """
         req = self.requests.pop(request_id, None)
         if req is None:
             return
         for seq in req.seqs:
+            if error is not None:
+                self.manager.forget_cached(seq.seq_id)
             self.scheduler.finish(seq)
         for out in req.output.outputs:
-            out.finish_reason = out.finish_reason or "abort"
-        req.output.finished = True
-        self.stats.requests_aborted += 1
+            out.finish_reason = out.finish_reason or ("abort" if error is None else "error")
+        req.output.finished, req.output.error = True, error
+        req.output.finished_time = time.monotonic()
+        if error is None:
+            self.stats.requests_aborted += 1
+        else:
+            self.stats.requests_failed += 1
 
     def step(self) -> list[RequestOutput]:
         """Run one batch; returns the outputs of the requests that got tokens (or finished).
@@ -156,7 +171,10 @@ class Engine:
                 raise OutOfBlocksError("no sequence could be scheduled; raise num_blocks or lower n/beam_width")
             return []
         start = time.perf_counter()
-        logits = self.model.forward(self.scheduler.inputs(batch))
+        try:
+            logits = self.model.forward(self.scheduler.inputs(batch))
+        except Exception as err:  # noqa: BLE001 - TVM raises RuntimeError/ValueError/... alike
+            return self._fail(batch, err)
         touched: dict[str, _Request] = {}
         greedy = logits.argmax(axis=1).tolist()  # one call for the batch: most rows decode greedily
         for (seq, first, count), row, best in zip(batch, logits, greedy):
@@ -176,6 +194,18 @@ class Engine:
             if not req.seqs and not req.ready:
                 self._finish(req)
         return [req.output for req in touched.values()]
+
+    def _fail(self, batch, err: Exception) -> list[RequestOutput]:
+        """A model step raised: fail the requests it ran (their KV may be half written), keep the rest.
+
+        NOTE: a fault the model can detect (a bounds check, a TVM error, a refused input) raises
+        here; a hard crash cannot be caught, which is why compiled code must be safe by construction.
+        """
+        failed = {seq.group.output.request_id: seq.group for seq, _, _ in batch}
+        message = f"the model step failed: {type(err).__name__}: {err}"
+        for request_id in failed:
+            self.abort(request_id, error=message)
+        return [req.output for req in failed.values()]
 
     # ---- sampling --------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ class CompletionOutput:
     index: int
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None  # "stop" (EOS, stop id or string), "length" or "abort"
+    finish_reason: str | None = None  # "stop" (EOS, stop id or string), "length", "abort" or "error"
     cumulative_logprob: float | None = None  # beam search
     logits: list[np.ndarray] = field(default_factory=list)
 
@@ -42,6 +42,7 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finished_time: float | None = None
+    error: str | None = None  # why the request failed (finish_reason "error"): a model step raised
 
     @property
     def token_ids(self) -> list[int]:
@@ -75,6 +76,7 @@ class EngineStats:
     tokens_generated: int = 0
     requests_finished: int = 0
     requests_aborted: int = 0
+    requests_failed: int = 0  # a model step they were in raised
     peak_blocks_used: int = 0
     peak_blocks_shared: int = 0  # blocks in more than one block table at once
     peak_table_entries: int = 0  # block-table entries at that moment (blocks without sharing)

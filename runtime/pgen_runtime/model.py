@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .errors import PackageError, ShapeError
-from .kernels import PagedKernels, extend_splits
+from .kernels import PagedKernels
 from .package import load_package, pick_target, read_manifest
 from .spec import AttentionSpec
 from .tensors import parse_device, to_numpy
@@ -92,11 +92,13 @@ class PagedModel:
         return self.info["eos_token_id"]
 
     def forward(self, step: StepInputs) -> np.ndarray:
-        """Write the step's K/V into the pools and return float32 logits [B, vocab] of each last token."""
-        tokens = len(step.input_ids)
-        if tokens == 0 or step.q_indptr[-1] != tokens or len(step.slot_mapping) != tokens:
-            raise ShapeError(f"a step needs T >= 1 tokens with q_indptr[-1] == len(slot_mapping) == T; got "
-                             f"T={tokens}, q_indptr[-1]={int(step.q_indptr[-1])}, {len(step.slot_mapping)} slots")
+        """Write the step's K/V into the pools and return float32 logits [B, vocab] of each last token.
+
+        Raises:
+            ShapeError: the step is inconsistent, or names a token id, position, block or slot
+                outside the model or the pools (checked before anything runs).
+        """
+        plan = self.check(step)
         args = [step.input_ids.astype(np.int64)]
         if self._has_positions:
             args.append(step.positions.astype(np.int64))
@@ -104,7 +106,31 @@ class PagedModel:
         args += [step.block_tables, step.slot_mapping, step.q_indptr, step.seq_lens, step.logits_indices]
         if self._has_splits:
             # The step's split-KV factor is the length of this input (a shape the kernel launch reads).
-            n = extend_splits(self.spec, self.kernels.configs["extend"], np.diff(step.q_indptr), step.seq_lens,
-                              "cpu", self.kernels.parallelism)
-            args.append(self._splits.setdefault(n, np.zeros(n, np.int32)))
+            args.append(self._splits.setdefault(plan.num_splits, np.zeros(plan.num_splits, np.int32)))
         return to_numpy(self._main(*[np.ascontiguousarray(a) for a in args]))
+
+    def check(self, step: StepInputs):
+        """The step's extend plan, after checking every index the model will follow.
+
+        Raises:
+            ShapeError: names the input, the value and the fix.
+        """
+        tokens = len(step.input_ids)
+        if tokens == 0 or step.q_indptr[-1] != tokens or len(step.slot_mapping) != tokens or \
+                (self._has_positions and len(step.positions) != tokens):
+            raise ShapeError(f"a step needs T >= 1 tokens with q_indptr[-1] == len(slot_mapping) == "
+                             f"len(positions) == T; got T={tokens}, q_indptr[-1]={int(step.q_indptr[-1])}, "
+                             f"{len(step.slot_mapping)} slots, {len(step.positions)} positions")
+        _check_range("input_ids", step.input_ids, self.vocab_size, "token ids index the vocabulary")
+        if self._has_positions:
+            _check_range("positions", step.positions, self.info.get("max_positions") or np.iinfo(np.int64).max,
+                         "the model's position table ends there; shorten the sequence")
+        _check_range("slot_mapping", step.slot_mapping, len(self.pools[0]) * self.spec.block_size,
+                     "slots are block * block_size + offset in the pool", low=-1)
+        return self.kernels.plan_extend(step.block_tables, step.q_indptr, step.seq_lens, len(self.pools[0]))
+
+
+def _check_range(name: str, values: np.ndarray, end: int, why: str, low: int = 0) -> None:
+    bad = (values < low) | (values >= end)
+    if np.any(bad):
+        raise ShapeError(f"{name} holds {int(values[bad][0])}, outside [{low}, {end}): {why}")

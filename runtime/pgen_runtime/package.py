@@ -124,7 +124,8 @@ def pick_target(manifest: dict[str, Any], root: Path, cuda: bool) -> dict[str, A
         return candidates[0]
     problems = []
     for target in candidates:
-        missing = missing_cpu_features(target.get("mcpu", ""), target.get("machine", ""))
+        missing = missing_cpu_features(target.get("mcpu", ""), target.get("machine", ""),
+                                       target.get("cpu_features"))
         if not missing:
             return target
         problems.append(f"{target['name']} ({target.get('mcpu')}) needs {', '.join(missing)}")

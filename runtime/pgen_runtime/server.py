@@ -118,6 +118,10 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         return await response.run(first, outputs)
 
 
+class _StepFailed(Exception):
+    """A model step failed this request (the engine goes on serving the others)."""
+
+
 class _Response:
     """Formats engine outputs as an OpenAI completion, or as a stream of chunks."""
 
@@ -132,6 +136,8 @@ class _Response:
             last = first
             async for last in rest:
                 pass
+            if last.error is not None:
+                return _error(last.error, 500)
             return web.json_response(self._full(last))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(self.request)
@@ -139,7 +145,7 @@ class _Response:
             await self._send(response, first)
             async for output in rest:
                 await self._send(response, output)
-        except EngineDeadError as err:
+        except (EngineDeadError, _StepFailed) as err:
             await response.write(f"data: {json.dumps({'error': {'message': str(err)}})}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
@@ -160,6 +166,8 @@ class _Response:
                 "usage": {"prompt_tokens": prompt, "completion_tokens": used, "total_tokens": prompt + used}}
 
     async def _send(self, response: web.StreamResponse, output: RequestOutput) -> None:
+        if output.error is not None:
+            raise _StepFailed(output.error)
         for o in output.outputs:
             start = self.sent.get(o.index)
             delta = o.text[start or 0:]
@@ -215,6 +223,7 @@ def prometheus_text(engine: AsyncEngine) -> str:
         ("pgen_generation_tokens_total", "counter", "Generated tokens.", stats.tokens_generated),
         ("pgen_requests_finished_total", "counter", "Requests completed.", stats.requests_finished),
         ("pgen_requests_aborted_total", "counter", "Requests aborted (client gone, shutdown).", stats.requests_aborted),
+        ("pgen_requests_failed_total", "counter", "Requests failed by a model step that raised.", stats.requests_failed),
     ]
     return "".join(f"# HELP {n} {h}\n# TYPE {n} {t}\n{n} {float(v):.6g}\n" for n, t, h, v in rows)
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine_reference import beam_search, brute_force_best
-from models.ort_reference import ort_generate
+from pgen.onnx.verify import ort_generate
 from pgen.tiny import EOS_TOKEN_ID
 from pgen_runtime import (ByteTokenizer, ConfigError, Engine, HFTokenizer, LLM, SamplingParams, ShapeError,
                           load_tokenizer)
@@ -27,7 +27,7 @@ def test_greedy_matches_onnxruntime(tiny):
     ids = [llm.tokenizer.encode(p) for p in PROMPTS]
     outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=24))
     for out, prompt in zip(outputs, ids):
-        tokens, _ = ort_generate(onnx_path, prompt, 24, EOS_TOKEN_ID)
+        tokens = ort_generate(onnx_path, prompt, 24, EOS_TOKEN_ID).tokens
         assert out.token_ids == tokens
         assert out.text == llm.tokenizer.decode(tokens)
         assert out.finish_reason == ("stop" if tokens[-1] == EOS_TOKEN_ID else "length")

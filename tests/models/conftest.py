@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from builders import EOS_TOKEN_ID, export  # noqa: E402
-from ort_reference import ort_generate  # noqa: E402
+from pgen.onnx.verify import ort_generate  # noqa: E402
 
 MAX_TOKENS = 32
 
@@ -37,7 +37,7 @@ def _built(family: str, variant: str, root: str) -> tuple[Path, Path]:
 
 @functools.cache
 def _reference(onnx_path: Path) -> list[tuple[list[int], list[np.ndarray]]]:
-    return [ort_generate(onnx_path, p, MAX_TOKENS, EOS_TOKEN_ID) for p in prompts()]
+    return [(r.tokens, r.logits) for r in (ort_generate(onnx_path, p, MAX_TOKENS, EOS_TOKEN_ID) for p in prompts())]
 
 
 @pytest.fixture(scope="session")

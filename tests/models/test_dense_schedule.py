@@ -106,13 +106,13 @@ def test_model_pipeline_schedules_every_dense_layer(tmp_path):
     import onnx
 
     from pgen.build import choose_configs
-    from pgen.onnx.compile import model_spec
+    from pgen.onnx.compile import layer_specs, model_spec
     from pgen.onnx.relax_import import import_model
     from pgen.onnx.rewrite import rewrite
     from pgen.tiny import TinyConfig, export
 
     rewritten = rewrite(onnx.load(str(export(tmp_path / "tiny.onnx", TinyConfig()))), 16)
-    spec = model_spec(rewritten, 16)
+    spec = model_spec(layer_specs(rewritten, 16))
     configs = {n: c.config for n, c in choose_configs(spec, TARGET).items()}
     module = import_model(rewritten.model, spec, TARGET, configs)
     with tvm.target.Target(TARGET.tvm_target()):

@@ -202,12 +202,27 @@ def test_cpu_only_package_refuses_a_cuda_device(pkg, loads):
     assert loads == []
 
 
-def test_cpu_target_needing_isa_flags_this_host_lacks_is_refused(copy, loads, monkeypatch):
-    monkeypatch.setitem(runtime_target.REQUIRED_BY_MCPU, "futurecpu", ("avx9000", "fma"))
-    _edit_manifest(copy, lambda m: m["targets"][0].update(mcpu="futurecpu"))
+def test_cpu_target_needing_isa_flags_this_host_lacks_is_refused(copy, loads):
+    _edit_manifest(copy, lambda m: m["targets"][0].update(mcpu="futurecpu", cpu_features=["avx9000", "fma"]))
     with pytest.raises(PackageError, match=r"llvm \(futurecpu\) needs avx9000.*Rebuild the package on a host"):
         load_package(copy)
     assert loads == []
+
+
+def test_a_manifest_without_cpu_features_is_checked_by_its_cpu_name(copy, loads, monkeypatch):
+    monkeypatch.setitem(runtime_target.REQUIRED_BY_MCPU, "futurecpu", ("avx9000", "fma"))
+    _edit_manifest(copy, lambda m: [m["targets"][0].update(mcpu="futurecpu"), m["targets"][0].pop("cpu_features")])
+    with pytest.raises(PackageError, match=r"llvm \(futurecpu\) needs avx9000"):
+        load_package(copy)
+    assert loads == []
+
+
+def test_a_build_for_this_host_needs_only_what_it_has():
+    """A VM may mask extensions its CPU model implies (a Zen 4 guest without AVX-512): the build
+    then targets the x86-64 level the host has, and its manifest lists only flags the host has."""
+    from pgen.target import cpu_features, host_cpu_name
+
+    assert set(cpu_features(host_cpu_name())) <= runtime_target.host_cpu_features()
 
 
 def test_unknown_device_is_a_package_error(pkg, loads):

@@ -223,3 +223,49 @@ def test_a_client_that_leaves_mid_stream_is_aborted(server):
 
     text = run(main())
     assert "pgen_requests_aborted_total 0\n" not in text and "pgen_requests_running 0\n" in text, text
+
+
+def test_a_failing_model_step_fails_its_requests_with_500_and_the_server_goes_on(package):
+    """A step that raises (here: a model that refuses a poisoned token) fails the requests it ran,
+    drops their blocks from the prefix cache, and the engine serves the next requests."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from pgen_runtime import Engine
+    from pgen_runtime.async_engine import AsyncEngine
+    from pgen_runtime.server import make_app
+
+    engine = Engine(package, num_blocks=65)
+    poison = engine.tokenizer.encode("~")[0]
+    forward = engine.model.forward
+
+    def faulty(step):
+        if poison in step.input_ids:
+            raise RuntimeError("injected fault")
+        return forward(step)
+
+    engine.model.forward = faulty
+    expected = LLM(package).generate(["Hello"], SamplingParams(max_tokens=8))[0].text
+
+    async def main():
+        async with TestClient(TestServer(make_app(AsyncEngine(engine), "tiny"))) as client:
+            prompt = "a shared opening of two blocks, then the poison: ~"
+            r = await client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 8})
+            failed = (r.status, await r.json())
+            stream = []
+            async with client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 8, "stream": True}) as r:
+                async for line in r.content:
+                    if line.startswith(b"data: "):
+                        stream.append(line[6:].decode().strip())
+            r = await client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 8, "temperature": 0})
+            ok = (r.status, await r.json())
+            health = (await client.get("/health")).status
+            metrics = await (await client.get("/metrics")).text()
+            return failed, stream, ok, health, metrics
+
+    (status, body), stream, (ok_status, ok_body), health, metrics = run(main())
+    assert status == 500 and "injected fault" in body["error"]["message"], body
+    assert "injected fault" in json.loads(stream[-2])["error"]["message"] and stream[-1] == "[DONE]", stream
+    assert ok_status == 200 and ok_body["choices"][0]["text"] == expected
+    assert health == 200 and "pgen_requests_failed_total 2\n" in metrics
+    assert engine.manager.metrics().blocks_used == 0
+    assert not engine.manager.block_pool.cached, "a failed step's blocks must not serve later prompts"
