@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", help="MODEL.onnx")
     p.add_argument("--target", default="llvm")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_argument("--eos-token-id", type=int, default=None, help="default: the model's eos_token_id metadata")
+    p.add_argument("--eos-token-id", type=int, default=None,
+                   help="default: the export's eos_token_id metadata, else generation_config.json or config.json "
+                        "beside it")
     p.add_argument("--tokenizer", help="the model's HF tokenizer.json to ship in the package (default: byte-level)")
     p.add_argument("--sliding-window", type=int, default=None,
                    help="every layer's sliding window, 0 for none (default: what each layer's mask builds)")

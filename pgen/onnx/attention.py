@@ -157,14 +157,25 @@ def _walk(g: Graph, name: str, steps: tuple[Pattern, ...], stop: Callable[[onnx.
 
 
 def _reaches_qk(g: Graph, name: str) -> bool:
-    """Whether `name` comes from a Q·Kᵀ MatMul through score steps (not a mask's own arithmetic)."""
+    """Whether `name` comes from a Q·Kᵀ MatMul through score steps (not a mask's own arithmetic).
+
+    Memoized per graph: masks on masks (GPT-2's causal Where, then the padding Add) nest the search.
+    """
+    memo = g.__dict__.setdefault("_reaches_qk", {})
+    if name not in memo:
+        memo[name] = False  # a cycle cannot reach it
+        memo[name] = _search_qk(g, name)
+    return memo[name]
+
+
+def _search_qk(g: Graph, name: str) -> bool:
     for _ in range(16):
         node = g.producer.get(name)
         if node is None:
             return False
         if node.op_type == "MatMul":
             return past_concat(g, node.input[1]) is not None
-        step = next((s for s in (p(g, node) for p in (_cast, _scalar_scale, _softcap_tanh)) if s is not None), None)
+        step = next((s for s in (p(g, node) for p in SCORE_STEPS) if s is not None), None)
         if step is None:
             return False
         name = step.source
@@ -224,7 +235,7 @@ def window(g: Graph, masks: tuple[str, ...], limit: int = 4000) -> set[int]:
             continue
         seen.add(name)
         node = g.producer.get(name)
-        if node is None:
+        if node is None or node.op_type == "Shape":  # a shape carries no positions of the data it measures
             continue
         if node.op_type in ("Sub", "Add") and _compared(g, node.output[0]):
             for i in (0, 1):

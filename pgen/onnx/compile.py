@@ -82,7 +82,7 @@ def compile_model(model_path: str | Path, out: str | Path, target: str = "llvm",
         out: the package folder to write, NAME.pgenpkg (its parent must exist).
         target: one target (`llvm`).
         block_size: tokens per KV block.
-        eos_token_id: stop token; defaults to the model's `eos_token_id` metadata, else none.
+        eos_token_id: stop token; defaults to the export's (`export_eos_token_id`), else none.
         name: package name (default: the folder's name without suffix).
         tokenizer: a HF `tokenizers` JSON file to ship as the package's tokenizer.json; without it
             the runtime uses a byte-level tokenizer over the model's vocabulary.
@@ -121,9 +121,8 @@ def compile_model(model_path: str | Path, out: str | Path, target: str = "llvm",
     executable = build_executable(import_model(rewritten.model, spec, build_target, configs), build_target)
     kernels = build_library(spec, build_target)
     progress(kernels.summary())
-    meta = {p.key: p.value for p in source.metadata_props}
-    if eos_token_id is None and "eos_token_id" in meta:
-        eos_token_id = int(meta["eos_token_id"])
+    if eos_token_id is None:
+        eos_token_id = export_eos_token_id(source, model_path)
 
     def fill(root: Path) -> dict:
         manifest = assemble(spec, [kernels], root, name or out.name.split(".")[0])
@@ -143,6 +142,26 @@ def compile_model(model_path: str | Path, out: str | Path, target: str = "llvm",
         verify_package(root, model_path, progress=progress)
 
     return publish(out, fill, progress=progress, check=check if verify else None)
+
+
+def export_eos_token_id(source: onnx.ModelProto, model_path: Path) -> int | None:
+    """The stop token an export declares: its `eos_token_id` metadata, else the
+    generation_config.json or config.json that optimum writes beside model.onnx (the first id
+    where it lists several)."""
+    meta = {p.key: p.value for p in source.metadata_props}
+    if "eos_token_id" in meta:
+        return int(meta["eos_token_id"])
+    for name in ("generation_config.json", "config.json"):
+        path = model_path.with_name(name)
+        try:
+            value = json.loads(path.read_text()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, list) and value:
+            value = value[0]
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def check_tokenizer(path: Path, vocab_size: int) -> None:

@@ -29,7 +29,17 @@ _CONST_OPS = {
     "Unsqueeze": lambda g, n, a: np.expand_dims(a[0], tuple(int(x) for x in a[1].reshape(-1))),
     "Slice": lambda g, n, a: a[0][slice(int(a[1][0]), int(a[2][0]))] if a[0].ndim == 1 and len(a) == 3 else None,
     "Concat": lambda g, n, a: np.concatenate(a, axis=g.attr(n, "axis", 0)),
+    "ConstantOfShape": lambda g, n, a: _constant_of_shape(g, n, a[0]),
 }
+
+
+def _constant_of_shape(g, node, shape: np.ndarray) -> np.ndarray | None:
+    """ConstantOfShape of a small static shape (GPT-2 builds its scale as full([], sqrt(D)))."""
+    if shape.size and np.prod(shape) > 64:
+        return None
+    value = g.attr(node, "value")
+    fill = numpy_helper.to_array(value).reshape(-1)[0] if value is not None else np.float32(0)
+    return np.full([int(d) for d in shape.reshape(-1)], fill)
 
 
 class Graph:
@@ -85,6 +95,15 @@ class Graph:
             if index is not None and index.size == 1 and -len(dims) <= int(index.reshape(())) < len(dims):
                 dim = dims[int(index.reshape(()))]
                 return np.array(dim, np.int64).reshape(index.shape) if isinstance(dim, int) else None
+        if node.op_type == "Slice" and (dims := self._shape_of(node.input[0])) is not None:
+            bounds = [self.const(i) for i in node.input[1:3]]  # static dims of a partly dynamic shape
+            axes = self.const(node.input[3]) if len(node.input) > 3 and node.input[3] else np.zeros(1)
+            steps = self.const(node.input[4]) if len(node.input) > 4 and node.input[4] else np.ones(1)
+            if all(b is not None and b.size == 1 for b in bounds) and axes is not None and axes.size == 1 \
+                    and int(axes.reshape(-1)[0]) == 0 and steps is not None and steps.size == 1:
+                bounds.append(steps)
+                part = dims[slice(*(int(b.reshape(-1)[0]) for b in bounds))]
+                return np.array(part, np.int64) if all(isinstance(d, int) for d in part) else None
         if node.op_type in _CONST_OPS:
             args = [self.const(i) for i in node.input if i]
             if all(a is not None for a in args):

@@ -96,11 +96,24 @@ def _bind_launch_args(func: tvm.tirx.PrimFunc, q_tile: int) -> tvm.tirx.PrimFunc
     return tvm.tirx.PrimFunc([*inputs, num_splits, out], func.body, func.ret_type, func.attrs)
 
 
+class _Gather(onnx_frontend.Gather):
+    """TVM's Gather, also on a shape computed at run time (`Shape` of a value whose dims Relax does
+    not know): TVM 0.27 converts only literal shapes to a tensor first and fails on the others."""
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        data = inputs[0]
+        if not isinstance(data, relax.ShapeExpr) and isinstance(getattr(data, "ty", None), relax.ShapeType):
+            inputs = [bb.normalize(relax.op.shape_to_tensor(data)), *inputs[1:]]
+        return super()._impl_v13(bb, inputs, attr, params)
+
+
 @contextlib.contextmanager
 def _converter(kernels: _Kernels) -> Iterator[None]:
-    """Make TVM's ONNX frontend convert PagedAttention nodes with `kernels` (the frontend ignores domains)."""
+    """Make TVM's ONNX frontend convert PagedAttention nodes with `kernels` (the frontend ignores
+    domains), and Gather with `_Gather`."""
     original = onnx_frontend._get_convert_map
-    onnx_frontend._get_convert_map = lambda: {**original(), OP: PagedAttention}
+    onnx_frontend._get_convert_map = lambda: {**original(), OP: PagedAttention, "Gather": _Gather}
     _active.append(kernels)
     try:
         yield

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from .attention import DTYPES, Layer, find_layers
 from .graph import Graph, fail
@@ -52,7 +52,6 @@ def rewrite(model: onnx.ModelProto, block_size: int, sliding_window: int | None 
     layers = find_layers(g, sliding_window)
     if "input_ids" not in g.inputs:
         raise fail(None, f"the graph has no 'input_ids' input (it has {sorted(g.inputs)})")
-    has_positions = "position_ids" in g.inputs
     logits = "logits" if "logits" in g.outputs else g.outputs[0]
     vocab = (g.shape(logits) or [None])[-1]
     if not isinstance(vocab, int):
@@ -69,7 +68,10 @@ def rewrite(model: onnx.ModelProto, block_size: int, sliding_window: int | None 
     nodes += _gather_logits(g, renames[logits], logits)
 
     dead_inputs = set(g.inputs) - {"input_ids", "position_ids"}
-    nodes = [_past_shape(g, n) if n.op_type == "Shape" and n.input[0] in dead_inputs else n for n in nodes]
+    nodes = [_past_shape(g, n) if n.op_type == "Shape" and n.input[0] in dead_inputs else _folded(g, n)
+             for n in nodes]
+    ranges = [n.output[0] for n in nodes if _is_cache_position(g, n, dead_inputs)]
+    nodes = [_positions(g, n) if n.output[0] in ranges else n for n in nodes]
     live = _live(nodes, {"logits"})
     nodes = [n for n in nodes if id(n) in live]
     for node in nodes:
@@ -79,8 +81,9 @@ def rewrite(model: onnx.ModelProto, block_size: int, sliding_window: int | None 
                              "KV feeds only the attention (pass position_ids as an input, not from the past length)")
 
     used = {i for n in nodes for i in n.input}
+    has_positions = "position_ids" in used or "position_ids.batched" in used
     inputs = [_input(n, TensorProto.INT64, ["num_tokens"]) for n in ("input_ids", "position_ids")
-              if n in g.inputs and n in used]
+              if n == "input_ids" or has_positions]
     inputs += [_pool_input(layer, block_size) for layer in layers]
     inputs += [_input("block_tables", TensorProto.INT32, ["num_seqs", "max_blocks"]),
                _input("slot_mapping", TensorProto.INT32, ["num_tokens"]),
@@ -95,16 +98,18 @@ def rewrite(model: onnx.ModelProto, block_size: int, sliding_window: int | None 
     opsets = [o for o in model.opset_import if o.domain != DOMAIN] + [helper.make_opsetid(DOMAIN, 1)]
     out = helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version)
     out.metadata_props.extend(model.metadata_props)
-    return Rewritten(out, layers, vocab, has_positions, _max_positions(g) if has_positions else None)
+    starts = ["position_ids", *ranges]
+    return Rewritten(out, layers, vocab, has_positions, _max_positions(g, starts) if has_positions else None)
 
 
-def _max_positions(g: Graph) -> int | None:
-    """The fewest rows of a constant table that position_ids gather from (None: none does).
+def _max_positions(g: Graph, starts: list[str]) -> int | None:
+    """The fewest rows of a constant table that the positions (`starts`: position_ids and what
+    `_positions` replaced) gather from (None: none does).
 
     A position past it has no rotary angle or learned embedding: the runtime caps a sequence's
     length there, rather than let the model read past the table.
     """
-    rows, stack, seen = [], ["position_ids"], set()
+    rows, stack, seen = [], list(starts), set()
     while stack:
         name = stack.pop()
         for node in g.consumers.get(name, []):
@@ -153,6 +158,48 @@ def _past_shape(g: Graph, node: onnx.NodeProto) -> onnx.NodeProto:
         value = helper.make_tensor(node.output[0], TensorProto.INT64, [len(dims)], [shape[d] for d in dims])
         return helper.make_node("Constant", [], node.output, name=node.name, value=value)
     return node  # reads the past length: reported as a live use of a removed input
+
+
+def _folded(g: Graph, node: onnx.NodeProto) -> onnx.NodeProto:
+    """A node whose (small) value follows from constants and static dims, as a Constant.
+
+    TorchScript exports compute shapes at run time from static dims (`chunk`'s split point as
+    Shape(x)[-1] / 2, `expand`'s [B, -1, 1] and its own Shape): folded, Relax sees literal shapes
+    and keeps every dim it can know (TVM's frontend cannot reshape by a computed shape tensor).
+    """
+    if node.op_type == "Constant" or len(node.output) != 1:
+        return node
+    value = g.const(node.output[0])
+    if value is None or value.size > 64 or value.dtype.kind not in "iub":
+        return node
+    return helper.make_node("Constant", [], node.output, name=node.name,
+                            value=numpy_helper.from_array(value, node.output[0]))
+
+
+def _is_cache_position(g: Graph, node: onnx.NodeProto, past: set[str]) -> bool:
+    """Range(past_len, past_len + new, 1) with past_len read from a past input's sequence dim: the
+    positions of the new tokens (transformers' `cache_position`), in exports without position_ids."""
+    if node.op_type != "Range" or g.scalar(node.input[2]) != 1:
+        return False
+    name = node.input[0]
+    for _ in range(8):
+        producer = g.producer.get(name)
+        if producer is None:
+            return False
+        if producer.op_type == "Gather" and g.scalar(producer.input[1]) in (2, -2):
+            shape = g.producer.get(producer.input[0])
+            return shape is not None and shape.op_type == "Shape" and shape.input[0] in past and \
+                g.attr(shape, "start", 0) == 0 and len(g.shape(shape.input[0]) or []) == 4
+        if producer.op_type not in ("Cast", "Identity", "Squeeze", "Unsqueeze", "Reshape"):
+            return False
+        name = producer.input[0]
+    return False
+
+
+def _positions(g: Graph, node: onnx.NodeProto) -> onnx.NodeProto:
+    """The cache-position Range as the paged step's position_ids [T] (each token's own position)."""
+    elem = g.elem_type(node.output[0]) or TensorProto.INT64
+    return helper.make_node("Cast", ["position_ids"], node.output, name=node.name, to=elem)
 
 
 def _renamed(node: onnx.NodeProto, renames: dict[str, str]) -> onnx.NodeProto:
