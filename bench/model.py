@@ -1,0 +1,148 @@
+"""Model benchmark: a compiled pgen package against onnxruntime running the same ONNX file.
+
+Per model: the ONNX decoder (`pgen.tiny`'s LLaMA-style graph, deterministic random weights) is
+compiled by `compile_model`; onnxruntime runs the original file with its own past/present KV loop.
+Both generate `--tokens` greedy tokens after a `--prompt`-token prompt, for batches of B equal-length
+prompts (onnxruntime's best case: one padded batch with no padding). Rounds interleave the two
+systems; the table reports medians.
+
+- decode ms/token: (time of prompt + N tokens - time of prompt + 1 token) / (N - 1), batch 1;
+- tokens/s at batch B: B * N / time of prompt + N tokens.
+
+Models: `tiny` (pgen run's default, 0.3M parameters) and `qwen0.5b` (Qwen2.5-0.5B's shape: hidden
+896, 24 layers, 14 query / 2 KV heads of 64, FFN 4864; vocabulary cut to `--qwen-vocab`, default
+32768, since fp32 weights are embedded in model.so).
+
+    python bench/model.py [--models tiny,qwen0.5b] [--batches 1,8,32] [--prompt 32] [--tokens 32]
+                          [--repeats 3]
+
+Prints a table and writes bench/results/model.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pgen.run import default_package, models_root
+from pgen.tiny import TinyConfig, export
+from pgen_runtime import LLM, SamplingParams
+
+RESULTS = Path(__file__).parent / "results" / "model.json"
+
+
+def configs(qwen_vocab: int) -> dict[str, TinyConfig]:
+    return {"tiny": TinyConfig(),
+            "qwen0.5b": TinyConfig(vocab=qwen_vocab, hidden=896, layers=24, q_heads=14, kv_heads=2, head_dim=64,
+                                   ffn=4864)}
+
+
+def ort_session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # Spinning intra-op threads would keep the cores busy after each run and slow the interleaved pgen runs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_generate(session, prompts: np.ndarray, tokens: int) -> float:
+    """Seconds for onnxruntime to prefill `prompts` [B, P] and decode greedily to `tokens` tokens."""
+    names = {i.name for i in session.get_inputs()}
+    past = [i for i in session.get_inputs() if i.name.startswith("past_key_values")]
+    batch, length = prompts.shape
+    feed = {p.name: np.zeros((batch, p.shape[1], 0, p.shape[3]), np.float32) for p in past}
+    ids = prompts
+    start = time.perf_counter()
+    for step in range(tokens):
+        total = length + step
+        feed["input_ids"] = ids
+        if "attention_mask" in names:
+            feed["attention_mask"] = np.ones((batch, total), np.int64)
+        if "position_ids" in names:
+            feed["position_ids"] = np.broadcast_to(np.arange(total - ids.shape[1], total), ids.shape).copy()
+        out = session.run(None, feed)
+        feed.update({p.name: present for p, present in zip(past, out[1:])})
+        ids = out[0][:, -1].argmax(-1)[:, None].astype(np.int64)
+    return time.perf_counter() - start
+
+
+def pgen_generate(llm: LLM, prompts: np.ndarray, tokens: int) -> float:
+    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+    start = time.perf_counter()
+    outputs = llm.generate([[int(t) for t in row] for row in prompts], params)
+    seconds = time.perf_counter() - start
+    assert all(len(o.token_ids) == tokens for o in outputs)
+    return seconds
+
+
+def bench(name: str, config: TinyConfig, batches: list[int], prompt: int, tokens: int, repeats: int) -> list[dict]:
+    package = default_package(config, progress=lambda line: print(f"  {line}"))
+    onnx_path = models_root() / f"{config.name}.onnx"
+    if not onnx_path.is_file():
+        export(onnx_path, config)
+    session = ort_session(onnx_path)
+    llm = LLM(package, max_num_seqs=max(batches), max_num_batched_tokens=max(batches) * prompt)
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in batches:
+        prompts = rng.integers(3, config.vocab, (batch, prompt)).astype(np.int64)
+        lengths = [tokens, 1] if batch == 1 else [tokens]
+        times = {(system, n): [] for system in ("ort", "pgen") for n in lengths}
+        for _ in range(repeats):  # interleaved: the host's memory bandwidth drifts
+            for n in lengths:
+                times["ort", n].append(ort_generate(session, prompts, n))
+                times["pgen", n].append(pgen_generate(llm, prompts, n))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        row = {"model": name, "batch": batch, "prompt": prompt, "tokens": tokens,
+               "ort_tok_s": batch * tokens / med["ort", tokens], "pgen_tok_s": batch * tokens / med["pgen", tokens]}
+        if batch == 1:
+            for system in ("ort", "pgen"):
+                row[f"{system}_ms_per_token"] = 1e3 * (med[system, tokens] - med[system, 1]) / (tokens - 1)
+        row["speedup"] = row["pgen_tok_s"] / row["ort_tok_s"]
+        rows.append(row)
+        print(f"  batch {batch}: {row}")
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | batch | ORT ms/token | pgen ms/token | ORT tok/s | pgen tok/s | pgen / ORT |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ms = (f"{r['ort_ms_per_token']:.2f} | {r['pgen_ms_per_token']:.2f}" if "ort_ms_per_token" in r else " | ")
+        lines.append(f"| {r['model']} | {r['batch']} | {ms} | {r['ort_tok_s']:.0f} | {r['pgen_tok_s']:.0f} | "
+                     f"{r['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="tiny,qwen0.5b")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--qwen-vocab", type=int, default=32768)
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = []
+    for name in args.models.split(","):
+        print(f"{name}:")
+        rows += bench(name, configs(args.qwen_vocab)[name], batches, args.prompt, args.tokens, args.repeats)
+    print(table(rows))
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps({"host": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                                   "rows": rows}, indent=1) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
