@@ -161,7 +161,7 @@ def _reaches_qk(g: Graph, name: str) -> bool:
 
     Memoized per graph: masks on masks (GPT-2's causal Where, then the padding Add) nest the search.
     """
-    memo = g.__dict__.setdefault("_reaches_qk", {})
+    memo = g.memo.setdefault("reaches_qk", {})
     if name not in memo:
         memo[name] = False  # a cycle cannot reach it
         memo[name] = _search_qk(g, name)

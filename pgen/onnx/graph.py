@@ -62,6 +62,9 @@ class Graph:
         self.inputs = {i.name: i for i in self.graph.input if i.name not in self.initializers}
         self.outputs = [o.name for o in self.graph.output]
         self._types = {v.name: v.type for v in [*self.graph.value_info, *self.graph.input, *self.graph.output]}
+        self._consts: dict[str, np.ndarray | None] = {}
+        # Memo tables of searches over this read-only graph (e.g. attention's `_reaches_qk`).
+        self.memo: dict[str, dict] = {}
 
     def shape(self, name: str) -> list[int | str | None] | None:
         """Dims of a value (int, symbolic name, or None when unknown); None when the rank is unknown."""
@@ -75,9 +78,21 @@ class Graph:
         return t.tensor_type.elem_type if t is not None else None
 
     def const(self, name: str) -> np.ndarray | None:
-        """The value of a constant (initializer, Constant node, or small arithmetic on them), else None."""
-        if name in self.initializers:
+        """The value of a constant (initializer, Constant node, or small arithmetic on them), else None.
+
+        Memoized: the rewrite asks it of every node, and arithmetic chains (the residual stream's
+        Adds) would otherwise be walked again from each node on them.
+        """
+        if name in self.initializers:  # not memoized: weights would be held twice
             return numpy_helper.to_array(self.initializers[name])
+        if name in self._consts:
+            return self._consts[name]
+        value = self._const(name)
+        if value is None or value.size <= 4096:  # shapes, scales, masks' small tables; not weights
+            self._consts[name] = value
+        return value
+
+    def _const(self, name: str) -> np.ndarray | None:
         node = self.producer.get(name)
         if node is None:
             return None
@@ -105,8 +120,12 @@ class Graph:
                 part = dims[slice(*(int(b.reshape(-1)[0]) for b in bounds))]
                 return np.array(part, np.int64) if all(isinstance(d, int) for d in part) else None
         if node.op_type in _CONST_OPS:
-            args = [self.const(i) for i in node.input if i]
-            if all(a is not None for a in args):
+            args = []
+            for i in filter(None, node.input):
+                if (arg := self.const(i)) is None:
+                    break
+                args.append(arg)
+            else:
                 try:
                     value = _CONST_OPS[node.op_type](self, node, [np.asarray(a) for a in args])
                 except (ValueError, IndexError, TypeError):

@@ -81,7 +81,7 @@ def rewrite(model: onnx.ModelProto, block_size: int, sliding_window: int | None 
                              "KV feeds only the attention (pass position_ids as an input, not from the past length)")
 
     used = {i for n in nodes for i in n.input}
-    has_positions = "position_ids" in used or "position_ids.batched" in used
+    has_positions = "position_ids" in used  # the export's own, or the cache positions' replacement
     inputs = [_input(n, TensorProto.INT64, ["num_tokens"]) for n in ("input_ids", "position_ids")
               if n == "input_ids" or has_positions]
     inputs += [_pool_input(layer, block_size) for layer in layers]
