@@ -21,17 +21,18 @@ from typing import Any
 import tvm
 
 import pgen
+from pgen_runtime import kernel_table
 from pgen_runtime.errors import BuildError
+from pgen_runtime.kernel_table import KERNEL_NAMES
 from pgen_runtime.kernels import PagedKernels
 from pgen_runtime.spec import AttentionSpec
 
 from . import lower, schedules, tuning_log
-from .schedules import rule_for
 from .target import BuildTarget, parse_targets
 
 LIBRARY = "kernels.so"
 # The generator code: a change to any of it changes the cache key (cuda.py holds the nvcc flags).
-_SOURCES = [Path(lower.__file__), Path(lower.__file__).with_name("cuda.py"),
+_SOURCES = [Path(lower.__file__), Path(lower.__file__).with_name("cuda.py"), Path(kernel_table.__file__),
             *sorted(Path(schedules.__file__).parent.glob("*.py"))]
 
 
@@ -77,24 +78,44 @@ class BuiltLibrary:
 
 def choose_configs(spec: AttentionSpec, target: BuildTarget,
                    overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, KernelChoice]:
-    """Per kernel: an explicit override, else the best tuning record for this target, else the default."""
+    """Per kernel: an explicit override, else the best tuning record for this target, else the
+    default variant's default config.
+
+    An override sets knobs of the default variant, or of the variant it names ("rule").
+    """
     overrides = overrides or {}
     tuned, stale = tuning_log.best_configs(spec, target)
+    info = target.info
     choices = {}
-    for name in lower.KERNELS:
-        rule = rule_for(name, target.kind)
-        info = target.info
+    for name in KERNEL_NAMES:
         if name in overrides:
-            config, source = {**rule.default(spec, info), **overrides[name]}, "override"
+            config, source = _overridden(name, spec, target, overrides[name]), "override"
         elif name in tuned:
             config, source = tuned[name]
         else:
-            config, source = rule.default(spec, info), "default:stale-log" if name in stale else "default"
-        reason = rule.check(spec, info, config)
+            config = schedules.default_config(name, spec, info)
+            source = "default:stale-log" if name in stale else "default"
+        reason = schedules.check(name, spec, info, config)
         if reason:
             raise BuildError(f"{name} config {config} ({source}) cannot run on {target.name}: {reason}")
-        choices[name] = KernelChoice(config=config, source=source, rule=type(rule).__name__)
+        choices[name] = KernelChoice(config=config, source=source, rule=config["rule"])
     return choices
+
+
+def _overridden(name: str, spec: AttentionSpec, target: BuildTarget, override: dict[str, Any]) -> dict[str, Any]:
+    """`override` on the defaults of the variant it names, else of the default variant."""
+    try:
+        rule = schedules.rule_for(name, spec, target.info, override)
+    except KeyError as err:
+        raise BuildError(f"override of {name}: {err.args[0]}") from None
+    knobs = {k.name for k in rule.knobs(spec, target.info)}
+    unknown = sorted(set(override) - knobs - {"rule"})
+    if unknown:
+        others = [r.name for r in schedules.rules_for(name, target.kind)
+                  if set(unknown) <= {k.name for k in r.knobs(spec, target.info)}]
+        fix = f"name the variant: rule={others[0]}" if others else f"its knobs are {sorted(knobs)}"
+        raise BuildError(f"override of {name}: {unknown} are not knobs of {rule.name}; {fix}")
+    return {**rule.default(spec, target.info), **override}
 
 
 def build_library(spec: AttentionSpec, target: BuildTarget | str = "llvm",
@@ -139,7 +160,7 @@ def build_kernels(spec: AttentionSpec, target: str = "llvm", device: str | None 
     lib = build_library(spec, target, overrides)
     module = tvm.runtime.load_module(str(lib.path))
     device = device or ("cpu" if lib.target.kind == "llvm" else "cuda:0")
-    functions = {name: module[name] for name in lower.KERNELS}
+    functions = {name: module[name] for name in KERNEL_NAMES}
     return PagedKernels(spec, functions, device, {n: c.config for n, c in lib.choices.items()})
 
 
@@ -163,13 +184,7 @@ def compile_functions(spec: AttentionSpec, target: BuildTarget, configs: dict[st
     Returns:
         (argument signatures per kernel, SASS resources per arch: empty for llvm).
     """
-    funcs = {}
-    for name, config in configs.items():
-        rule = rule_for(name, target.kind)
-        func = rule.apply(spec, target.info, config)
-        if func is None:
-            raise BuildError(f"rule {type(rule).__name__} does not apply to {name} on {target.name}")
-        funcs[name] = func.with_attr("global_symbol", name)
+    funcs = lower.lower(spec, target.info, configs)
     mod = tvm.IRModule(funcs)
     signatures = {name: _signature(func) for name, func in funcs.items()}
     sass: dict[str, list[dict[str, Any]]] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from pgen_runtime.reference import attend, decode, extend, gather_kv  # noqa: F401  # re-exported
+from pgen_runtime.kernel_table import KERNEL_NAMES
 from pgen_runtime.spec import NULL_BLOCK_ID, AttentionSpec
 
 
@@ -82,13 +83,15 @@ def paged_case(spec: AttentionSpec, seq_lens, new_tokens=None, seed: int = 0, sp
 
 
 def expected(spec: AttentionSpec, case: dict) -> dict:
-    """What `run_kernels` must return for `case`: float64 attention, exact bytes for the rest."""
+    """What `run_kernels` must return for `case`, per kernel of the kernel table: float64
+    attention, exact bytes for the rest."""
     pool, ids = case["pool"], case["swap_ids"]
-    return {
-        "decode": decode(spec, case["q_decode"], pool, case["block_tables"], case["seq_lens"]),
-        "extend": extend(spec, case["q_extend"], pool, case["block_tables"], case["q_indptr"], case["seq_lens"]),
-        "cache_write": cache_write(case["k"], case["v"], pool, case["slot_mapping"]),
-        "copy_blocks": copy_blocks(pool, case["pairs"]),
-        "swap_out": pool[ids],
-        "swap_in": pool,
+    results = {
+        "decode": lambda: decode(spec, case["q_decode"], pool, case["block_tables"], case["seq_lens"]),
+        "extend": lambda: extend(spec, case["q_extend"], pool, case["block_tables"], case["q_indptr"], case["seq_lens"]),
+        "cache_write": lambda: cache_write(case["k"], case["v"], pool, case["slot_mapping"]),
+        "copy_blocks": lambda: copy_blocks(pool, case["pairs"]),
+        "swap_out": lambda: pool[ids],
+        "swap_in": lambda: pool,
     }
+    return {name: results[name]() for name in KERNEL_NAMES}

@@ -35,15 +35,16 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from pgen_runtime.errors import TuneError
+from pgen_runtime.kernel_table import ATTENTION_KERNELS
 from pgen_runtime.measure import BUNDLE, check_output, default_workload, make_checked_inputs, time_guard, time_kernel
 from pgen_runtime.spec import AttentionSpec
 
 from . import tuning_log
 from .build import compile_functions, versions
-from .schedules import rule_for
+from . import schedules
 from .target import BuildTarget, host_target_id, parse_targets
 
-TUNABLE = ("decode", "extend")
+TUNABLE = ATTENTION_KERNELS
 # Knobs that cap what a kernel's plan chooses per call (the split-KV factor): tuning keeps their
 # default. The tuning workload is one large batch that never reaches such a cap, so a searched
 # value would be picked by noise, and a low one costs the calls that need it (H200: a tuned cap of
@@ -59,24 +60,19 @@ _SPAWN = multiprocessing.get_context("spawn")
 
 
 def candidates(spec: AttentionSpec, target: BuildTarget, kernel: str, trials: int, seed: int = 0) -> list[dict]:
-    """Up to `trials` valid configs of `kernel`'s rule: the default, then a seeded sample of the rest
-    (with the default's `PLAN_CAPS`).
-
-    A rule with kernel families of very different space sizes (CUDA extend: a few tensor-core
-    configs beside hundreds of CUDA-core ones) names them with `stratum(config)`; the sample then
-    takes the families in turn, so a small family is not crowded out.
+    """Up to `trials` valid configs of `kernel`: the default, then a seeded sample of the rest (with
+    the default's `PLAN_CAPS`) over every variant that supports the spec, the variants in turn, so
+    one with a small space (the tensor-core kernels: a few configs beside hundreds of CUDA-core
+    ones) is not crowded out.
     """
-    rule = rule_for(kernel, target.kind)
-    space = list(rule.space(spec, target.info))
-    default = space[0]
-    rest = [c for c in space[1:] if all(c.get(k) == default.get(k) for k in PLAN_CAPS)]
-    random.Random(seed).shuffle(rest)
-    stratum = getattr(rule, "stratum", None)
-    if stratum is not None:
-        families: dict[str, list[dict]] = {}
-        for config in rest:
-            families.setdefault(stratum(config), []).append(config)
-        rest = [c for group in itertools.zip_longest(*families.values()) for c in group if c is not None]
+    default = schedules.default_config(kernel, spec, target.info)
+    per_rule = []
+    for rule in schedules.applicable(kernel, spec, target.info):
+        rest = [c for c in rule.space(spec, target.info)
+                if c != default and all(c.get(k, default.get(k)) == default.get(k) for k in PLAN_CAPS)]
+        random.Random(seed).shuffle(rest)
+        per_rule.append(rest)
+    rest = [c for group in itertools.zip_longest(*per_rule) for c in group if c is not None]
     return [default] + rest[: max(trials - 1, 0)]
 
 
@@ -86,11 +82,11 @@ def sample_size(trials: int) -> int:
 
 
 def neighbours(spec: AttentionSpec, target: BuildTarget, kernel: str, config: dict) -> list[dict]:
-    """The valid configs one knob away from `config` (`PLAN_CAPS` kept), in knob order.
+    """The valid configs of `config`'s variant one knob away from it (`PLAN_CAPS` kept), in knob order.
 
     Built from the knobs, not by scanning the space (millions of configs on the CPU).
     """
-    rule = rule_for(kernel, target.kind)
+    rule = schedules.rule_for(kernel, spec, target.info, config)
     out = []
     for knob in rule.knobs(spec, target.info):
         if knob.name in PLAN_CAPS:
@@ -105,7 +101,7 @@ def neighbours(spec: AttentionSpec, target: BuildTarget, kernel: str, config: di
 
 def candidate_key(kernel: str, config: dict, workload: dict, target_kind: str) -> str:
     """Identifies a measurement: kernel, knobs, workload and the schedule code that built it."""
-    text = json.dumps([kernel, config, workload, tuning_log.schedule_version(kernel, target_kind)], sort_keys=True)
+    text = json.dumps([kernel, config, workload, tuning_log.schedule_version(kernel, target_kind, config["rule"])], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -144,7 +140,7 @@ def tune(spec: AttentionSpec, target: str | BuildTarget = "llvm", kernels: tuple
 
     def record(cand: Candidate, result: dict[str, Any]) -> None:
         rec = {"kernel": cand.kernel, "config": cand.config, "workload": cand.workload, "key": cand.key,
-               "default": cand.default, "schedule": tuning_log.schedule_version(cand.kernel, target.kind), **result}
+               "default": cand.default, "schedule": tuning_log.schedule_version(cand.kernel, target.kind, cand.config["rule"]), **result}
         log["records"].append(rec)
         tuning_log.save(path, log)
         bar.step(rec)
@@ -179,7 +175,7 @@ def _refine(spec: AttentionSpec, target: BuildTarget, log: dict[str, Any], kerne
     outside the guard (`tuning_log.within_guard`) and failed ones are never climbed from.
     """
     rng = random.Random(seed)
-    default = rule_for(kernel, target.kind).default(spec, target.info)
+    default = schedules.default_config(kernel, spec, target.info)
     while (left := trials - len(recs := _records(log["records"], kernel, workload))) > 0:
         done = {r.get("key") for r in recs}
         batch: list[Candidate] = []
@@ -237,7 +233,7 @@ def _pending(spec: AttentionSpec, target: BuildTarget, kernels: tuple[str, ...],
     todo = []
     for kernel in kernels:
         workload = _workload(workloads, kernel, target, spec)
-        default = rule_for(kernel, target.kind).default(spec, target.info)
+        default = schedules.default_config(kernel, spec, target.info)
         for config in candidates(spec, target, kernel, trials):
             key = candidate_key(kernel, config, workload, target.kind)
             if key not in done:
@@ -454,12 +450,12 @@ def emit_bundle(spec: AttentionSpec, target: str | BuildTarget, out: Path, kerne
             try:
                 future.result()
                 entries.append({"kernel": kernel, "config": config, "key": key,
-                                "schedule": tuning_log.schedule_version(kernel, target.kind),
+                                "schedule": tuning_log.schedule_version(kernel, target.kind, config["rule"]),
                                 "library": f"candidates/{key}/kernels.so"})
                 bar.step({"kernel": kernel, "config": config, "median_ms": None})
             except Exception as err:  # recorded as failed at ingest time
                 entries.append({"kernel": kernel, "config": config, "key": key, "library": None,
-                                "schedule": tuning_log.schedule_version(kernel, target.kind),
+                                "schedule": tuning_log.schedule_version(kernel, target.kind, config["rule"]),
                                 "build_error": f"{type(err).__name__}: {err}"})
                 bar.step({"kernel": kernel, "config": config, "error": str(err)})
     meta = {"bundle_id": hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:12],
@@ -483,7 +479,7 @@ def _neighbourhood(spec: AttentionSpec, target: BuildTarget, log: dict[str, Any]
     ok = _fastest_first(recs, log)
     if not ok:
         return []
-    default = rule_for(kernel, target.kind).default(spec, target.info)
+    default = schedules.default_config(kernel, spec, target.info)
     out = [default]
     done = {r.get("key") for r in recs} | {candidate_key(kernel, default, workload, target.kind)}
     for rec in ok:

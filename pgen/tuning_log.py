@@ -11,18 +11,18 @@ from __future__ import annotations
 import datetime
 import functools
 import hashlib
-import inspect
 import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 from pgen_runtime.errors import TuneError
 from pgen_runtime.spec import AttentionSpec
 
-from .schedules import rule_for
+from . import schedules
 
 FORMAT = 1
 # A list json.dumps spread over lines (raw newlines: never inside a JSON string) holding numbers only.
@@ -98,52 +98,72 @@ def _check_record(path: Path, rec: Any, spec: AttentionSpec, target_kind: str) -
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf):
             raise TuneError(f"tuning log {path}: {rec['kernel']} record has {field}={t!r}; expected a positive "
                             "number or null (failed). Re-run pgen tune")
-    try:
-        rule = rule_for(rec["kernel"], target_kind)
-    except KeyError:
-        raise TuneError(f"tuning log {path} has a record for unknown kernel {rec['kernel']!r}; re-run pgen tune") from None
+    if rec["kernel"] not in schedules.RULES:
+        raise TuneError(f"tuning log {path} has a record for unknown kernel {rec['kernel']!r}; re-run pgen tune")
     if not current(rec, target_kind):
         # A measurement of older schedule code is never used; its knobs may have changed since.
         return
+    rule = _rule(rec, target_kind)
     knobs = {k.name: k for k in rule.knobs(spec, _info(target_kind))}
-    unknown = sorted(set(rec["config"]) - knobs.keys())
+    unknown = sorted(set(rec["config"]) - knobs.keys() - {"rule"})
     if unknown:
         raise TuneError(f"tuning log {path}: {rec['kernel']} record has knobs {unknown} that rule "
-                        f"{type(rule).__name__} does not have; re-run pgen tune")
+                        f"{rule.name} does not have; re-run pgen tune")
     for name, value in rec["config"].items():
-        if value not in knobs[name].choices:
+        if name != "rule" and value not in knobs[name].choices:
             raise TuneError(f"tuning log {path}: {rec['kernel']} knob {name}={value!r} is not one of "
                             f"{list(knobs[name].choices)}; re-run pgen tune")
 
 
-def schedule_version(kernel: str, target_kind: str) -> str:
-    """A hash of the code that generates `kernel` for `target_kind`: its rule and what the rule uses.
+def _rule(rec: dict[str, Any], target_kind: str):
+    """The rule a (current) record's config names."""
+    return next(r for r in schedules.rules_for(rec["kernel"], target_kind) if r.name == rec["config"]["rule"])
 
-    Records carry it, so a measurement of code that has since changed is never taken for the
-    current code's.
+
+def schedule_version(kernel: str, target_kind: str, rule: str) -> str:
+    """A hash of the code that generates `kernel` with variant `rule` for `target_kind`: the rule's
+    module and every schedule module it draws on. Records carry it, so a measurement of code that
+    has since changed is never taken for the current code's.
+
+    Raises:
+        KeyError: `rule` is not a variant of `kernel` on `target_kind`.
     """
-    return _schedule_version(kernel, target_kind)
+    return _schedule_version(kernel, target_kind, rule)
 
 
 @functools.cache
-def _schedule_version(kernel: str, target_kind: str) -> str:
-    from . import lower
-    from .schedules import base
-
-    # The rule's own file and those of the rules it builds on (CudaExtend runs CudaAttention's template).
-    rule_files = {Path(inspect.getfile(cls)) for cls in type(rule_for(kernel, target_kind)).__mro__
-                  if cls.__module__.startswith(rule_for.__module__)}
-    schedules_dir = Path(base.__file__).parent
+def _schedule_version(kernel: str, target_kind: str, rule: str) -> str:
+    (found,) = [r for r in schedules.rules_for(kernel, target_kind) if r.name == rule] or [None]
+    if found is None:
+        raise KeyError(f"{rule!r} is not a {kernel} rule for {target_kind}")
     h = hashlib.sha256()
-    for path in sorted(rule_files | {Path(base.__file__), schedules_dir / "_math.py", Path(lower.__file__)}):
-        if path.is_file():
-            h.update(path.read_bytes())
+    for path in sorted(_module_files(type(found).__module__)):
+        h.update(path.read_bytes())
     return h.hexdigest()[:12]
 
 
+def _module_files(module: str) -> set[Path]:
+    """The files of `module` and of every `pgen.schedules` module it uses, transitively."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for value in vars(sys.modules[name]).values():
+            used = value.__name__ if isinstance(value, type(sys)) else getattr(value, "__module__", None)
+            if isinstance(used, str) and used.startswith(schedules.__name__ + ".") and used not in seen:
+                todo.append(used)
+    return {Path(sys.modules[name].__file__) for name in seen}
+
+
 def current(rec: dict[str, Any], target_kind: str) -> bool:
-    """Whether a record measured the code that builds this kernel now."""
-    return rec.get("schedule") == schedule_version(rec["kernel"], target_kind)
+    """Whether a record measured the code that builds its variant now."""
+    rule = rec["config"].get("rule") if isinstance(rec.get("config"), dict) else None
+    if rule not in {r.name for r in schedules.rules_for(rec["kernel"], target_kind)}:
+        return False
+    return rec.get("schedule") == schedule_version(rec["kernel"], target_kind, rule)
 
 
 def current_records(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -266,4 +286,4 @@ def is_default(data: dict[str, Any], rec: dict[str, Any]) -> bool:
     target = BuildTarget(kind, archs=(data["device"].get("arch", "sm_80"),)) if kind == "cuda" else \
         BuildTarget(kind, mcpu=host_cpu_name())
     spec = AttentionSpec.from_dict(data["spec"])
-    return rec["config"] == rule_for(rec["kernel"], kind).default(spec, target.info)
+    return rec["config"] == schedules.default_config(rec["kernel"], spec, target.info)

@@ -22,8 +22,8 @@ from pgen_runtime.measure import TOLERANCE, measure_bundle, time_calls
 
 DEV = "cuda:0"
 # Packages whose kernels are timed against torch SDPA, side by side: decode and extend by default
-# (fp16 and bf16), the CUDA-core decode, and the tensor-core decode with 1 warp per block and
-# without mma_prefetch.
+# (fp16 and bf16), the CUDA-core decode (CudaDecodeSimt, "mma0"), and the tensor-core decode
+# (CudaDecodeMma) with 1 warp per block and without mma_prefetch.
 TIMED = {"llama3-8b-float16.pgenpkg": ("decode", "extend"), "llama3-8b-bfloat16.pgenpkg": ("decode", "extend"),
          "llama3-8b-float16-decode-mma0.pgenpkg": ("decode",), "llama3-8b-float16-decode-mma_warps1.pgenpkg": ("decode",),
          "llama3-8b-float16-decode-mma_prefetch0.pgenpkg": ("decode",),

@@ -2,7 +2,7 @@
 
 - packages/: fat pgen packages (llvm + sm_80 + sm_90) for Llama-3-8B and Qwen2.5-0.5B shapes,
   fp16 and bf16; the other specs in fp16; decode with `group_rows`; CUDA extend on tensor cores
-  (`mma`) for every spec. The TVM runtime libraries travel in the first package only (run.sh
+  (CudaExtendMma) for every spec. The TVM runtime libraries travel in the first package only (run.sh
   copies them back: they are the same files, so the manifests' hashes still hold);
 - bundles/: offline tuning bundles for the entries of --tune (`spec[@dtype][/kernel+kernel]`);
   runtime libraries likewise in the first bundle only. A spec with an H200 log gets the default
@@ -32,19 +32,24 @@ EXTRA_SPECS = ("mistral-7b", "gemma2-9b", "phi3-mini")
 # What the H200 logs lack after a change of the CUDA templates: decode (tensor-core kernel) and
 # extend (the CUDA-core template it shares) records for every spec with a log.
 TUNE = ("llama3-8b", "qwen2.5-0.5b", "mistral-7b", "gemma2-9b", "phi3-mini", "llama3-8b@bfloat16")
-# Tensor-core extend in configs other than the defaults the plain packages build with:
-# (spec, dtype, mma tokens per block, keys per tile, output in accumulators).
+# Tensor-core extend (CudaExtendMma) in configs other than the defaults the plain packages build
+# with: (spec, dtype, query tokens per block, keys per tile, output in accumulators).
 MMA_CHECKS = (("llama3-8b", "float16", 16, 64, 1), ("llama3-8b", "float16", 32, 32, 1),
               ("llama3-8b", "bfloat16", 16, 16, 0), ("qwen2.5-0.5b", "float16", 32, 16, 1),
               ("mistral-7b", "float16", 16, 16, 0), ("gemma2-9b", "float16", 16, 32, 0), ("phi3-mini", "float16", 16, 16, 1))
-# Decode beside the plain packages' default (the tensor-core kernel, 4 warps per block): the
-# CUDA-core template (timed side by side with it), other warp counts, split caps and dtypes, and
-# mma_prefetch other than the default (timed too).
-DECODE_CHECKS = (("llama3-8b", "float16", {"mma": 0}), ("llama3-8b", "float16", {"mma_warps": 1}),
-                 ("llama3-8b", "float16", {"mma_prefetch": 0}), ("llama3-8b", "float16", {"mma_warps": 1, "mma_prefetch": 0}),
-                 ("qwen2.5-0.5b", "float16", {"mma_prefetch": 1}), ("mistral-7b", "bfloat16", {"mma_warps": 2, "mma_prefetch": 1}),
-                 ("llama3-8b", "bfloat16", {"mma_warps": 8, "max_splits": 8}), ("qwen2.5-0.5b", "float16", {"mma_warps": 2}),
-                 ("mistral-7b", "float16", {"mma_warps": 8}), ("phi3-mini", "float16", {"mma_warps": 2}))
+# Decode beside the plain packages' default (CudaDecodeMma, 4 warps per block): the CUDA-core
+# kernel (timed side by side with it), other warp counts, split caps and dtypes, and mma_prefetch
+# other than the default (timed too). The package tag names the override (check.py times some).
+SIMT, MMA = {"rule": "CudaDecodeSimt"}, {"rule": "CudaDecodeMma"}
+DECODE_CHECKS = (("llama3-8b", "float16", "mma0", SIMT), ("llama3-8b", "float16", "mma_warps1", {**MMA, "mma_warps": 1}),
+                 ("llama3-8b", "float16", "mma_prefetch0", {**MMA, "mma_prefetch": 0}),
+                 ("llama3-8b", "float16", "mma_warps1-mma_prefetch0", {**MMA, "mma_warps": 1, "mma_prefetch": 0}),
+                 ("qwen2.5-0.5b", "float16", "mma_prefetch1", {**MMA, "mma_prefetch": 1}),
+                 ("mistral-7b", "bfloat16", "mma_warps2-mma_prefetch1", {**MMA, "mma_warps": 2, "mma_prefetch": 1}),
+                 ("llama3-8b", "bfloat16", "mma_warps8-max_splits8", {**MMA, "mma_warps": 8, "max_splits": 8}),
+                 ("qwen2.5-0.5b", "float16", "mma_warps2", {**MMA, "mma_warps": 2}),
+                 ("mistral-7b", "float16", "mma_warps8", {**MMA, "mma_warps": 8}),
+                 ("phi3-mini", "float16", "mma_warps2", {**MMA, "mma_warps": 2}))
 # GQA groups past 8 query heads use the fragments' second 8 rows (no shipped spec has one).
 WIDE_GROUPS = ((48, 4, 128, "float16"), (64, 4, 64, "bfloat16"))
 
@@ -77,7 +82,7 @@ def main() -> int:
     for name, rows in (("llama3-8b", 4), ("qwen2.5-0.5b", 7)):
         spec = dataclasses.replace(pgen.load_spec(REPO / "specs" / f"{name}.toml"), dtype="float16", kv_dtype="float16")
         package(spec, "llvm,cuda:sm_90", out / "packages" / f"{name}-float16-group{rows}.pgenpkg",
-                progress=lambda line: print(line.splitlines()[0], flush=True), overrides={"decode": {"mma": 0, "group_rows": rows}})
+                progress=lambda line: print(line.splitlines()[0], flush=True), overrides={"decode": {**SIMT, "group_rows": rows}})
     for name in EXTRA_SPECS:
         package(pgen.load_spec(REPO / "specs" / f"{name}.toml"), "llvm,cuda:sm_90", out / "packages" / f"{name}.pgenpkg",
                 progress=lambda line: print(line.splitlines()[0], flush=True))
@@ -85,12 +90,11 @@ def main() -> int:
         spec = dataclasses.replace(pgen.load_spec(REPO / "specs" / f"{name}.toml"), dtype=dtype, kv_dtype=dtype)
         package(spec, "cuda:sm_90", out / "packages" / f"{name}-{dtype}-mma{tokens}k{keys}o{in_regs}.pgenpkg",
                 progress=lambda line: print(line.splitlines()[0], flush=True),
-                overrides={"extend": {"mma": tokens, "mma_keys": keys, "mma_o": in_regs}})
-    for name, dtype, knobs in DECODE_CHECKS:
+                overrides={"extend": {"rule": "CudaExtendMma", "q_tile": tokens, "mma_keys": keys, "mma_o": in_regs}})
+    for name, dtype, tag, override in DECODE_CHECKS:
         spec = dataclasses.replace(pgen.load_spec(REPO / "specs" / f"{name}.toml"), dtype=dtype, kv_dtype=dtype)
-        tag = "-".join(f"{k}{v}" for k, v in knobs.items())
         package(spec, "cuda:sm_90", out / "packages" / f"{name}-{dtype}-decode-{tag}.pgenpkg",
-                progress=lambda line: print(line.splitlines()[0], flush=True), overrides={"decode": knobs})
+                progress=lambda line: print(line.splitlines()[0], flush=True), overrides={"decode": override})
     for hq, hkv, d, dtype in WIDE_GROUPS:
         spec = pgen.AttentionSpec(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, block_size=16, dtype=dtype)
         package(spec, "cuda:sm_90", out / "packages" / f"wide-{spec.uri}.pgenpkg",

@@ -22,7 +22,8 @@ from tvm.relax.frontend.onnx import onnx_frontend
 from pgen_runtime.errors import BuildError, ModelImportError
 from pgen_runtime.spec import AttentionSpec
 
-from ..schedules import cpu_dense, rule_for
+from .. import schedules
+from ..schedules import cpu_dense
 from ..target import BuildTarget
 from .rewrite import OP
 
@@ -41,9 +42,9 @@ class _Kernels:
         with the model's configs: every layer launches with the one split factor of the step."""
         key = f"pgen_{name}" + (f"_win{spec.sliding_window}" if spec.sliding_window != self.spec.sliding_window else "")
         if key not in self.added:
-            func = rule_for(name, self.target.kind).apply(spec, self.target.info, self.configs[name])
+            func = schedules.schedule(name, spec, self.target.info, self.configs[name])
             if func is None:
-                raise BuildError(f"the {name} rule does not apply to {spec.uri} on {self.target.name}")
+                raise BuildError(f"rule {self.configs[name]['rule']} does not apply to {spec.uri} on {self.target.name}")
             if name == "extend":
                 func = _bind_launch_args(func, self.configs[name].get("q_tile", 1))
             self.added[key] = bb.add_func(func.without_attr("global_symbol"), key)

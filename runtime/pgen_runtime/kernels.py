@@ -19,6 +19,7 @@ import numpy as np
 import tvm_ffi
 
 from .errors import ConfigError, ShapeError
+from .kernel_table import KERNEL_NAMES
 from .spec import NULL_BLOCK_ID, AttentionSpec
 from .tensors import from_numpy, parse_device, to_numpy, zeros
 
@@ -62,10 +63,14 @@ class PagedKernels:
 
     def __init__(self, spec: AttentionSpec, functions: dict[str, Callable], device: str,
                  configs: dict[str, dict[str, Any]], parallelism: int | None = None) -> None:
+        unknown = sorted(set(functions) - set(KERNEL_NAMES))
+        if unknown:
+            raise ConfigError(f"functions names {unknown}, which are not pgen kernels ({', '.join(KERNEL_NAMES)})")
         self.spec = spec
         self.device = device
         self.configs = configs
-        self._fn = functions
+        # A tuning candidate's library holds one kernel: the others raise when called.
+        self._fn = {name: functions.get(name) or _absent(name) for name in KERNEL_NAMES}
         self._kind = "cuda" if device.startswith("cuda") else "cpu"
         self._device_type = 2 if self._kind == "cuda" else 1
         self._aranges: dict[int, Any] = {}
@@ -249,6 +254,13 @@ class PagedKernels:
                              f"(0 is the reserved null block)")
 
 
+def _absent(name: str) -> Callable:
+    def call(*args):
+        raise ConfigError(f"these kernels hold no {name} (a library built for other kernels); build all of them")
+
+    return call
+
+
 def decode_splits(spec: AttentionSpec, config: dict[str, Any], seq_lens: np.ndarray, kind: str,
                   parallelism: int) -> int:
     """Split-KV factor of a decode step: enough tasks to fill `parallelism`, each split long enough.
@@ -295,8 +307,8 @@ def extend_q_tiles(config: dict[str, Any], new_tokens: np.ndarray, kind: str) ->
     """
     if not len(new_tokens):
         return 1
-    # CUDA extend's tensor-core kernel (`mma` > 0) takes `mma` query tokens per thread block.
-    tiles = -(-new_tokens.astype(np.int64) // (config.get("mma") or config.get("q_tile", 1)))
+    # Every extend variant takes `q_tile` query tokens per task or thread block.
+    tiles = -(-new_tokens.astype(np.int64) // config.get("q_tile", 1))
     if kind == "cpu":
         return max(int(-(-int(tiles.sum()) // len(tiles))), 1)
     return max(int(tiles.max()), 1)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import reference
+from .kernel_table import SIGNATURES
 from .kernels import PagedKernels
 from .spec import AttentionSpec
 from .tensors import HUGE_PAGE_BYTES, copy_from_bytes, empty, from_numpy, host_zeros, parse_device, to_numpy
@@ -98,27 +99,24 @@ def make_arrays(spec: AttentionSpec, kernel: str, workload: dict[str, Any], seed
     pool = _random(rng, (num_blocks, 2, spec.num_kv_heads, bs, spec.head_dim), spec.kv_dtype)
     index = lambda a: (np.ascontiguousarray(a, np.int32), "int32")  # noqa: E731
     zeros = lambda shape, dtype: (np.zeros(shape, "uint16" if dtype == "bfloat16" else dtype), dtype)  # noqa: E731
-    if kernel == "decode":
-        q = _random(rng, (len(lens), spec.num_q_heads, spec.head_dim), spec.dtype)
-        return q, pool, index(tables), index(lens), zeros(q[0].shape, spec.dtype)
-    if kernel == "extend":
-        new = np.asarray(workload["new_tokens"], np.int32)
-        indptr = np.concatenate([[0], np.cumsum(new)])
-        q = _random(rng, (int(indptr[-1]), spec.num_q_heads, spec.head_dim), spec.dtype)
-        return q, pool, index(tables), index(indptr), index(lens), zeros(q[0].shape, spec.dtype)
-    if kernel == "cache_write":
+    arrays = {"kv_pool": pool, "block_tables": index(tables), "seq_lens": index(lens)}
+    if kernel in ("decode", "extend"):
+        new = np.asarray(workload.get("new_tokens", [1] * len(lens)), np.int32)
+        arrays["q_indptr"] = index(np.concatenate([[0], np.cumsum(new)]))
+        arrays["q"] = _random(rng, (int(new.sum()), spec.num_q_heads, spec.head_dim), spec.dtype)
+        arrays["out"] = zeros(arrays["q"][0].shape, spec.dtype)
+    elif kernel == "cache_write":
         slots = np.concatenate([tables[b, np.arange(n) // bs] * bs + np.arange(n) % bs for b, n in enumerate(lens)])
-        k = _random(rng, (len(slots), spec.num_kv_heads, spec.head_dim), spec.dtype)
-        v = _random(rng, (len(slots), spec.num_kv_heads, spec.head_dim), spec.dtype)
-        return k, v, pool, index(slots)
-    ids = order[: max(1, (num_blocks - 1) // 2)]
-    if kernel == "copy_blocks":
+        arrays["k"] = _random(rng, (len(slots), spec.num_kv_heads, spec.head_dim), spec.dtype)
+        arrays["v"] = _random(rng, (len(slots), spec.num_kv_heads, spec.head_dim), spec.dtype)
+        arrays["slot_mapping"] = index(slots)
+    else:
+        ids = order[: max(1, (num_blocks - 1) // 2)]
         half = len(ids) // 2
-        return pool, index(np.stack([ids[:half], ids[half:2 * half]], axis=1))
-    buf = zeros((len(ids), 2, spec.num_kv_heads, bs, spec.head_dim), spec.kv_dtype)
-    if kernel == "swap_out":
-        return pool, index(ids), buf
-    return buf, index(ids), pool
+        arrays["pairs"] = index(np.stack([ids[:half], ids[half:2 * half]], axis=1))
+        arrays["block_ids"] = index(ids)
+        arrays["host_buf"] = zeros((len(ids), 2, spec.num_kv_heads, bs, spec.head_dim), spec.kv_dtype)
+    return tuple(arrays[name] for name in SIGNATURES[kernel].call)
 
 
 def time_kernel(kernels: PagedKernels, kernel: str, args: tuple, warmup: int = 3, repeats: int = 10,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PackageError, ShapeError
+from .kernel_table import KERNEL_NAMES
 from .kernels import PagedKernels
 from .spec import KV_LAYOUT, AttentionSpec
 from .target import missing_cpu_features
@@ -102,6 +103,10 @@ def load_package(path: str | Path, device: str = "cpu") -> PagedKernels:
     except Exception as err:  # tvm_ffi raises RuntimeError/ValueError alike
         raise PackageError(f"loading {target['library']} failed: {err}") from err
     kernels = target["kernels"]
+    missing = [name for name in KERNEL_NAMES if name not in kernels]
+    if missing:
+        raise PackageError(f"{root / MANIFEST} lists no {missing} for target {target.get('name')}; rebuild the "
+                           "package with this pgen (pgen build)")
     functions = {name: module[info["symbol"]] for name, info in kernels.items()}
     spec = AttentionSpec.from_dict(manifest["spec"], source=f"{root / MANIFEST}")
     return PagedKernels(spec, functions, device, {n: info["config"] for n, info in kernels.items()})

@@ -12,9 +12,9 @@ import reference
 
 from pgen import AttentionSpec, ShapeError
 from pgen_runtime import PagedKernels
+from pgen_runtime.kernel_table import KERNEL_NAMES as KERNELS
 
 SPEC = AttentionSpec(num_q_heads=4, num_kv_heads=2, head_dim=32, block_size=4, dtype="float32")
-KERNELS = ("decode", "extend", "cache_write", "copy_blocks", "swap_out", "swap_in")
 
 
 def _spy(name: str, calls: list):

@@ -16,7 +16,7 @@ from kernel_grid import SMOKE_SPECS
 from pgen import AttentionSpec, BuildError
 from pgen.build import build_library
 from pgen.cli import main
-from pgen.lower import KERNELS
+from pgen_runtime.kernel_table import KERNEL_NAMES as KERNELS
 from pgen.target import parse_targets
 
 REPO = Path(__file__).resolve().parents[2]
@@ -168,8 +168,8 @@ def test_tensor_core_decode_and_extend_build_hmma_sass_for_sm80_and_sm90(dtype, 
     from pgen import cuda
 
     spec = AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype=dtype)
-    lib = build_library(spec, "cuda:sm_80,sm_90", overrides={"extend": {"mma": 16, "mma_keys": 32}})
-    assert lib.choices["decode"].config["mma"] == 1  # the tensor-core kernel (default, and tuned on the H200)
+    lib = build_library(spec, "cuda:sm_80,sm_90", overrides={"extend": {"rule": "CudaExtendMma", "q_tile": 16, "mma_keys": 32}})
+    assert lib.choices["decode"].config["rule"] == "CudaDecodeMma"  # the tensor-core kernel (default, and tuned on the H200)
     for arch, kernels in lib.sass.items():
         sass = cuda._cuobjdump("--dump-sass", lib.path.parent / f"kernels.{arch}.cubin")
         for name in ("decode", "extend"):
@@ -191,7 +191,8 @@ def test_tensor_core_decode_with_the_next_tiles_loads_in_flight_builds_without_s
 
     spec = AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float16")
     target = parse_targets("cuda:sm_80,sm_90")[0]
-    rule = rule_for("decode", "cuda")
+    rule = rule_for("decode", spec, target.info)
+    assert rule.name == "CudaDecodeMma"
     config = {**rule.default(spec, target.info), "mma_prefetch": 1}
     func = rule.apply(spec, target.info, config).with_attr("global_symbol", "decode")
     _, cubins = build_cuda(tvm.IRModule({"decode": func}), ("sm_80", "sm_90"))
@@ -213,7 +214,8 @@ def test_tensor_core_decode_gives_mma_operands_element_offsets(cuda_toolchain):
 
     spec = AttentionSpec(num_q_heads=28, num_kv_heads=2, head_dim=96, block_size=8, dtype="bfloat16")
     target = parse_targets("cuda:sm_80")[0]
-    rule = rule_for("decode", "cuda")
+    rule = rule_for("decode", spec, target.info)
+    assert rule.name == "CudaDecodeMma"
     func = rule.apply(spec, target.info, rule.default(spec, target.info)).with_attr("global_symbol", "decode")
     executable, _ = build_cuda(tvm.IRModule({"decode": func}), ("sm_80",))
     source = executable.mod.imports[0].inspect_source()
@@ -228,14 +230,15 @@ def test_tensor_core_decode_gives_mma_operands_element_offsets(cuda_toolchain):
 @pytest.mark.parametrize("name", ["llama3-8b", "qwen2.5-0.5b", "gemma2-9b", "phi3-mini"])
 def test_default_tensor_core_kernels_of_each_shipped_spec_build_without_spills(name, cuda_toolchain):
     import pgen
-    from pgen.schedules import rule_for
+    from pgen.schedules import default_config
 
     spec = pgen.load_spec(Path(__file__).resolve().parents[2] / "specs" / f"{name}.toml")
     target = parse_targets("cuda:sm_80,sm_90")[0]
-    config = rule_for("extend", "cuda").default(spec, target.info)
-    assert config["mma"] > 0
-    decode = rule_for("decode", "cuda").default(spec, target.info)
-    assert decode.get("mma", 0) == (0 if spec.head_dim > 128 else 1)  # Gemma-2's head_dim 256: CUDA cores
+    config = default_config("extend", spec, target.info)
+    assert config["rule"] == "CudaExtendMma"
+    decode = default_config("decode", spec, target.info)
+    # Gemma-2's head_dim 256: CUDA cores
+    assert decode["rule"] == ("CudaDecodeSimt" if spec.head_dim > 128 else "CudaDecodeMma")
     lib = build_library(spec, "cuda:sm_80,sm_90", overrides={"extend": config, "decode": decode})
     for arch, kernels in lib.sass.items():
         (extend,) = [k for k in kernels if k["name"] == "extend_kernel"]

@@ -17,6 +17,11 @@ from kernel_grid import ALL, lengths
 
 from pgen_runtime import DecodePlan
 from pgen_runtime.kernels import CUDA_BLOCKS_PER_SM, decode_splits
+from pgen import schedules
+from pgen.schedules.cpu_decode import CpuDecode
+from pgen.schedules.cpu_extend import CpuExtend
+
+CPU_RULES = {"decode": CpuDecode(), "extend": CpuExtend()}
 
 
 def _extend_tokens(spec) -> list[int]:
@@ -187,11 +192,11 @@ def test_cpu_extend_launches_only_the_slots_all_tiles_need(spec, build_kernels):
 
 
 def test_cuda_group_rows_knob_only_where_it_lowers():
-    from pgen.schedules.cuda_attention import CudaAttention
+    from pgen.schedules.cuda_decode_simt import CudaDecodeSimt
     from pgen.target import parse_targets
 
     info = parse_targets("cuda:sm_90")[0].info
-    rule = CudaAttention("decode")
+    rule = CudaDecodeSimt()
     llama = pgen.AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float16")
     phi = pgen.AttentionSpec(num_q_heads=32, num_kv_heads=32, head_dim=96, block_size=16, dtype="float16")
     assert "group_rows" in {k.name for k in rule.knobs(llama, info)}
@@ -243,13 +248,12 @@ def test_cpu_qk_accumulator_chains_and_row_merge_match_the_reference(spec):
     # The key-by-key QK loop with the other accumulator count than the default (2 chains: even and
     # odd vectors, head_dim 40 in 8 lanes leaves an odd one to the first chain) and, where it
     # applies, the other way of summing lanes (rows one at a time, or merged across rows).
-    from pgen.schedules import rule_for
     from pgen.target import parse_targets
 
     info = parse_targets("llvm")[0].info
     flip = {}
     for k in ("decode", "extend"):
-        default = rule_for(k, "llvm").default(spec, info)
+        default = schedules.default_config(k, spec, info)
         flip[k] = {"qk_chains": 3 - default["qk_chains"], "qk_transpose": 0}
         if "qk_row_merge" in default:
             flip[k]["qk_row_merge"] = 1 - default["qk_row_merge"]
@@ -266,11 +270,10 @@ def test_cpu_qk_key_groups_match_the_reference(spec):
     # The key-group QK loop (rows x keys per group of vector_lanes accumulators, head dimension
     # outermost) wherever the block size allows it: group sizes 16 (no GQA), 8, 4 and 2 keys, partial
     # groups at the grid's lengths (keys past a sequence's end are read and masked), window and cap.
-    from pgen.schedules import rule_for
     from pgen.target import parse_targets
 
     info = parse_targets("llvm")[0].info
-    offered = [k for k in ("decode", "extend") if "qk_key_group" in {knob.name for knob in rule_for(k, "llvm").knobs(spec, info)}]
+    offered = [k for k in ("decode", "extend") if "qk_key_group" in {knob.name for knob in CPU_RULES[k].knobs(spec, info)}]
     if not offered:
         pytest.skip(f"block_size {spec.block_size} is not a multiple of the vector lanes")
     kernels = pgen.build_kernels(spec, overrides={k: {"qk_key_group": 1} for k in offered})
@@ -279,12 +282,11 @@ def test_cpu_qk_key_groups_match_the_reference(spec):
 
 
 def test_cpu_qk_loops_are_exclusive():
-    from pgen.schedules import rule_for
     from pgen.target import parse_targets
 
     info = parse_targets("llvm")[0].info
     llama = pgen.AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float16")
-    rule = rule_for("decode", "llvm")
+    rule = CpuDecode()
     assert rule.default(llama, info)["qk_key_group"] == 0  # slower from DRAM: the tuner picks it
     assert "two QK loops" in rule.check(llama, info, {**rule.default(llama, info), "qk_transpose": 1, "qk_key_group": 1})
     lanes = rule.default(llama, info)["vector_lanes"]  # 16 with AVX-512, 8 with AVX2
@@ -292,41 +294,38 @@ def test_cpu_qk_loops_are_exclusive():
 
 
 def test_cpu_decode_pads_its_row_tile_to_a_power_of_two_where_that_is_cheap():
-    from pgen.schedules import rule_for
     from pgen.target import parse_targets
-    from pgen.schedules.cpu_attention import decode_rows
+    from pgen.schedules.cpu_template import decode_rows
 
     assert [decode_rows(g) for g in (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)] == [1, 2, 4, 4, 5, 8, 8, 8, 12, 16]
     # Qwen2.5's group of 7 becomes an 8-row tile: the row-merged lane sums and the key-group loop
     # apply (both need a power of two); the padded row is masked (the grid's (14, 2) specs check it).
     qwen = pgen.AttentionSpec(num_q_heads=14, num_kv_heads=2, head_dim=64, block_size=16, dtype="float16")
-    names = {k.name for k in rule_for("decode", "llvm").knobs(qwen, parse_targets("llvm")[0].info)}
+    names = {k.name for k in CpuDecode().knobs(qwen, parse_targets("llvm")[0].info)}
     assert {"qk_row_merge", "qk_key_group", "kv_streams"} <= names
 
 
 def test_cpu_qk_accumulator_chain_and_row_merge_defaults():
-    from pgen.schedules import rule_for
     from pgen.target import parse_targets
 
     info = parse_targets("llvm")[0].info
     llama = pgen.AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float16")
     qwen = pgen.AttentionSpec(num_q_heads=14, num_kv_heads=2, head_dim=64, block_size=16, dtype="float16")
     # Two chains per row where a tile has 4 rows or fewer; Qwen2.5's decode tile (7 rows padded to 8) keeps one.
-    assert rule_for("decode", "llvm").default(llama, info)["qk_chains"] == 2
-    assert rule_for("decode", "llvm").default(qwen, info)["qk_chains"] == 1
-    assert rule_for("extend", "llvm").default(qwen, info)["qk_chains"] == 2  # tiles of at most 4 rows
+    assert schedules.default_config("decode", llama, info)["qk_chains"] == 2
+    assert schedules.default_config("decode", qwen, info)["qk_chains"] == 1
+    assert schedules.default_config("extend", qwen, info)["qk_chains"] == 2  # tiles of at most 4 rows
     # Lane sums merged across rows where decode's tile rows are a power of two; every extend.
-    assert rule_for("decode", "llvm").default(llama, info)["qk_row_merge"] == 1
-    assert rule_for("decode", "llvm").default(qwen, info)["qk_row_merge"] == 1  # 7 rows padded to 8
-    assert rule_for("extend", "llvm").default(qwen, info)["qk_row_merge"] == 1
+    assert schedules.default_config("decode", llama, info)["qk_row_merge"] == 1
+    assert schedules.default_config("decode", qwen, info)["qk_row_merge"] == 1  # 7 rows padded to 8
+    assert schedules.default_config("extend", qwen, info)["qk_row_merge"] == 1
 
 
 def test_cpu_prefetch_distance_default_and_results():
-    from pgen.schedules import rule_for
     from pgen.target import parse_targets
 
     info = parse_targets("llvm")[0].info
-    rule = rule_for("decode", "llvm")
+    rule = CpuDecode()
     llama = dict(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16)
     # About 128 KiB of blocks ahead (all KV heads of a block in one task), at most 4.
     assert rule.default(pgen.AttentionSpec(**llama, dtype="float32"), info)["prefetch_ahead"] == 1
@@ -337,7 +336,7 @@ def test_cpu_prefetch_distance_default_and_results():
     assert rule.default(qwen, info)["prefetch_head_locality"] == 3
     assert rule.default(qwen, info)["prefetch_locality"] == 2
     # Extend's one-token rows (the engine's CPU decode steps) make the same requests by default.
-    extend = rule_for("extend", "llvm").default(qwen, info)
+    extend = schedules.default_config("extend", qwen, info)
     assert (extend["prefetch_head_locality"], extend["prefetch_next_head"], extend["touch_v"]) == (3, 2, 1)
     # Farther than a short sequence's blocks reach: the requests stop at the task's range; the
     # next head's rows into L2.
@@ -348,13 +347,15 @@ def test_cpu_prefetch_distance_default_and_results():
 
 
 def test_cuda_decode_tensor_core_knobs():
-    from pgen.schedules.cuda_decode import CudaDecode
+    from pgen.schedules import default_config
+    from pgen.schedules.cuda_decode_mma import CudaDecodeMma
+    from pgen.schedules.cuda_decode_simt import CudaDecodeSimt
     from pgen.target import parse_targets
     from pgen.tune import candidates
 
     target = parse_targets("cuda:sm_80,sm_90")[0]
     info = target.info
-    rule = CudaDecode()
+    rule = CudaDecodeMma()
     llama = pgen.AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float16")
     bf16 = pgen.AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="bfloat16")
     phi = pgen.AttentionSpec(num_q_heads=32, num_kv_heads=32, head_dim=96, block_size=16, dtype="float16")
@@ -366,57 +367,57 @@ def test_cuda_decode_tensor_core_knobs():
                  pgen.AttentionSpec(num_q_heads=16, num_kv_heads=8, head_dim=256, block_size=16, dtype="float16"),
                  pgen.AttentionSpec(num_q_heads=32, num_kv_heads=1, head_dim=128, block_size=16, dtype="float16"),
                  pgen.AttentionSpec(num_q_heads=8, num_kv_heads=8, head_dim=40, block_size=16, dtype="float16")):
-        assert "mma" not in {k.name for k in rule.knobs(spec, info)}, spec.uri
-        assert "mma" not in rule.default(spec, info)
+        assert "tensor-core decode needs" in rule.supports(spec, info), spec.uri
+        assert default_config("decode", spec, info)["rule"] == "CudaDecodeSimt"
     for spec in (llama, bf16, phi):
-        default = rule.default(spec, info)
-        assert (default["mma"], default["mma_warps"]) == (1, 4) and rule.check(spec, info, default) is None
+        default = default_config("decode", spec, info)
+        assert (default["rule"], default["mma_warps"]) == ("CudaDecodeMma", 4) and rule.check(spec, info, default) is None
     mma = rule.default(llama, info)
-    assert rule.check(llama, info, {**mma, "max_splits": 8}) is None  # split-KV applies to both kernels
-    assert "keep their defaults" in rule.check(llama, info, {**mma, "vector": 4})  # no duplicate configs
-    assert "only apply" in rule.check(llama, info, {**mma, "mma": 0, "mma_warps": 8})
-    assert "only apply" in rule.check(llama, info, {**rule.default(llama, info), "mma": 0, "mma_prefetch": 0})
+    # The split cap is the one knob both kernels have: no config of one family duplicates another's.
+    assert {k.name for k in rule.knobs(llama, info)} & {k.name for k in CudaDecodeSimt().knobs(llama, info)} == {"max_splits"}
+    assert rule.check(llama, info, {**mma, "max_splits": 8}) is None
     assert mma["mma_prefetch"] == 1 and rule.check(llama, info, {**mma, "mma_prefetch": 0}) is None
     sm75 = parse_targets("cuda:sm_75")[0].info
-    assert "sm_80" in rule.check(llama, sm75, mma) and rule.default(llama, sm75)["mma"] == 0
+    assert "sm_80" in rule.supports(llama, sm75) and default_config("decode", llama, sm75)["rule"] == "CudaDecodeSimt"
     # A tuning sample holds tensor-core and CUDA-core configs side by side.
-    space = [c for c in rule.space(llama, info) if c["mma"]]
+    space = list(rule.space(llama, info))
     assert len(space) == 4 * 5 * 2  # mma_warps x max_splits x mma_prefetch
     sample = candidates(llama, target, "decode", 24)
     # Tuning times one large batch, which never reaches the split cap: it keeps the default.
     assert {c["max_splits"] for c in sample} == {32}
     # Every tensor-core config (4 warp counts x mma_prefetch) beside CUDA-core ones.
-    assert sum(1 for c in sample if c["mma"]) == 8 and sum(1 for c in sample if not c["mma"]) == 16
+    assert sum(1 for c in sample if c["rule"] == "CudaDecodeMma") == 8
+    assert sum(1 for c in sample if c["rule"] == "CudaDecodeSimt") == 16
 
 
 def test_cuda_extend_tensor_core_knobs_and_plan():
-    from pgen.schedules.cuda_extend import CudaExtend, mma_shared_bytes
+    from pgen.schedules import default_config
+    from pgen.schedules.cuda_extend_mma import CudaExtendMma, shared_bytes
+    from pgen.schedules.cuda_extend_simt import CudaExtendSimt
     from pgen.target import parse_targets
     from pgen.tune import candidates
     from pgen_runtime.kernels import extend_q_tiles
 
     target = parse_targets("cuda:sm_80,sm_90")[0]
     info = target.info
-    rule = CudaExtend()
+    rule = CudaExtendMma()
     llama = pgen.AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float16")
     fp32 = pgen.AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float32")
     mixed = pgen.AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float32",
                                kv_dtype="float16")
-    assert {"mma", "mma_keys"} <= {k.name for k in rule.knobs(llama, info)}
+    assert rule.supports(llama, info) is None
     for spec in (fp32, mixed):  # wmma needs one 16-bit type for both operands
-        assert "mma" not in {k.name for k in rule.knobs(spec, info)}
+        assert "one 16-bit dtype" in rule.supports(spec, info)
     # The tensor-core kernel is the default wherever it applies, with tiles that fit the target.
-    mma = rule.default(llama, info)
-    assert (mma["mma"], mma["mma_keys"], mma["mma_o"]) == (16, 32, 1)
-    assert "mma" not in rule.default(fp32, info) and "mma" not in rule.default(mixed, info)
-    default = {**mma, "mma": 0, "mma_o": 0}
+    mma = default_config("extend", llama, info)
+    assert mma == {"rule": "CudaExtendMma", "q_tile": 16, "mma_keys": 32, "mma_o": 1}
+    assert default_config("extend", fp32, info)["rule"] == default_config("extend", mixed, info)["rule"] == "CudaExtendSimt"
+    default = CudaExtendSimt().default(llama, info)
     assert rule.check(llama, info, mma) is None
-    assert "keep their defaults" in rule.check(llama, info, {**mma, "q_tile": 1})  # no duplicate configs
-    assert "only apply" in rule.check(llama, info, {**default, "mma_keys": 64})
     shared_o = {**mma, "mma_o": 0}  # the output tile in shared memory, not in accumulators
-    assert "opt-in limit" in rule.check(llama, info, {**shared_o, "mma": 32})  # 198 KiB of shared memory
-    assert rule.check(llama, info, {**mma, "mma": 32}) is None  # 128 KiB
-    assert mma_shared_bytes(llama, shared_o) > 99 * 1024 > mma_shared_bytes(llama, mma)
+    assert "opt-in limit" in rule.check(llama, info, {**shared_o, "q_tile": 32})  # 198 KiB of shared memory
+    assert rule.check(llama, info, {**mma, "q_tile": 32}) is None  # 128 KiB
+    assert shared_bytes(llama, shared_o) > 99 * 1024 > shared_bytes(llama, mma)
     sm86 = parse_targets("cuda:sm_86")[0].info  # 99 KiB per block on the consumer archs
     assert "opt-in limit" in rule.check(llama, sm86, shared_o)
     assert rule.check(llama, sm86, rule.default(llama, sm86)) is None
@@ -426,12 +427,12 @@ def test_cuda_extend_tensor_core_knobs_and_plan():
     sm75 = parse_targets("cuda:sm_75")[0].info
     assert "sm_80" in rule.check(llama, sm75, mma) and rule.check(llama, sm75, shared_o) is None
     bf16 = pgen.AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="bfloat16")
-    assert "bfloat16" in rule.check(bf16, sm75, shared_o)
+    assert "bfloat16" in rule.supports(bf16, sm75)
     # A tuning sample holds every tensor-core config beside CUDA-core ones.
-    space = [c for c in rule.space(llama, info) if c["mma"]]
+    space = list(rule.space(llama, info))
     sample = candidates(llama, target, "extend", 24)
     assert all(c in sample for c in space) and len(space) == 9
-    assert sum(1 for c in sample if not c["mma"]) >= 24 - len(space)
-    # The launch plan counts query tiles of `mma` tokens.
+    assert sum(1 for c in sample if c["rule"] == "CudaExtendSimt") >= 24 - len(space)
+    # The launch plan counts query tiles of `q_tile` tokens, in either kernel.
     assert extend_q_tiles(mma, np.array([100, 1]), "cuda") == 7
     assert extend_q_tiles(default, np.array([100, 1]), "cuda") == 25

@@ -14,11 +14,12 @@ import pgen
 from pgen import cli, tune, tuning_log
 from pgen.blocksize import length_samples, memory_model, study
 from pgen.build import choose_configs
-from pgen.schedules import rule_for
 from pgen.target import host_target_id, parse_targets
 from pgen_runtime.errors import TuneError
 from pgen_runtime.measure import CPU_DECODE_KV_BYTES, default_workload
 from pgen_runtime.spec import AttentionSpec
+from pgen import schedules
+from pgen.schedules.cpu_decode import CpuDecode
 
 SPEC = AttentionSpec(num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16, dtype="float32")
 SPEC_TOML = """[attention]
@@ -205,7 +206,7 @@ def test_records_of_older_schedule_code_are_not_used(tuned, tmp_path, monkeypatc
     choices = choose_configs(SPEC, parse_targets("llvm")[0])
     for kernel in ("decode", "extend"):
         assert choices[kernel].source == "default:stale-log"
-        assert choices[kernel].config == rule_for(kernel, "llvm").default(SPEC, parse_targets("llvm")[0].info)
+        assert choices[kernel].config == schedules.default_config(kernel, SPEC, parse_targets("llvm")[0].info)
 
 
 def test_a_new_run_drops_the_records_of_older_schedule_code(tuned, tmp_path):
@@ -306,7 +307,7 @@ def test_local_tuning_rejects_a_candidate_whose_output_is_wrong(tmp_path, monkey
     from pgen_runtime import measure
 
     target = parse_targets("llvm")[0]
-    config = rule_for("extend", "llvm").default(SPEC, target.info)
+    config = schedules.default_config("extend", SPEC, target.info)
     library = tune._build_candidate(SPEC, target, "extend", config, tmp_path / "cand")
     cand = tune.Candidate("extend", config, WORKLOAD["extend"], "k", True)
     assert tune._time(tune.LocalRunner(), SPEC, cand, library)["error"] is None
@@ -357,7 +358,7 @@ def test_candidates_are_timed_and_checked_on_the_workloads_guard_step_offline_an
     assert len(again["records"]) == n and all(r["key"] != "old" for r in again["records"])
     # The local runner too; a wrong output on the guard step fails the candidate.
     target = parse_targets("llvm")[0]
-    config = rule_for("decode", "llvm").default(SPEC, target.info)
+    config = schedules.default_config("decode", SPEC, target.info)
     library = tune._build_candidate(SPEC, target, "decode", config, tmp_path / "cand")
     cand = tune.Candidate("decode", config, workloads["decode"], "k", True)
     assert tune._time(tune.LocalRunner(), SPEC, cand, library)["guard_ms"] > 0
@@ -370,7 +371,7 @@ def test_candidates_are_timed_and_checked_on_the_workloads_guard_step_offline_an
 
 def test_neighbours_are_every_valid_one_knob_move_with_the_plan_caps_kept():
     target = parse_targets("llvm")[0]
-    rule = rule_for("decode", "llvm")
+    rule = CpuDecode()
     config = {**rule.default(SPEC, target.info), "qk_key_group": 1}
     got = tune.neighbours(SPEC, target, "decode", config)
     want = [{**config, k.name: v} for k in rule.knobs(SPEC, target.info) if k.name not in tune.PLAN_CAPS
@@ -462,7 +463,7 @@ def test_refinement_resumes_and_a_failed_or_guard_failing_config_is_never_climbe
     tune._refine(SPEC, target, log, "decode", WORKLOAD["decode"], 2, synthetic, 1, record)
     assert grown == []
     # Nor is a config too slow on the guard step: the climb starts from the default.
-    default = rule_for("decode", "llvm").default(SPEC, target.info)
+    default = schedules.default_config("decode", SPEC, target.info)
     far = {**default, "kv_streams": 2, "touch_v": 0, "vector_lanes": 8}
     workload = {**WORKLOAD["decode"], "guard": {"seq_lens": [600]}}
     log["records"] = [{"kernel": "decode", "config": default, "workload": workload, "key": "d", "default": True,
@@ -494,7 +495,7 @@ def test_an_offline_bundle_refines_from_the_devices_log(tmp_path, capsys):
     second = json.loads((tmp_path / "b2" / measure.BUNDLE).read_text())["candidates"]
     near = tune.neighbours(SPEC, target, "decode", fastest["config"])
     measured = [r["config"] for r in log["records"]]
-    default = rule_for("decode", "llvm").default(SPEC, target.info)
+    default = schedules.default_config("decode", SPEC, target.info)
     assert [c["config"] for c in second] == [default] + [c for c in near if c not in measured][:2]
     (tmp_path / "r2.json").write_text(json.dumps(measure.measure_bundle(tmp_path / "b2", "cpu",
                                                                          progress=lambda line: None)))

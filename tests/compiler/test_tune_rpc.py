@@ -18,6 +18,7 @@ from pgen import tune, tuning_log  # noqa: E402
 from pgen.rpc import RpcRunner, parse_tracker  # noqa: E402
 from pgen_runtime.errors import TuneError  # noqa: E402
 from pgen_runtime.spec import AttentionSpec  # noqa: E402
+from pgen import schedules
 
 SPEC = AttentionSpec(num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16, dtype="float32")
 WORKLOAD = {"decode": {"seq_lens": [256, 256]}, "extend": {"seq_lens": [96, 64], "new_tokens": [32, 16]}}
@@ -122,11 +123,10 @@ def test_unreachable_tracker_fails_fast():
 
 def test_remote_candidate_with_a_wrong_output_gets_infinite_time_guard_step_timed_too(tracker, tmp_path, monkeypatch):
     from pgen import rpc
-    from pgen.schedules import rule_for
     from pgen.target import parse_targets
 
     target = parse_targets("llvm")[0]
-    config = rule_for("decode", "llvm").default(SPEC, target.info)
+    config = schedules.default_config("decode", SPEC, target.info)
     library = tune._build_candidate(SPEC, target, "decode", config, tmp_path / "cand")
     # With a guard step (pgen_runtime.measure.GPU_DECODE_GUARD): timed and checked there too.
     cand = tune.Candidate("decode", config, {**WORKLOAD["decode"], "guard": {"seq_lens": [600]}}, "k", True)

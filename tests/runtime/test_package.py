@@ -15,7 +15,7 @@ import tvm_ffi
 
 import pgen_runtime
 from pgen import AttentionSpec, PackageError
-from pgen.lower import KERNELS
+from pgen_runtime.kernel_table import KERNEL_NAMES as KERNELS
 from pgen.package import package
 from pgen_runtime import _tvm_libs, load_package
 from pgen_runtime import target as runtime_target

@@ -7,11 +7,14 @@ anything is built.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 from tvm.script import tirx as T
+from tvm.tirx.script.parser.entry import TIRMacro, scan_macro
 
 from pgen_runtime.spec import AttentionSpec
 
@@ -40,16 +43,28 @@ class TargetInfo:
 
 
 class ScheduleRule:
-    """Base class: subclasses set `kernel` and `target_kind`, and implement the hooks."""
+    """One kernel variant: subclasses set `kernel` and `target_kind` and implement the hooks.
+
+    A config is a dict of the rule's knob values plus "rule": the rule's name, so a config (a
+    tuning record, a manifest entry) always says which variant it builds.
+    """
 
     kernel: str = ""
     target_kind: str = ""
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def supports(self, spec: AttentionSpec, target: TargetInfo) -> str | None:
+        """Why this variant cannot run `spec` on `target` at all, or None when it can."""
+        return None
 
     def knobs(self, spec: AttentionSpec, target: TargetInfo) -> tuple[Knob, ...]:
         return ()
 
     def default(self, spec: AttentionSpec, target: TargetInfo) -> dict[str, Any]:
-        return {k.name: k.default for k in self.knobs(spec, target)}
+        return {"rule": self.name, **{k.name: k.default for k in self.knobs(spec, target)}}
 
     def check(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]) -> str | None:
         """Return why `config` cannot run on `target`, or None when it can."""
@@ -63,9 +78,10 @@ class ScheduleRule:
         """Every configuration of the knob space that passes `check`, default first."""
         knobs = self.knobs(spec, target)
         default = self.default(spec, target)
-        yield default
+        if self.check(spec, target, default) is None:  # a variant may not fit the target at all
+            yield default
         for values in itertools.product(*(k.choices for k in knobs)):
-            config = dict(zip((k.name for k in knobs), values))
+            config = {"rule": self.name, **dict(zip((k.name for k in knobs), values))}
             if config != default and self.check(spec, target, config) is None:
                 yield config
 
@@ -117,3 +133,61 @@ def attention_func(spec: AttentionSpec, body):
         body(q, kv_pool, block_tables, q_indptr, seq_lens, out, num_splits, max_q_tiles, B, NT)
 
     return attention
+
+
+@functools.cache
+def _source(func):
+    """A stage's parsed source: read once per process (inspect reads the file each time)."""
+    return scan_macro(func, {})[0]
+
+
+class _Stage(TIRMacro):
+    """A TVMScript macro that sees both its call site's names and the values it was bound to."""
+
+    def __init__(self, func, names: dict[str, Any]) -> None:
+        super().__init__(_source(func), {}, func, hygienic=False)
+        used = set(func.__code__.co_names)
+        self.globals = {k: v for k, v in func.__globals__.items() if k in used}
+        self.names = names
+
+    def _find_parser_def(self):
+        # TVM's version builds inspect.FrameInfo (source lines included) for every outer frame at
+        # every call: with a template's dozens of stage expansions that was most of a build's time.
+        frame = sys._getframe(1)
+        while frame is not None:
+            parser = frame.f_globals.get(self.parser_object_name)
+            if parser is not None:
+                return parser
+            frame = frame.f_back
+        raise RuntimeError(f"{self.parser_object_name} not available: a stage runs inside TVMScript only")
+
+    def __call__(self, *args, **kwargs):
+        parser = self._find_parser_def()
+        with parser.var_table.with_frame():
+            for table in (self.globals, self.names):
+                for key, value in table.items():
+                    parser.var_table.add(key, value)
+            return super().__call__(*args, **kwargs)
+
+
+def stage(func, names: dict[str, Any]):
+    """`func`'s body (TVMScript) as a stage of a template: expanded in place where it is called,
+    it uses the buffers and loop variables of that block, the template's Python values `names`
+    (shared, not copied: a template binds every stage to one table holding all of them) and the
+    globals of its module. A name in `names` hides one of the call site's; arguments hide both.
+
+    NOTE: TVM's `T.macro` offers either scope (hygienic: the definition's; otherwise: the call
+    site's); a template split into stages needs both. The macro object is made per template
+    instance, so its block-name suffix counter (one per expansion) starts from zero each build.
+    """
+    macro = _Stage(func, names)
+    return lambda *args, **kwargs: macro(*args, **kwargs)
+
+
+def instantiate(spec: AttentionSpec, names: dict[str, Any], stages: dict[str, Any]):
+    """The PrimFunc of an attention template written in stages: every stage function of `stages`
+    bound (`stage`) to the template's values `names` and to the other stages by name, and
+    `stages["body"]` run inside `attention_func`."""
+    for name, func in stages.items():
+        names[name] = stage(func, names)
+    return attention_func(spec, names["body"])

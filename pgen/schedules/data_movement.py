@@ -1,0 +1,154 @@
+"""The data-movement kernels (cache write, block copy, swap): their loop nests and their rule.
+
+The loop nests are plain TIR (one block, spatial loops, head_dim innermost); the rule schedules
+them for CPU and CUDA. Step 1 check: the PrimFunc is one of pgen's data-movement nests (one block, spatial loops, head_dim
+innermost). Step 2 normalize: fuse every loop but the innermost. Step 3 schedule: on CPU, parallel
+outer and vectorized head_dim; on CUDA, `vector` elements per thread for wide loads and stores.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvm import s_tir
+from tvm.script import tirx as T
+
+from pgen_runtime.spec import DTYPE_BYTES, AttentionSpec
+
+from .base import Knob, ScheduleRule, TargetInfo, elem_bytes
+
+
+
+def cache_write(spec: AttentionSpec):
+    """k, v [T, Hkv, D] -> pool at slot_mapping[t] (block * block_size + offset); slot < 0 skips."""
+    hkv, d, bs, dtype, kv_dtype = spec.num_kv_heads, spec.head_dim, spec.block_size, spec.dtype, spec.kv_dtype
+
+    @T.prim_func(s_tir=True)
+    def func(k_h: T.handle, v_h: T.handle, pool_h: T.handle, slots_h: T.handle):
+        NT = T.int32()
+        NB = T.int32()
+        k = T.match_buffer(k_h, (NT, hkv, d), dtype, align=elem_bytes(dtype))
+        v = T.match_buffer(v_h, (NT, hkv, d), dtype, align=elem_bytes(dtype))
+        kv_pool = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
+        slot_mapping = T.match_buffer(slots_h, (NT,), "int32", align=4)
+        for t, c, h, x in T.grid(NT, 2, hkv, d):
+            with T.sblock("write"):
+                vt, vc, vh, vx = T.axis.remap("SSSS", [t, c, h, x])
+                T.reads(slot_mapping[vt], k[vt, vh, vx], v[vt, vh, vx])
+                T.writes(kv_pool[slot_mapping[vt] // bs, vc, vh, slot_mapping[vt] % bs, vx])
+                if slot_mapping[vt] >= 0:
+                    kv_pool[slot_mapping[vt] // bs, vc, vh, slot_mapping[vt] % bs, vx] = T.cast(
+                        T.if_then_else(vc == 0, k[vt, vh, vx], v[vt, vh, vx]), kv_dtype
+                    )
+
+    return func
+
+
+def copy_blocks(spec: AttentionSpec):
+    """pool[pairs[p, 1]] = pool[pairs[p, 0]] for every pair (copy-on-write)."""
+    hkv, d, bs, kv_dtype = spec.num_kv_heads, spec.head_dim, spec.block_size, spec.kv_dtype
+
+    @T.prim_func(s_tir=True)
+    def func(pool_h: T.handle, pairs_h: T.handle):
+        NB = T.int32()
+        NP = T.int32()
+        kv_pool = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
+        pairs = T.match_buffer(pairs_h, (NP, 2), "int32", align=4)
+        for p, c, h, t, x in T.grid(NP, 2, hkv, bs, d):
+            with T.sblock("copy"):
+                vp, vc, vh, vt, vx = T.axis.remap("SSSSS", [p, c, h, t, x])
+                # NOTE: reads and writes share the pool; declaring only the table as read keeps
+                # the block "complete" for scheduling. The caller guarantees no destination is
+                # also a source, so the iterations are independent.
+                T.reads(pairs[vp, 0:2])
+                T.writes(kv_pool[pairs[vp, 1], vc, vh, vt, vx])
+                kv_pool[pairs[vp, 1], vc, vh, vt, vx] = kv_pool[pairs[vp, 0], vc, vh, vt, vx]
+
+    return func
+
+
+def swap_out(spec: AttentionSpec):
+    """buf[i] = pool[block_ids[i]]: gather blocks into one contiguous buffer."""
+    hkv, d, bs, kv_dtype = spec.num_kv_heads, spec.head_dim, spec.block_size, spec.kv_dtype
+
+    @T.prim_func(s_tir=True)
+    def func(pool_h: T.handle, ids_h: T.handle, buf_h: T.handle):
+        NB = T.int32()
+        N = T.int32()
+        kv_pool = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
+        block_ids = T.match_buffer(ids_h, (N,), "int32", align=4)
+        buf = T.match_buffer(buf_h, (N, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
+        for i, c, h, t, x in T.grid(N, 2, hkv, bs, d):
+            with T.sblock("gather"):
+                vi, vc, vh, vt, vx = T.axis.remap("SSSSS", [i, c, h, t, x])
+                buf[vi, vc, vh, vt, vx] = kv_pool[block_ids[vi], vc, vh, vt, vx]
+
+    return func
+
+
+def swap_in(spec: AttentionSpec):
+    """pool[block_ids[i]] = buf[i]: scatter a contiguous buffer back into the pool."""
+    hkv, d, bs, kv_dtype = spec.num_kv_heads, spec.head_dim, spec.block_size, spec.kv_dtype
+
+    @T.prim_func(s_tir=True)
+    def func(buf_h: T.handle, ids_h: T.handle, pool_h: T.handle):
+        NB = T.int32()
+        N = T.int32()
+        buf = T.match_buffer(buf_h, (N, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
+        block_ids = T.match_buffer(ids_h, (N,), "int32", align=4)
+        kv_pool = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
+        for i, c, h, t, x in T.grid(N, 2, hkv, bs, d):
+            with T.sblock("scatter"):
+                vi, vc, vh, vt, vx = T.axis.remap("SSSSS", [i, c, h, t, x])
+                kv_pool[block_ids[vi], vc, vh, vt, vx] = buf[vi, vc, vh, vt, vx]
+
+    return func
+
+
+DATA_MOVEMENT = {
+    "cache_write": cache_write,
+    "copy_blocks": copy_blocks,
+    "swap_out": swap_out,
+    "swap_in": swap_in,
+}
+
+class DataMovement(ScheduleRule):
+    """Schedules `DATA_MOVEMENT[kernel](spec)` for one target kind."""
+
+    def __init__(self, kernel: str, target_kind: str) -> None:
+        self.kernel = kernel
+        self.target_kind = target_kind
+
+    def knobs(self, spec: AttentionSpec, target: TargetInfo) -> tuple[Knob, ...]:
+        if self.target_kind == "cuda":
+            vec = tuple(v for v in (1, 2, 4, 8) if spec.head_dim % v == 0 and v * DTYPE_BYTES[spec.kv_dtype] <= 16)
+            return (Knob("threads", (64, 128, 256, 512), 256), Knob("vector", vec, vec[-1]))
+        lanes = tuple(v for v in (4, 8, 16, 32) if spec.head_dim % v == 0)
+        return (Knob("vector", lanes, 16 if 16 in lanes else lanes[-1]),)
+
+    def check(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]) -> str | None:
+        if spec.head_dim % config["vector"]:
+            return f"vector {config['vector']} does not divide head_dim {spec.head_dim}"
+        if config.get("threads", 1) > target.max_threads_per_block:
+            return f"threads {config['threads']} > the target's limit {target.max_threads_per_block}"
+        return None
+
+    def apply(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]):
+        if target.kind != self.target_kind or self.kernel not in DATA_MOVEMENT:
+            return None
+        func = DATA_MOVEMENT[self.kernel](spec)
+        sch = s_tir.Schedule(func)
+        (block,) = sch.get_child_blocks(sch.get_sblock("root"))
+        loops = sch.get_loops(block)
+        outer = sch.fuse(*loops[:-1])
+        inner_o, inner_i = sch.split(loops[-1], [None, config["vector"]])
+        if target.kind == "llvm":
+            sch.parallel(outer)
+            sch.vectorize(inner_i)
+        else:
+            fused = sch.fuse(outer, inner_o)
+            bx, tx = sch.split(fused, [None, config["threads"]])
+            sch.bind(bx, "blockIdx.x")
+            sch.bind(tx, "threadIdx.x")
+            sch.vectorize(inner_i)
+        return sch.mod["main"].with_attr("tirx.is_scheduled", True)
