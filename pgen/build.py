@@ -81,9 +81,12 @@ def choose_configs(spec: AttentionSpec, target: BuildTarget,
     """Per kernel: an explicit override, else the best tuning record for this target, else the
     default variant's default config.
 
-    An override sets knobs of the default variant, or of the variant it names ("rule").
+    An override sets knobs of the default variant, or of the variant it names ("rule"); one that
+    names a variant of another target kind (a CUDA rule in an llvm + CUDA package) leaves this
+    target's choice alone.
     """
-    overrides = overrides or {}
+    overrides = {name: o for name, o in (overrides or {}).items()
+                 if "rule" not in o or o["rule"] in _rule_names(name, target.kind)}
     tuned, stale = tuning_log.best_configs(spec, target)
     info = target.info
     choices = {}
@@ -100,6 +103,10 @@ def choose_configs(spec: AttentionSpec, target: BuildTarget,
             raise BuildError(f"{name} config {config} ({source}) cannot run on {target.name}: {reason}")
         choices[name] = KernelChoice(config=config, source=source, rule=config["rule"])
     return choices
+
+
+def _rule_names(kernel: str, target_kind: str) -> set[str]:
+    return {r.name for r in schedules.rules_for(kernel, target_kind)}
 
 
 def _overridden(name: str, spec: AttentionSpec, target: BuildTarget, override: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,11 @@ import pytest
 import reference
 from kernel_grid import SMOKE_SPECS
 
+import numpy as np
+
+import pgen
 from pgen import AttentionSpec, BuildError
+from pgen_runtime import ConfigError, PagedKernels
 from pgen.build import build_library
 from pgen.cli import main
 from pgen_runtime.kernel_table import KERNEL_NAMES as KERNELS
@@ -245,3 +249,33 @@ def test_default_tensor_core_kernels_of_each_shipped_spec_build_without_spills(n
         assert extend["local_stores"] <= 1 and extend["local_loads"] <= 1, (arch, config, extend)
         (entry,) = [k for k in kernels if k["name"] == "decode_kernel"]
         assert entry["local_stores"] == 0 and entry["local_loads"] == 0, (arch, decode, entry)
+
+
+def test_overrides_name_a_variant_and_apply_to_its_target_kind_only():
+    from pgen.build import choose_configs
+
+    spec = AttentionSpec(num_q_heads=14, num_kv_heads=2, head_dim=64, block_size=16, dtype="float16")
+    cpu, gpu = parse_targets("llvm,cuda:sm_90")
+    override = {"decode": {"rule": "CudaDecodeSimt", "group_rows": 7}}
+    assert choose_configs(spec, cpu, override)["decode"].source != "override"  # a CUDA rule: not the CPU's
+    chosen = choose_configs(spec, gpu, override)["decode"]
+    assert (chosen.rule, chosen.source, chosen.config["group_rows"]) == ("CudaDecodeSimt", "override", 7)
+    assert choose_configs(spec, gpu)["decode"].rule == "CudaDecodeMma"  # the default variant: tensor cores
+    with pytest.raises(BuildError, match="name the variant: rule=CudaDecodeSimt"):
+        choose_configs(spec, gpu, {"decode": {"group_rows": 7}})  # not a knob of the default variant
+    with pytest.raises(BuildError, match="not knobs of CpuDecode"):
+        choose_configs(spec, cpu, {"decode": {"mma_warps": 2}})
+    fp32 = AttentionSpec(num_q_heads=14, num_kv_heads=2, head_dim=64, block_size=16, dtype="float32")
+    assert choose_configs(fp32, gpu)["decode"].rule == "CudaDecodeSimt"  # the fallback
+
+
+def test_kernels_are_bound_by_the_kernel_table():
+    from pgen_runtime.kernel_table import SIGNATURES
+
+    kernels = pgen.build_kernels(AttentionSpec(num_q_heads=4, num_kv_heads=2, head_dim=32, block_size=4, dtype="float32"))
+    with pytest.raises(ConfigError, match="not pgen kernels"):
+        PagedKernels(kernels.spec, {**kernels._fn, "prefill": kernels._fn["extend"]}, "cpu", kernels.configs)
+    partial = PagedKernels(kernels.spec, {"decode": kernels._fn["decode"]}, "cpu", kernels.configs)
+    with pytest.raises(ConfigError, match="hold no copy_blocks"):
+        partial.copy_blocks(kernels.new_pool(4), np.array([[1, 2]], np.int32))
+    assert SIGNATURES["swap_in"].params == ("buf", "block_ids", "kv_pool")
