@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -224,3 +225,14 @@ def export(family: str, variant: str, path: str | Path, seed: int = 0) -> Path:
     onnx.helper.set_model_props(proto, {"eos_token_id": str(EOS_TOKEN_ID), "pgen.family": family})
     onnx.save(proto, str(path))
     return path
+
+
+MAX_TOKENS = 32
+
+
+def prompts() -> list[list[int]]:
+    """Four prompts of different lengths (1 to 4 blocks of 16) and two that share a 40-token prefix."""
+    rng = np.random.default_rng(1)
+    pick = lambda n: [int(t) for t in rng.integers(3, 256, n)]  # noqa: E731  # 0..2 are special ids
+    shared = pick(40)
+    return [pick(5), pick(17), pick(33), pick(60), shared + pick(1), shared + pick(2)]

@@ -11,19 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from builders import EOS_TOKEN_ID, export  # noqa: E402
+from builders import EOS_TOKEN_ID, MAX_TOKENS, export, prompts  # noqa: E402
 from pgen.onnx.verify import ort_generate  # noqa: E402
-
-MAX_TOKENS = 32
-
-
-def prompts() -> list[list[int]]:
-    """Four prompts of different lengths (1 to 4 blocks of 16) and two that share a 40-token prefix."""
-    rng = np.random.default_rng(1)
-    pick = lambda n: [int(t) for t in rng.integers(3, 256, n)]  # noqa: E731  # 0..2 are special ids
-    shared = pick(40)
-    return [pick(5), pick(17), pick(33), pick(60), shared + pick(1), shared + pick(2)]
-
 
 @functools.cache
 def _built(family: str, variant: str, root: str) -> tuple[Path, Path]:

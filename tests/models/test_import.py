@@ -119,7 +119,7 @@ def test_cli_reports_import_errors(tmp_path, capsys):
 
 
 def reference_prompt() -> list[int]:
-    from conftest import prompts
+    from builders import prompts
 
     return prompts()[0]
 

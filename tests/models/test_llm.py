@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from builders import FAMILIES, VARIANTS
-from conftest import MAX_TOKENS, prompts
+from builders import MAX_TOKENS, prompts
 from pgen_runtime import LLM, SamplingParams
 
 SETTINGS = {
