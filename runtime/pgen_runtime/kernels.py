@@ -103,10 +103,10 @@ class PagedKernels:
         tables, lens = _host(block_tables, "block_tables"), _host(seq_lens, "seq_lens")
         indptr = _host(q_indptr, "q_indptr")
         self._check_tables(tables, lens, num_blocks)
-        if indptr.shape != (len(lens) + 1,) or indptr[0] != 0 or np.any(np.diff(indptr) < 0):
+        new = np.diff(indptr) if indptr.ndim == 1 else indptr
+        if indptr.shape != (len(lens) + 1,) or indptr[0] != 0 or (len(new) and new.min() < 0):
             raise ShapeError(f"q_indptr must be [batch+1] = [{len(lens) + 1}] non-decreasing from 0; "
                              f"got shape {indptr.shape} starting {indptr[:1].tolist()}")
-        new = np.diff(indptr)
         if np.any(new > lens):
             b = int(np.argmax(new > lens))
             raise ShapeError(f"sequence {b} has {int(new[b])} new tokens but seq_lens[{b}]={int(lens[b])}; "
@@ -239,7 +239,7 @@ class PagedKernels:
             raise ShapeError(f"block_tables must be [batch, max_blocks] and seq_lens [batch]; got {tables.shape} "
                              f"and {lens.shape}")
         capacity = tables.shape[1] * self.spec.block_size
-        if np.any(lens < 1) or np.any(lens > capacity):
+        if len(lens) and (lens.min() < 1 or lens.max() > capacity):
             b = int(np.argmax((lens < 1) | (lens > capacity)))
             raise ShapeError(f"seq_lens[{b}]={int(lens[b])} is outside 1..{capacity} (the table holds "
                              f"{tables.shape[1]} blocks of {self.spec.block_size}); grow block_tables")
@@ -248,8 +248,9 @@ class PagedKernels:
             self._check_ids(tables[used], "block_tables", num_blocks)
 
     def _check_ids(self, ids: np.ndarray, name: str, num_blocks: int) -> None:
-        bad = (ids < 0) | (ids >= num_blocks) | (ids == NULL_BLOCK_ID)
-        if np.any(bad):
+        # The null block is id 0 (spec.NULL_BLOCK_ID): valid ids are 1..num_blocks - 1.
+        if ids.size and (ids.min() < 1 or ids.max() >= num_blocks):
+            bad = (ids < 0) | (ids >= num_blocks) | (ids == NULL_BLOCK_ID)
             raise ShapeError(f"{name} holds block id {int(ids[bad][0])}; valid ids are 1..{num_blocks - 1} "
                              f"(0 is the reserved null block)")
 

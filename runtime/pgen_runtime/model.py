@@ -131,6 +131,8 @@ class PagedModel:
 
 
 def _check_range(name: str, values: np.ndarray, end: int, why: str, low: int = 0) -> None:
-    bad = (values < low) | (values >= end)
-    if np.any(bad):
+    # NOTE: min/max first (two reductions): masks and their `any` cost more than the step's
+    # attention on a batch of one; the mask is built only to name the bad value.
+    if len(values) and (values.min() < low or values.max() >= end):
+        bad = (values < low) | (values >= end)
         raise ShapeError(f"{name} holds {int(values[bad][0])}, outside [{low}, {end}): {why}")
