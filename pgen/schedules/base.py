@@ -98,8 +98,8 @@ def elem_bytes(dtype: str) -> int:
 
 def attention_func(spec: AttentionSpec, body):
     """The PrimFunc every decode and extend rule returns: the runtime's calling convention around
-    `body`, a hygienic `T.macro` called with (q, kv_pool, block_tables, q_indptr, seq_lens, out,
-    num_splits, max_q_tiles, B, NT), which holds the rule's own workspace and loops.
+    `body`, a macro (a template's `_body` stage) called with (q, kv_pool, block_tables, q_indptr,
+    seq_lens, out, num_splits, max_q_tiles, B, NT), which holds the rule's own workspace and loops.
 
     q and out are [NT, Hq, D]; the pool [NB, 2, Hkv, block_size, D]; block tables int32 [B, MB];
     q_indptr [B + 1] (decode passes 0..B); `num_splits` and `max_q_tiles` are the launch's
