@@ -86,7 +86,7 @@ def choose_configs(spec: AttentionSpec, target: BuildTarget,
     target's choice alone.
     """
     overrides = {name: o for name, o in (overrides or {}).items()
-                 if "rule" not in o or o["rule"] in _rule_names(name, target.kind)}
+                 if "rule" not in o or o["rule"] in {r.name for r in schedules.rules_for(name, target.kind)}}
     tuned, stale = tuning_log.best_configs(spec, target)
     info = target.info
     choices = {}
@@ -103,10 +103,6 @@ def choose_configs(spec: AttentionSpec, target: BuildTarget,
             raise BuildError(f"{name} config {config} ({source}) cannot run on {target.name}: {reason}")
         choices[name] = KernelChoice(config=config, source=source, rule=config["rule"])
     return choices
-
-
-def _rule_names(kernel: str, target_kind: str) -> set[str]:
-    return {r.name for r in schedules.rules_for(kernel, target_kind)}
 
 
 def _overridden(name: str, spec: AttentionSpec, target: BuildTarget, override: dict[str, Any]) -> dict[str, Any]:

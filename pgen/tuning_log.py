@@ -103,7 +103,7 @@ def _check_record(path: Path, rec: Any, spec: AttentionSpec, target_kind: str) -
     if not current(rec, target_kind):
         # A measurement of older schedule code is never used; its knobs may have changed since.
         return
-    rule = _rule(rec, target_kind)
+    rule = schedules.rule_named(rec["kernel"], target_kind, rec["config"]["rule"])
     knobs = {k.name: k for k in rule.knobs(spec, _info(target_kind))}
     unknown = sorted(set(rec["config"]) - knobs.keys() - {"rule"})
     if unknown:
@@ -113,11 +113,6 @@ def _check_record(path: Path, rec: Any, spec: AttentionSpec, target_kind: str) -
         if name != "rule" and value not in knobs[name].choices:
             raise TuneError(f"tuning log {path}: {rec['kernel']} knob {name}={value!r} is not one of "
                             f"{list(knobs[name].choices)}; re-run pgen tune")
-
-
-def _rule(rec: dict[str, Any], target_kind: str):
-    """The rule a (current) record's config names."""
-    return next(r for r in schedules.rules_for(rec["kernel"], target_kind) if r.name == rec["config"]["rule"])
 
 
 def schedule_version(kernel: str, target_kind: str, rule: str) -> str:
@@ -133,9 +128,7 @@ def schedule_version(kernel: str, target_kind: str, rule: str) -> str:
 
 @functools.cache
 def _schedule_version(kernel: str, target_kind: str, rule: str) -> str:
-    (found,) = [r for r in schedules.rules_for(kernel, target_kind) if r.name == rule] or [None]
-    if found is None:
-        raise KeyError(f"{rule!r} is not a {kernel} rule for {target_kind}")
+    found = schedules.rule_named(kernel, target_kind, rule)
     h = hashlib.sha256()
     for path in sorted(_module_files(type(found).__module__)):
         h.update(path.read_bytes())

@@ -38,6 +38,19 @@ def rules_for(kernel: str, target_kind: str) -> tuple[ScheduleRule, ...]:
         raise KeyError(f"no schedule rule for kernel {kernel!r} on {target_kind!r}") from None
 
 
+def rule_named(kernel: str, target_kind: str, name: str) -> ScheduleRule:
+    """The variant of `kernel` on `target_kind` called `name`.
+
+    Raises:
+        KeyError: no such variant; the message lists the variants.
+    """
+    rules = rules_for(kernel, target_kind)
+    for rule in rules:
+        if rule.name == name:
+            return rule
+    raise KeyError(f"{name!r} is not a {kernel} rule for {target_kind} (the rules are {[r.name for r in rules]})")
+
+
 def applicable(kernel: str, spec: AttentionSpec, target: TargetInfo) -> tuple[ScheduleRule, ...]:
     """The variants of `kernel` that support `spec` on `target`, in order."""
     return tuple(rule for rule in rules_for(kernel, target.kind) if rule.supports(spec, target) is None)
@@ -50,13 +63,9 @@ def rule_for(kernel: str, spec: AttentionSpec, target: TargetInfo, config: dict[
     Raises:
         KeyError: `config` names a rule that is not a variant of `kernel` on this target kind.
     """
-    rules = rules_for(kernel, target.kind)
     if config is not None and "rule" in config:
-        for rule in rules:
-            if rule.name == config["rule"]:
-                return rule
-        raise KeyError(f"{config['rule']!r} is not a {kernel} rule for {target.kind} "
-                       f"(the rules are {[r.name for r in rules]})")
+        return rule_named(kernel, target.kind, config["rule"])
+    rules = rules_for(kernel, target.kind)
     for rule in rules:
         if rule.supports(spec, target) is None and rule.check(spec, target, rule.default(spec, target)) is None:
             return rule
@@ -81,4 +90,4 @@ def schedule(kernel: str, spec: AttentionSpec, target: TargetInfo, config: dict[
 
 
 __all__ = ["CUDA_PRELUDE", "RULES", "Knob", "ScheduleRule", "TargetInfo", "applicable", "check",
-           "default_config", "rule_for", "rules_for", "schedule"]
+           "default_config", "rule_for", "rule_named", "rules_for", "schedule"]

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from pgen_runtime.spec import AttentionSpec
 
 from . import cuda_simt
-from .base import Knob, ScheduleRule, TargetInfo
+from .base import Knob, TargetInfo
 from .cuda_common import MAX_SPLITS
 
 
-class CudaDecodeSimt(ScheduleRule):
+class CudaDecodeSimt(cuda_simt.SimtRule):
     """A block: one sequence's query row times a KV head's GQA group, over one split of its keys."""
 
     kernel = "decode"
-    target_kind = "cuda"
 
     def knobs(self, spec: AttentionSpec, target: TargetInfo) -> tuple[Knob, ...]:
         knobs = (*cuda_simt.lane_knobs(spec, key_lanes=4),
@@ -24,11 +21,3 @@ class CudaDecodeSimt(ScheduleRule):
             # 1, or the whole group per thread: each K/V element is then read and converted once for all rows.
             knobs += (Knob("group_rows", (1, spec.group_size), 1),)
         return knobs
-
-    def check(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]) -> str | None:
-        return cuda_simt.check(spec, target, config)
-
-    def apply(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]):
-        if target.kind != self.target_kind:
-            return None
-        return cuda_simt.attention(spec, True, config)

@@ -29,7 +29,7 @@ from tvm.script import tirx as T
 
 from pgen_runtime.spec import DTYPE_BYTES, AttentionSpec
 
-from .base import Knob, TargetInfo, instantiate
+from .base import Knob, ScheduleRule, TargetInfo, instantiate
 from .cuda_common import NEG, check_limits, score_constants, split_merge
 
 
@@ -42,6 +42,20 @@ def lane_knobs(spec: AttentionSpec, key_lanes: int) -> tuple[Knob, ...]:
         Knob("key_lanes", (1, 2, 4, 8), key_lanes),  # threadIdx.z: key lanes scoring a tile side by side
         Knob("tokens_per_lane", (1, 2, 4, 8), 4),  # keys per lane and tile: independent dot products in flight
     )
+
+
+class SimtRule(ScheduleRule):
+    """A variant built from this template (decode or extend): the two differ in knobs only."""
+
+    target_kind = "cuda"
+
+    def check(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]) -> str | None:
+        return check(spec, target, config)
+
+    def apply(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]):
+        if target.kind != self.target_kind:
+            return None
+        return attention(spec, self.kernel == "decode", config)
 
 
 def check(spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]) -> str | None:
