@@ -164,9 +164,10 @@ def model_pipeline(target: BuildTarget) -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="pgen.ScheduleDense")
     def schedule_dense(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        constants = constant_arguments(mod)
         for gvar, func in list(mod.functions.items()):
             if isinstance(func, tvm.tirx.PrimFunc):
-                scheduled = cpu_dense.apply(func, target.info)
+                scheduled = cpu_dense.apply(func, target.info, constant_params=constants.get(gvar.name_hint, frozenset()))
                 if scheduled is not None:
                     mod[gvar] = scheduled
         return mod
@@ -180,8 +181,58 @@ def model_pipeline(target: BuildTarget) -> tvm.transform.Pass:
 
     # Sampling and sort/scan ops dispatch to their library kernels before "zero" legalizes them.
     return tvm.transform.Sequential([checked_take(), backend.DispatchSampling(), backend.DispatchSortScan(),
-                                     relax.get_pipeline("zero"), schedule_dense, relax.get_pipeline("default"),
+                                     relax.get_pipeline("zero"), schedule_dense,
+                                     # The weights' packing runs here, once: packed constants replace them.
+                                     split_weight_packing(), relax.transform.FoldConstant(),
+                                     relax.get_pipeline("default"),
                                      element_aligned], name="pgen.model_pipeline")
+
+
+def split_weight_packing() -> tvm.transform.Pass:
+    """Relax's SplitLayoutRewritePreproc on the functions that pack a weight (`cpu_dense`).
+
+    NOTE: TVM 0.27's pass visits every PrimFunc and fails ("There should be at least a block in
+    the subtree") on one without blocks, as pgen's attention kernels are; it runs here on a module
+    of the Relax functions and the packing PrimFuncs only, and the others are put back after.
+    """
+    split = relax.transform.SplitLayoutRewritePreproc()
+
+    def packs(func) -> bool:
+        return func.attrs is not None and bool(func.attrs.get(cpu_dense.PACKS_WEIGHT, False))
+
+    @tvm.transform.module_pass(opt_level=0, name="pgen.SplitWeightPacking")
+    def split_packing(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        kept = {gv: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and not packs(f)}
+        if len(kept) == sum(isinstance(f, tvm.tirx.PrimFunc) for f in mod.functions.values()):
+            return mod
+        out = split(tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv not in kept}, attrs=mod.attrs))
+        for gv, f in kept.items():
+            out[gv] = f
+        return out
+
+    return split_packing
+
+
+def constant_arguments(mod: tvm.IRModule) -> dict[str, frozenset[int]]:
+    """Per PrimFunc (by name), the positions of the arguments that every `call_tir` of it passes a
+    constant: the weights a dense layer may repack at compile time."""
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    found: dict[str, frozenset[int]] = {}
+
+    @relax.expr_functor.visitor
+    class _Calls(relax.PyExprVisitor):
+        def visit_call_(self, call):
+            super().visit_call_(call)
+            if call.op.same_as(call_tir):
+                name = call.args[0].name_hint
+                args = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else [call.args[1]]
+                mine = frozenset(n for n, a in enumerate(args) if isinstance(a, tvm.ir.expr.GenericConst))
+                found[name] = found[name] & mine if name in found else mine
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            _Calls().visit_expr(func)
+    return found
 
 
 def checked_take() -> tvm.transform.Pass:

@@ -7,13 +7,19 @@ dense schedules use:
 
 Step 1 check: the function holds one reduction block with two inputs, iterators (unit dims.., i, j,
 k) and a float32 output; every other block is elementwise after it (bias, residual add, SiLU
-gating). Step 2 normalize: pad j to the tile width (`pad_einsum`: a vocabulary of 259 becomes 288
-with 32-wide tiles) and inline the epilogue into its last block. Step 3 schedule: tile (i, j) into
-`rows` x `cols`, loop k outside the tile so each B vector is reused `rows` times, keep the tile in
-registers (a stack array under TVM's 1 KiB limit, see the NOTE in `apply`), vectorize j, run the
-epilogue on the tile as it leaves the registers, and spread the (i, j) tiles over the threads.
-Defaults measured on the tiny model's seven dense layers (znver5, 2 threads): rows 4 x cols 32
-takes 185 us at 64 tokens where 1 x 64 takes 275 us and the unscheduled loops 9 ms.
+gating). Step 2 normalize: pad i to the row tile and j to the column tile (`pad_einsum`: a
+vocabulary of 259 becomes 288 with 32-wide tiles; the token rows of A are copied padded, so no row
+predicate sits inside the k loop), inline the epilogue into its last block, and, when the weight is
+a constant (`constant_params`), read it packed as [N / cols, K, cols] (see `_pack_weight`). Step 3
+schedule: tile (i, j) into `rows` x `cols`, loop k outside the tile so each B vector is reused
+`rows` times, keep the tile in registers (a stack array under TVM's 1 KiB limit, see the NOTE in
+`apply`), vectorize j, run the epilogue on the tile as it leaves the registers, and spread the
+(column panel, row tile) pairs over the threads, row tiles inner.
+
+Measured (`bench/model.py --models qwen0.5b`, Zen 4, 2 threads; docs/performance.md): packing and
+the padded rows took a batch-32 step of the Qwen2.5-0.5B shape from 489 to 151 ms (the row
+predicate had kept the accumulators in memory: a load and store around every FMA) and batch 1 from
+86 to 66 ms (weights read at a stride of a whole row per k, a new page every few k).
 """
 
 from __future__ import annotations
@@ -70,16 +76,27 @@ def _is_one(expr) -> bool:
 
 
 def _is_float32(region) -> bool:
-    buffer = getattr(region, "buffer", None) or region.source  # TVM 0.27: a TensorRegion's source
-    return buffer.dtype == "float32"
+    return _buffer(region).dtype == "float32"
+
+
+def _buffer(region) -> tirx.Buffer:
+    return getattr(region, "buffer", None) or region.source  # TVM 0.27: a TensorRegion's source
 
 
 def _is_elementwise(block) -> bool:
     return all(iv.iter_type == tirx.IterVar.DataPar for iv in block.iter_vars)
 
 
-def apply(func: tirx.PrimFunc, target: TargetInfo, config: dict[str, Any] | None = None) -> tirx.PrimFunc | None:
-    """The scheduled function, or None when `func` is not a dense layer this rule knows."""
+def apply(func: tirx.PrimFunc, target: TargetInfo, config: dict[str, Any] | None = None,
+          constant_params: frozenset[int] = frozenset()) -> tirx.PrimFunc | None:
+    """The scheduled function, or None when `func` is not a dense layer this rule knows.
+
+    `constant_params`: positions of the parameters that every caller passes a constant (a weight).
+    A constant 2-D weight B[k, j] is read through a packed copy B_packed[j // cols, k, j % cols],
+    made by a block marked `meta_schedule.layout_rewrite_preproc`: Relax's
+    SplitLayoutRewritePreproc moves it into its own function and FoldConstant runs it once, at
+    compile time (see `model_pipeline`).
+    """
     if target.kind != "llvm" or func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
         return None
     config = config or default(target)
@@ -95,41 +112,91 @@ def apply(func: tirx.PrimFunc, target: TargetInfo, config: dict[str, Any] | None
     if not isinstance(n_extent, tirx.IntImm):
         return None
     n = n_extent.value
+    weight = _constant_weight(sch, block, func, constant_params)
     cols = min(cols, _round_up(n, target.vector_bits // 32))
-    if n % cols:
-        sch.pad_einsum(block, [1] * (len(sch.get(block).iter_vars) - 2) + [cols, 1])
+    # Rows pad to the tile too (a padded copy of A): a row predicate inside the k loop would make
+    # every update a conditional store, and LLVM would keep the tile in memory, not in registers.
+    sch.pad_einsum(block, [1] * (len(sch.get(block).iter_vars) - 3) + [rows, cols, 1])
     _inline_epilogue(sch, block)
+    if weight is not None:
+        _pack_weight(sch, block, weight, cols)
     *units, i, j, k = sch.get_loops(block)
     io, ii = sch.split(i, [None, rows])
     jo, ji = sch.split(j, [None, cols])
-    sch.reorder(io, jo, k, ii, ji)
+    # Column panels outside row tiles: with several row tiles (a batch of tokens) one thread
+    # reads a weight panel once from memory and again from its L2 for every further row tile.
+    sch.reorder(jo, io, k, ii, ji)
     # NOTE: "global" scope, not "local": TVM 0.27 lowers a local buffer on the CPU to a heap
     # workspace (TVMBackendAllocWorkspace) whatever its size; a global one under 1 KiB, placed
     # inside the parallel loop, becomes a stack array that LLVM keeps in registers (2x faster).
     local = sch.cache_write(block, 0, "global")
-    sch.reverse_compute_at(local, jo, preserve_unit_loops=True)
+    sch.reverse_compute_at(local, io, preserve_unit_loops=True)
     consumers = sch.get_consumers(local)
     # The epilogue runs on the tile as it leaves the registers and writes the output directly.
     # NOTE: reverse_compute_inline into the write-back drops the write-back's row predicate in TVM
     # 0.27 (rows past num_tokens get written), so the epilogue is moved under the tile loop and the
     # write-back inlined into it instead.
     for consumer in consumers:
-        sch.reverse_compute_at(consumer, jo, preserve_unit_loops=True)
+        sch.reverse_compute_at(consumer, io, preserve_unit_loops=True)
     if consumers:
         sch.compute_inline(local)
     for consumer in consumers or [local]:
         _vectorize_inner(sch, consumer)
     sch.unroll(ii)
     sch.vectorize(ji)  # vectorize and parallel before decompose_reduction: the update alone is no reduction
-    sch.parallel(sch.fuse(*units, io, jo))
+    sch.parallel(sch.fuse(*units, jo, io))
     sch.decompose_reduction(block, k)
     for pad in sch.get_child_blocks(sch.get_sblock("root")):
-        if pad.same_as(block) or sch.get_producers(pad) or not sch.get(pad).name_hint.endswith("_pad"):
+        if pad.same_as(block) or sch.get_producers(pad) or not sch.get(pad).name_hint.endswith("_pad") or \
+                sch.get(pad).annotations.get(PREPROC, False):
             continue  # only the blocks that pad an input (pad_einsum) sit at the root to parallelize
         loops = sch.get_loops(pad)
-        if len(loops) >= 2:
+        # The token rows of A (a dynamic extent) stay on one thread: a few rows at decode, where a
+        # parallel launch costs more than the copy. A weight that is an input pads in parallel.
+        if len(loops) >= 2 and all(isinstance(sch.get(loop).extent, tirx.IntImm) for loop in loops):
             sch.parallel(sch.fuse(*loops[:-1]))
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    scheduled = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return scheduled.with_attr(PACKS_WEIGHT, True) if weight is not None else scheduled
+
+
+PREPROC = "meta_schedule.layout_rewrite_preproc"
+PACKS_WEIGHT = "pgen.packs_weight"  # a function attribute: it holds a PREPROC block
+
+
+def _constant_weight(sch: s_tir.Schedule, block: s_tir.SBlockRV, func: tirx.PrimFunc,
+                     constant_params: frozenset[int]) -> tirx.Buffer | None:
+    """The matmul's B[k, j] when it is a 2-D parameter every caller passes as a constant."""
+    stmt = sch.get(block)
+    k_var, j_var = stmt.iter_vars[-1].var, stmt.iter_vars[-2].var
+    for read in stmt.reads:
+        region = read.region
+        if len(region) == 2 and region[0].min.same_as(k_var) and region[1].min.same_as(j_var):
+            # TVM 0.27: a PrimFunc's buffer parameters are the buffers themselves.
+            if any(index < len(func.params) and func.params[index].same_as(_buffer(read)) for index in constant_params):
+                return _buffer(read)
+    return None
+
+
+def _pack_weight(sch: s_tir.Schedule, block: s_tir.SBlockRV, weight: tirx.Buffer, cols: int) -> None:
+    """Read B through B_packed[j // cols, k, j % cols]: each column tile's k loop streams one
+    contiguous panel (B itself is read at a stride of a whole row per k: a new page every few k).
+
+    The copy (pad_einsum's pad of B, else a cache_read) is the preprocessing block; its loops write
+    the packed panels in order, in parallel over panels.
+    """
+    stmt = sch.get(block)
+    index = next(n for n, read in enumerate(stmt.reads) if len(read.region) == 2 and
+                 read.region[1].min.same_as(stmt.iter_vars[-2].var))
+    copy = next((p for p in sch.get_producers(block) if _buffer(sch.get(p).reads[0]).same_as(weight)), None)
+    if copy is None:
+        copy = sch.cache_read(block, index, "global")
+    sch.transform_layout(block, ("read", index), lambda kk, jj: (jj // cols, kk, jj % cols))
+    k_loop, j_loop = sch.get_loops(copy)
+    panel, lane = sch.split(j_loop, [None, cols])
+    sch.reorder(panel, k_loop, lane)
+    sch.parallel(panel)
+    sch.vectorize(lane)
+    sch.annotate(copy, PREPROC, True)
 
 
 def _round_up(x: int, m: int) -> int:

@@ -73,6 +73,63 @@ def test_dense_layers_match_numpy_at_ragged_token_counts(k, n, epilogue):
         assert np.isnan(backing[:, tokens:]).all(), f"rows past num_tokens={tokens} were written"
 
 
+def _model(k: int, n: int, epilogue: str, w: np.ndarray, extra: np.ndarray, weight_input: bool = False):
+    """A Relax function x [tokens, k] -> dense layer with weight `w` (a constant unless
+    `weight_input`) and an epilogue, through the model pipeline."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([tvm.tirx.Var("num_tokens", "int64"), k], "float32"))
+    params = [x]
+    if weight_input:
+        weight = relax.Var("w", relax.TensorType([k, n], "float32"))
+        params.append(weight)
+    else:
+        weight = relax.const(w)
+    with bb.function("main", params):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(x, weight))
+            if epilogue == "bias":
+                y = bb.emit(relax.op.add(y, relax.const(extra)))
+            elif epilogue == "silu":
+                y = bb.emit(relax.op.multiply(relax.op.multiply(y, relax.op.sigmoid(y)), relax.const(extra)))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    with tvm.target.Target(TARGET.tvm_target()):
+        return model_pipeline(TARGET)(bb.get())
+
+
+@pytest.mark.parametrize("k,n,epilogue", [(128, 128, "none"), (64, 259, "bias"), (96, 64, "silu")])
+def test_constant_weights_are_packed_once_at_compile_time(k, n, epilogue):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    extra = rng.standard_normal(n).astype(np.float32)
+    lowered = _model(k, n, epilogue, w, extra)
+    names = {gv.name_hint for gv, f in lowered.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    called = lowered["main"].script()
+    packed = [name for name in names if name.endswith("_prepacked")]
+    assert len(packed) == 1, sorted(names)
+    assert packed[0] in called
+    # FoldConstant ran the packing: the step calls no packing function, it reads a packed constant.
+    assert not [name for name in names if name.endswith("_weight_prepack") and name in called]
+    executable = tvm.compile(lowered, target=tvm.target.Target(TARGET.tvm_target()))
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    for tokens in (1, 3, 5, 63, 64):
+        x = rng.standard_normal((tokens, k)).astype(np.float32)
+        out = vm["main"](tvm.runtime.tensor(x)).numpy()
+        np.testing.assert_allclose(out, _reference(x, w, extra, epilogue), rtol=2e-5, atol=2e-5)
+
+
+def test_a_weight_that_is_an_input_is_not_packed():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((64, 96)).astype(np.float32)
+    lowered = _model(64, 96, "none", w, w[0], weight_input=True)
+    names = {gv.name_hint for gv, f in lowered.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    assert not [name for name in names if "prepack" in name], sorted(names)
+    vm = relax.VirtualMachine(tvm.compile(lowered, target=tvm.target.Target(TARGET.tvm_target())), tvm.cpu())
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    out = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w)).numpy()
+    np.testing.assert_allclose(out, x.astype(np.float64) @ w, rtol=2e-5, atol=2e-5)
+
+
 def _aligned(a: np.ndarray) -> np.ndarray:
     """A 64-byte aligned copy: TVM's generated code assumes what its own allocator gives."""
     raw = np.empty(a.nbytes + 64, np.uint8)
