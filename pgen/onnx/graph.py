@@ -30,6 +30,9 @@ _CONST_OPS = {
     "Slice": lambda g, n, a: a[0][slice(int(a[1][0]), int(a[2][0]))] if a[0].ndim == 1 and len(a) == 3 else None,
     "Concat": lambda g, n, a: np.concatenate(a, axis=g.attr(n, "axis", 0)),
     "ConstantOfShape": lambda g, n, a: _constant_of_shape(g, n, a[0]),
+    # GPT-J's rotary `repeat_interleave` tiles its sin/cos table by shapes of Expand/Tile results.
+    "Expand": lambda g, n, a: a[0] * np.ones([int(d) for d in a[1].reshape(-1)], a[0].dtype),
+    "Tile": lambda g, n, a: np.tile(a[0], [int(r) for r in a[1].reshape(-1)]),
 }
 
 
@@ -119,6 +122,14 @@ class Graph:
                 bounds.append(steps)
                 part = dims[slice(*(int(b.reshape(-1)[0]) for b in bounds))]
                 return np.array(part, np.int64) if all(isinstance(d, int) for d in part) else None
+        if node.op_type in ("ReduceMax", "ReduceMin") and len(node.input) == 1 and \
+                (fill := self.producer.get(node.input[0])) is not None and fill.op_type == "ConstantOfShape":
+            # Cohere's TorchScript repeat_interleave: max(full([n], repeats)) is `repeats` (n >= 1).
+            value = self.attr(fill, "value")
+            rank = len(self.vector(fill.input[0]) or [])
+            if value is not None and rank:
+                scalar = numpy_helper.to_array(value).reshape(-1)[0]
+                return np.full([1] * rank if self.attr(node, "keepdims", 1) else [], scalar)
         if node.op_type in _CONST_OPS:
             args = []
             for i in filter(None, node.input):
@@ -143,6 +154,14 @@ class Graph:
         if node is None or node.op_type != "Shape":
             return None
         shape = self.shape(node.input[0])
+        if shape is None or not all(isinstance(d, int) for d in shape):
+            # Shape inference leaves the dims of an Expand/Tile of constants unknown: compute them.
+            source = node.input[0]
+            if source in self.initializers:
+                shape = list(self.initializers[source].dims)
+            elif (producer := self.producer.get(source)) is not None and producer.op_type in _CONST_OPS and \
+                    (value := self.const(source)) is not None:
+                shape = list(value.shape)
         if shape is None:
             return None
         dims = shape[self.attr(node, "start", 0):self.attr(node, "end", len(shape))]

@@ -73,6 +73,12 @@ class PagedAttention(onnx_frontend.OnnxOpConverter):
         window = attr.get("sliding_window")
         layer_spec = dataclasses.replace(spec, sliding_window=int(window) if window else None)
         q, k, v, pool, tables, slots, indptr, lens, splits = inputs
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if getattr(x.ty, "shape", None) is None:
+                raise ModelImportError(
+                    f"layer {attr.get('layer')}: TVM's ONNX frontend lost the shape of the attention's {name} "
+                    "(the ops before it compute shapes at run time, e.g. a rotary table tiled by a shape "
+                    "tensor); export with torch.onnx.export(..., dynamo=True), whose shapes fold")
         q, k, v = (bb.emit(relax.op.permute_dims(relax.op.squeeze(x, [0]), [1, 0, 2])) for x in (q, k, v))
         pool = bb.emit(relax.call_tir_inplace(kernels.global_var(bb, "cache_write", spec), [k, v, pool, slots],
                                               [2], pool.ty))
@@ -109,12 +115,28 @@ class _Gather(onnx_frontend.Gather):
         return super()._impl_v13(bb, inputs, attr, params)
 
 
+class _Expand(onnx_frontend.Expand):
+    """TVM's Expand, also to a constant shape of data with a dynamic dim (GPT-J's rotary
+    `repeat_interleave`: [1, T, 1, d/2] -> [1, T, 2, d/2]): TVM 0.27 reads every data dim as a
+    literal on that path; as a ShapeExpr the target takes its general broadcasting rules."""
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        data, shape = inputs[0], inputs[1]
+        if isinstance(shape, tvm.ir.expr.GenericConst) and shape.value.numpy().ndim == 1 and \
+                not all(isinstance(d, tvm.tirx.IntImm) for d in data.ty.shape):
+            target = relax.ShapeExpr([int(v) for v in shape.value.numpy().tolist()])
+            return super()._impl_v13(bb, [data, target, *inputs[2:]], attr, params)
+        return super()._impl_v13(bb, inputs, attr, params)
+
+
 @contextlib.contextmanager
 def _converter(kernels: _Kernels) -> Iterator[None]:
     """Make TVM's ONNX frontend convert PagedAttention nodes with `kernels` (the frontend ignores
-    domains), and Gather with `_Gather`."""
+    domains), and Gather and Expand with `_Gather` and `_Expand`."""
     original = onnx_frontend._get_convert_map
-    onnx_frontend._get_convert_map = lambda: {**original(), OP: PagedAttention, "Gather": _Gather}
+    onnx_frontend._get_convert_map = lambda: {**original(), OP: PagedAttention, "Gather": _Gather,
+                                              "Expand": _Expand}
     _active.append(kernels)
     try:
         yield

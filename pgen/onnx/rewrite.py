@@ -48,7 +48,7 @@ def rewrite(model: onnx.ModelProto, block_size: int, sliding_window: int | None 
     Raises:
         ModelImportError: the graph does not have the supported shape; the message names the node.
     """
-    g = Graph(model)
+    g = Graph(_batch_of_one(model))
     layers = find_layers(g, sliding_window)
     if "input_ids" not in g.inputs:
         raise fail(None, f"the graph has no 'input_ids' input (it has {sorted(g.inputs)})")
@@ -100,6 +100,30 @@ def rewrite(model: onnx.ModelProto, block_size: int, sliding_window: int | None 
     out.metadata_props.extend(model.metadata_props)
     starts = ["position_ids", *ranges]
     return Rewritten(out, layers, vocab, has_positions, _max_positions(g, starts) if has_positions else None)
+
+
+def _batch_of_one(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with its batch dim (input_ids' first, where symbolic) fixed to 1 on every input.
+
+    The paged graph runs one flattened batch: shapes that exporters compute from the batch size
+    (GPT-J's and Cohere's rotary `repeat_interleave` tiles by Shape(position_ids)[0]) fold to
+    constants instead of reaching TVM's frontend as shape tensors.
+    """
+    inputs = {i.name: i for i in model.graph.input}
+    ids = inputs.get("input_ids")
+    dims = ids.type.tensor_type.shape.dim if ids is not None and ids.type.tensor_type.HasField("shape") else []
+    if not dims or not dims[0].dim_param:
+        return model
+    batch = dims[0].dim_param
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for value in out.graph.input:
+        shape = value.type.tensor_type.shape
+        if value.type.tensor_type.HasField("shape") and shape.dim and shape.dim[0].dim_param == batch:
+            shape.dim[0].Clear()
+            shape.dim[0].dim_value = 1
+    del out.graph.value_info[:]  # inferred again from the inputs
+    return out
 
 
 def _max_positions(g: Graph, starts: list[str]) -> int | None:

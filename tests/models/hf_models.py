@@ -39,10 +39,24 @@ def _configs():
                                           final_logit_softcapping=30.0),
         "gpt2": lambda: tf.GPT2Config(vocab_size=256, n_embd=128, n_layer=2, n_head=4, n_positions=512,
                                       bos_token_id=1, eos_token_id=EOS_TOKEN_ID),
+        # Rotary through repeat_interleave: tiles and expands by shapes computed from the batch.
+        "gptj": lambda: tf.GPTJConfig(vocab_size=256, n_embd=128, n_layer=2, n_head=4, rotary_dim=16,
+                                      n_positions=512, bos_token_id=1, eos_token_id=EOS_TOKEN_ID),
+        "cohere": lambda: tf.CohereConfig(**_common(), num_key_value_heads=2),
     }
 
 
-FAMILIES = ("llama", "qwen2", "mistral", "phi3", "gemma2", "gpt2")
+FAMILIES = ("llama", "qwen2", "mistral", "phi3", "gemma2", "gpt2", "gptj", "cohere")
+# transformers 4.57 has no SDPA attention for GPT-J.
+_ATTENTIONS = {"gptj": ("eager",)}
+# Exports pgen refuses with ModelImportError, and what the message says: Cohere's TorchScript
+# repeat_interleave tiles its rotary table by a run-time shape, which TVM's frontend cannot type.
+REFUSED = {("cohere", "optimum"): "lost the shape of the attention's q"}
+
+
+def attentions(family: str) -> tuple[str, ...]:
+    """The attention implementations transformers offers for `family`."""
+    return _ATTENTIONS.get(family, ATTENTIONS)
 
 
 def build(family: str, attn: str, seed: int = 0):

@@ -7,7 +7,8 @@ transformers' SDPA and eager attention. compile_model verifies the package again
 itself (a mixed batch, prefill and decode) before writing it; these tests then run the package the
 way users do, through `LLM`. The smoke subset runs every family from both exporters with SDPA (the
 default) and the eager forms the rewrite handles differently (Gemma-2's soft-cap, GPT-2's Where
-mask and computed scale); `-m full` runs the whole grid.
+mask and computed scale, GPT-J's repeat_interleave rotary); `-m full` runs the whole grid, and the
+exports pgen refuses (`hf_models.REFUSED`) must fail with a ModelImportError that says why.
 """
 
 from __future__ import annotations
@@ -30,14 +31,17 @@ from pgen_runtime import LLM, SamplingParams  # noqa: E402
 MAX_TOKENS = 12
 # Past one 16-token block and past the 16-token window, one shorter than both, one of one token.
 LENGTHS = (3, 21, 40, 1)
-SMOKE = {(f, e, "sdpa") for f in hf_models.FAMILIES for e in hf_models.EXPORTERS} | \
-    {("gemma2", "dynamo", "eager"), ("gpt2", "optimum", "eager")}
+SMOKE = {(f, e, "sdpa") for f in hf_models.FAMILIES[:6] for e in hf_models.EXPORTERS} | \
+    {("gemma2", "dynamo", "eager"), ("gpt2", "optimum", "eager"), ("gptj", "optimum", "eager"),
+     ("cohere", "optimum", "sdpa")}
 
 
-def _cases():
+def _cases(refused: bool = False):
     for family in hf_models.FAMILIES:
         for exporter in hf_models.EXPORTERS:
-            for attn in hf_models.ATTENTIONS:
+            if ((family, exporter) in hf_models.REFUSED) != refused:
+                continue
+            for attn in hf_models.attentions(family):
                 marks = () if (family, exporter, attn) in SMOKE else pytest.mark.full
                 yield pytest.param(family, exporter, attn, id=f"{family}-{exporter}-{attn}", marks=marks)
 
@@ -92,6 +96,16 @@ def test_greedy_tokens_match_onnxruntime(family, exporter, attn, exports_dir, pa
             assert out.token_ids == ref.tokens, f"{how}: prompt {i} ({LENGTHS[i]} tokens) diverged"
             scale = max(1.0, float(np.abs(np.stack(ref.logits)).max()))
             np.testing.assert_allclose(np.stack(out.logits), np.stack(ref.logits), rtol=0, atol=2e-3 * scale)
+
+
+@pytest.mark.parametrize("family, exporter, attn", list(_cases(refused=True)))
+def test_exports_pgen_cannot_serve_are_refused_by_name(family, exporter, attn, exports_dir, tmp_path):
+    from pgen_runtime.errors import ModelImportError
+
+    onnx_path = hf_models.export(family, exporter, attn, exports_dir)
+    with pytest.raises(ModelImportError, match=hf_models.REFUSED[family, exporter]):
+        compile_model(onnx_path, tmp_path / "refused.pgenpkg", progress=lambda line: None)
+    assert not (tmp_path / "refused.pgenpkg").exists()
 
 
 def test_the_matrix_exercises_what_it_claims(exports_dir, packages_dir):
