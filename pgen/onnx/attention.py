@@ -402,6 +402,8 @@ def static_dim(g: Graph, name: str, axis: int, depth: int = 0) -> int | None:
     sources: list[tuple[str, int]] = []
     if node.op_type in _ELEMENTWISE or (node.op_type in ("Concat", "Slice") and _other_axis(g, node, axis)):
         sources = [(i, axis) for i in (node.input if node.op_type != "Slice" else node.input[:1]) if i]
+    elif node.op_type == "RotaryEmbedding":  # opset 23 (torch dynamo): the output has X's shape
+        sources = [(node.input[0], axis)]
     elif node.op_type == "Transpose":
         sources = [(node.input[0], list(g.attr(node, "perm", [0, 1, 2, 3]))[axis])]
     elif node.op_type == "Reshape":
