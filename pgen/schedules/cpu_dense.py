@@ -16,10 +16,10 @@ schedule: tile (i, j) into `rows` x `cols`, loop k outside the tile so each B ve
 `apply`), vectorize j, run the epilogue on the tile as it leaves the registers, and spread the
 (column panel, row tile) pairs over the threads, row tiles inner.
 
-Measured (`bench/model.py --models qwen0.5b`, Zen 4, 2 threads; docs/performance.md): packing and
-the padded rows took a batch-32 step of the Qwen2.5-0.5B shape from 489 to 151 ms (the row
-predicate had kept the accumulators in memory: a load and store around every FMA) and batch 1 from
-86 to 66 ms (weights read at a stride of a whole row per k, a new page every few k).
+Measured (old and new package of the Qwen2.5-0.5B shape side by side, Zen 4, 2 threads;
+docs/performance.md): packing and the padded rows made generation 2.65x faster at batch 1 (weights
+had been read at a stride of a whole row per k) and 3.18x at batch 32 (the row predicate had kept
+the accumulators in memory: a load and store around every FMA).
 """
 
 from __future__ import annotations
