@@ -20,7 +20,7 @@ import jinja2
 
 from pgen_runtime.errors import PackageError
 from pgen_runtime.package import FORMAT_VERSION, MANIFEST, hash_files
-from pgen_runtime.spec import KV_LAYOUT, NULL_BLOCK_ID, AttentionSpec
+from pgen_runtime.spec import NULL_BLOCK_ID, AttentionSpec
 
 from . import templates
 from .build import BuiltLibrary, build_library, versions
@@ -144,8 +144,11 @@ def assemble(spec: AttentionSpec, built: list[BuiltLibrary], root: Path, name: s
         "format_version": FORMAT_VERSION,
         "spec": spec.to_dict(),
         "spec_uri": spec.uri,
-        "kv_layout": KV_LAYOUT,
+        "kv_layout": spec.kv_layout,
         "null_block_id": NULL_BLOCK_ID,
+        "pool_rows": spec.pool_rows,
+        "kv_scale_rows": spec.kv_scale_rows,
+        "kv_storage_dtype": spec.kv_storage_dtype,
         "versions": versions(),
         "has_cuda": has_cuda,
         "kernels": targets[0]["kernels"] and {k: v["args"] for k, v in targets[0]["kernels"].items()},
@@ -162,7 +165,7 @@ def assemble(spec: AttentionSpec, built: list[BuiltLibrary], root: Path, name: s
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "spec": spec.to_dict(),
         "spec_uri": spec.uri,
-        "kv_layout": KV_LAYOUT,
+        "kv_layout": spec.kv_layout,
         "null_block_id": NULL_BLOCK_ID,
         "versions": versions(),
         "runtime_libs": runtime_libs,

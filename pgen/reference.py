@@ -10,17 +10,27 @@ from __future__ import annotations
 import numpy as np
 
 from pgen_runtime.reference import attend, decode, extend, gather_kv  # noqa: F401  # re-exported
+from pgen_runtime import kv_quant
 from pgen_runtime.kernel_table import KERNEL_NAMES
 from pgen_runtime.spec import NULL_BLOCK_ID, AttentionSpec
 
 
-def cache_write(k, v, pool, slot_mapping):
+def cache_write(spec: AttentionSpec, k, v, pool, slot_mapping):
+    """The pool after writing k, v [T, Hkv, D] to their slots (quantized with kv_quant where the
+    pool is)."""
     pool = pool.copy()
-    bs = pool.shape[3]
+    bs = spec.block_size
+    scales = kv_quant.pool_scales(spec, pool) if spec.kv_quantized else None
     for t, slot in enumerate(slot_mapping):
-        if slot >= 0:
-            pool[slot // bs, 0, :, slot % bs] = k[t]
-            pool[slot // bs, 1, :, slot % bs] = v[t]
+        if slot < 0:
+            continue
+        for c, rows in enumerate((k[t], v[t])):
+            if scales is None:
+                pool[slot // bs, c, :, slot % bs] = rows
+            else:
+                pool[slot // bs, c, :, slot % bs], scales[slot // bs, c, :, slot % bs] = kv_quant.quantize_rows(spec, rows)
+    if scales is not None:
+        kv_quant.set_pool_scales(spec, pool, scales)
     return pool
 
 
@@ -58,11 +68,13 @@ def paged_case(spec: AttentionSpec, seq_lens, new_tokens=None, seed: int = 0, sp
     ids = rng.permutation(np.arange(1, num_blocks, dtype=np.int32))
     used, spare = ids[: need.sum()], ids[need.sum():]
     tables = np.full((len(lens), int(need.max()) + 1), NULL_BLOCK_ID, np.int32)
-    pool = np.full((num_blocks, 2, hkv, bs, d), np.nan, spec.kv_dtype)
+    pool = np.full((num_blocks, 2, hkv, bs, d), np.nan, np.float32 if spec.kv_quantized else spec.kv_dtype)
     for b, (start, length) in enumerate(zip(np.cumsum(need) - need, lens)):
         tables[b, : need[b]] = used[start : start + need[b]]
         pos = np.arange(length)
         pool[tables[b, pos // bs], :, :, pos % bs, :] = rng.standard_normal((length, 2, hkv, d))
+    if spec.kv_quantized:  # NaN poison becomes NaN scales
+        pool = kv_quant.quantize_pool(spec, pool)
     spare_slots = (spare[:, None] * bs + np.arange(bs)).reshape(-1)
     slots = rng.choice(spare_slots, size=min(7, len(spare_slots)), replace=False).astype(np.int32)
     slots[len(slots) // 2] = -1  # skipped
@@ -89,7 +101,7 @@ def expected(spec: AttentionSpec, case: dict) -> dict:
     results = {
         "decode": lambda: decode(spec, case["q_decode"], pool, case["block_tables"], case["seq_lens"]),
         "extend": lambda: extend(spec, case["q_extend"], pool, case["block_tables"], case["q_indptr"], case["seq_lens"]),
-        "cache_write": lambda: cache_write(case["k"], case["v"], pool, case["slot_mapping"]),
+        "cache_write": lambda: cache_write(spec, case["k"], case["v"], pool, case["slot_mapping"]),
         "copy_blocks": lambda: copy_blocks(pool, case["pairs"]),
         "swap_out": lambda: pool[ids],
         "swap_in": lambda: pool,

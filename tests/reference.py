@@ -32,7 +32,7 @@ def run_kernels(kernels, case: dict) -> dict:
     got["copy_blocks"] = pool.copy()
     kernels.copy_blocks(got["copy_blocks"], case["pairs"])
     ids = case["swap_ids"]
-    got["swap_out"] = np.full((len(ids), *pool.shape[1:]), np.nan, pool.dtype)
+    got["swap_out"] = np.full((len(ids), *pool.shape[1:]), np.nan if pool.dtype.kind == "f" else 0x5A, pool.dtype)
     kernels.swap_out(pool, ids, got["swap_out"])
     got["swap_in"] = pool.copy()
     got["swap_in"][ids] = 0

@@ -18,6 +18,8 @@ from tvm.tirx.script.parser.entry import TIRMacro, scan_macro
 
 from pgen_runtime.spec import AttentionSpec
 
+from .kv_codec import scale_words
+
 
 @dataclass(frozen=True, slots=True)
 class Knob:
@@ -93,7 +95,7 @@ def elem_bytes(dtype: str) -> int:
     which fault on a numpy array or a view that is only element-aligned. Kernels promise nothing
     more than what any DLPack tensor guarantees.
     """
-    return {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4}[dtype]
+    return {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int8": 1, "uint8": 1}[dtype]
 
 
 def attention_func(spec: AttentionSpec, body):
@@ -101,12 +103,15 @@ def attention_func(spec: AttentionSpec, body):
     `body`, a macro (a template's `_body` stage) called with (q, kv_pool, block_tables, q_indptr,
     seq_lens, out, num_splits, max_q_tiles, B, NT), which holds the rule's own workspace and loops.
 
-    q and out are [NT, Hq, D]; the pool [NB, 2, Hkv, block_size, D]; block tables int32 [B, MB];
-    q_indptr [B + 1] (decode passes 0..B); `num_splits` and `max_q_tiles` are the launch's
-    split-KV and query-tile counts, which the runtime chooses per call.
+    q and out are [NT, Hq, D]; the pool [NB, 2, Hkv, pool_rows, D] (pool_rows = block_size unless the
+    KV is quantized); block tables int32 [B, MB]; q_indptr [B + 1] (decode passes 0..B);
+    `num_splits` and `max_q_tiles` are the launch's split-KV and query-tile counts, which the
+    runtime chooses per call. The body also sees `kv_scales`, the pool's memory as float32 words,
+    where a quantized pool keeps its scales (`kv_codec`).
     """
-    hq, hkv, d, bs = spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.block_size
-    dtype, kv_dtype = spec.dtype, spec.kv_dtype
+    hq, hkv, d, rows = spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.pool_rows
+    dtype, kv_dtype = spec.dtype, spec.kv_storage_dtype
+    words = 2 * hkv * scale_words(spec)
 
     @T.prim_func(s_tir=True)
     def attention(
@@ -125,11 +130,12 @@ def attention_func(spec: AttentionSpec, body):
         NB = T.int32()
         MB = T.int32()
         q = T.match_buffer(q_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
-        kv_pool = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
+        kv_pool = T.match_buffer(pool_h, (NB, 2, hkv, rows, d), kv_dtype, align=elem_bytes(kv_dtype))
         block_tables = T.match_buffer(bt_h, (B, MB), "int32", align=4)
         q_indptr = T.match_buffer(indptr_h, (B + 1,), "int32", align=4)
         seq_lens = T.match_buffer(lens_h, (B,), "int32", align=4)
         out = T.match_buffer(out_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
+        kv_scales = T.decl_buffer((NB * words,), "float32", data=kv_pool.data)  # noqa: F841  # the body's
         body(q, kv_pool, block_tables, q_indptr, seq_lens, out, num_splits, max_q_tiles, B, NT)
 
     return attention

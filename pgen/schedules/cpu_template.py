@@ -27,6 +27,7 @@ from pgen_runtime.spec import AttentionSpec
 
 from .base import Knob, TargetInfo, elem_bytes, instantiate
 from .fast_math import fast_exp2
+from .kv_codec import loader
 
 LOG2E = math.log2(math.e)
 NEG = -3.0e38
@@ -139,7 +140,8 @@ def _plan(spec: AttentionSpec, decode: bool, config: dict[str, Any]) -> dict[str
     pf_kinds = 2 if config.get("prefetch_next_head", 0) == 2 else 1
     half = (vl // 2, max(vl // 4, 1), max(vl // 8, 1))  # lane counts of the tree sum's levels
     prefetch = bool(config.get("prefetch", 1))
-    per_line = 64 // elem_bytes(spec.kv_dtype)  # elements of one 64-byte cache line
+    per_line = 64 // elem_bytes(spec.kv_storage_dtype)  # elements of one 64-byte cache line
+    kv_at = loader(spec)  # the float32 value of a pool element (dequantized for int8/fp8 KV)
     lines = max(d // per_line, 1)
     line_step = max(nd // lines, 1)  # head-dimension vectors per cache line of a row
     # P·V makes nd / cgrp passes over the block's V rows; each requests its share of the lines of
@@ -430,10 +432,10 @@ def _qk_transposed():
                         for r in T.unroll(rtile):
                             if k < hk:
                                 for v in T.vectorized(vl):
-                                    pa[k, r, v] = pa[k, r, v] + qf[R[0] + r, c * vl + v] * T.cast(kv_pool[page[0], 0, h0[0] + hh, ch * vl + grp * kg + k, c * vl + v], "float32")
+                                    pa[k, r, v] = pa[k, r, v] + qf[R[0] + r, c * vl + v] * kv_at(kv_pool, kv_scales, page[0], 0, h0[0] + hh, ch * vl + grp * kg + k, c * vl + v)
                             else:
                                 for v in T.vectorized(vl):
-                                    pb[k - hk, r, v] = pb[k - hk, r, v] + qf[R[0] + r, c * vl + v] * T.cast(kv_pool[page[0], 0, h0[0] + hh, ch * vl + grp * kg + k, c * vl + v], "float32")
+                                    pb[k - hk, r, v] = pb[k - hk, r, v] + qf[R[0] + r, c * vl + v] * kv_at(kv_pool, kv_scales, page[0], 0, h0[0] + hh, ch * vl + grp * kg + k, c * vl + v)
                 for r in T.unroll(rtile):
                     if kg == 2:
                         pa[0, r, T.Ramp(0, 1, vl)] = _merge(pa[0, r, T.Ramp(0, 1, vl)], pb[0, r, T.Ramp(0, 1, vl)], vl, 0)
@@ -491,10 +493,10 @@ def _qk_key_group():
                             for r in T.unroll(rtile):
                                 if k < kh:
                                     for v in T.vectorized(vl):
-                                        qa[k, r, v] = qa[k, r, v] + qf[R[0] + r, c * vl + v] * T.cast(kv_pool[page[0], 0, h0[0] + hh, (ch * rtile + j) * kq + k, c * vl + v], "float32")
+                                        qa[k, r, v] = qa[k, r, v] + qf[R[0] + r, c * vl + v] * kv_at(kv_pool, kv_scales, page[0], 0, h0[0] + hh, (ch * rtile + j) * kq + k, c * vl + v)
                                 else:
                                     for v in T.vectorized(vl):
-                                        qb[k - kh, r, v] = qb[k - kh, r, v] + qf[R[0] + r, c * vl + v] * T.cast(kv_pool[page[0], 0, h0[0] + hh, (ch * rtile + j) * kq + k, c * vl + v], "float32")
+                                        qb[k - kh, r, v] = qb[k - kh, r, v] + qf[R[0] + r, c * vl + v] * kv_at(kv_pool, kv_scales, page[0], 0, h0[0] + hh, (ch * rtile + j) * kq + k, c * vl + v)
                     sg[j, T.Ramp(0, 1, vl)] = _merge_all(
                         [qa[k, r, T.Ramp(0, 1, vl)] if k < kh else qb[k - kh, r, T.Ramp(0, 1, vl)]
                          for r in range(rtile) for k in range(kq)], vl)
@@ -523,15 +525,15 @@ def _qk_per_key():
         for c in T.serial(nd // chains):
             for r in T.unroll(rtile):
                 for v in T.vectorized(vl):
-                    part[r, v] = part[r, v] + qf[R[0] + r, c * chains * vl + v] * T.cast(kv_pool[page[0], 0, h0[0] + hh, t, c * chains * vl + v], "float32")
+                    part[r, v] = part[r, v] + qf[R[0] + r, c * chains * vl + v] * kv_at(kv_pool, kv_scales, page[0], 0, h0[0] + hh, t, c * chains * vl + v)
             if chains == 2:
                 for r in T.unroll(rtile):
                     for v in T.vectorized(vl):
-                        part2[r, v] = part2[r, v] + qf[R[0] + r, (c * 2 + 1) * vl + v] * T.cast(kv_pool[page[0], 0, h0[0] + hh, t, (c * 2 + 1) * vl + v], "float32")
+                        part2[r, v] = part2[r, v] + qf[R[0] + r, (c * 2 + 1) * vl + v] * kv_at(kv_pool, kv_scales, page[0], 0, h0[0] + hh, t, (c * 2 + 1) * vl + v)
         if nd % chains != 0:
             for r in T.unroll(rtile):
                 for v in T.vectorized(vl):
-                    part[r, v] = part[r, v] + qf[R[0] + r, (nd - 1) * vl + v] * T.cast(kv_pool[page[0], 0, h0[0] + hh, t, (nd - 1) * vl + v], "float32")
+                    part[r, v] = part[r, v] + qf[R[0] + r, (nd - 1) * vl + v] * kv_at(kv_pool, kv_scales, page[0], 0, h0[0] + hh, t, (nd - 1) * vl + v)
         for r in T.unroll(rtile):
             if chains == 2:
                 for v in T.vectorized(vl):
@@ -618,10 +620,10 @@ def _pv():
                 for r in T.unroll(rtile):
                     if c < hc:
                         for v in T.vectorized(vl):
-                            tile[r, c * vl + v] = tile[r, c * vl + v] + s[r, t] * T.cast(kv_pool[page[0], 1, h0[0] + hh, t, (cg * cgrp + c) * vl + v], "float32")
+                            tile[r, c * vl + v] = tile[r, c * vl + v] + s[r, t] * kv_at(kv_pool, kv_scales, page[0], 1, h0[0] + hh, t, (cg * cgrp + c) * vl + v)
                     else:
                         for v in T.vectorized(vl):
-                            tile2[r, (c - hc) * vl + v] = tile2[r, (c - hc) * vl + v] + s[r, t] * T.cast(kv_pool[page[0], 1, h0[0] + hh, t, (cg * cgrp + c) * vl + v], "float32")
+                            tile2[r, (c - hc) * vl + v] = tile2[r, (c - hc) * vl + v] + s[r, t] * kv_at(kv_pool, kv_scales, page[0], 1, h0[0] + hh, t, (cg * cgrp + c) * vl + v)
         for r in T.unroll(rtile):
             for c in T.unroll(cgrp):
                 if c < hc:
@@ -697,7 +699,7 @@ def memory_knobs(spec: AttentionSpec, target: TargetInfo) -> tuple[Knob, ...]:
     vec = lane_choices(spec, target)
     heads = tuple(h for h in (1, 2, 4, 8, 16, 32) if spec.num_kv_heads % h == 0)
     # Blocks of about 128 KiB ahead, at most 4 (a task reads kv_heads_per_task heads of each block).
-    task_block = 2 * heads[-1] * spec.block_size * spec.head_dim * elem_bytes(spec.kv_dtype)
+    task_block = 2 * heads[-1] * spec.pool_rows * spec.head_dim * elem_bytes(spec.kv_storage_dtype)
     ahead = min(4, 1 << max(0, math.ceil(math.log2(128 * 1024 / task_block))))
     return (
         Knob("vector_lanes", vec, vec[-1]),  # the widest vectors the host has

@@ -49,11 +49,17 @@ class SimtRule(ScheduleRule):
 
     target_kind = "cuda"
 
+    def supports(self, spec: AttentionSpec, target: TargetInfo) -> str | None:
+        if spec.kv_quantized:
+            return (f"kv_dtype {spec.kv_dtype} (a quantized KV cache) has CPU kernels only; build for llvm, or "
+                    "use a float kv_dtype for CUDA")
+        return None
+
     def check(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]) -> str | None:
         return check(spec, target, config)
 
     def apply(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]):
-        if target.kind != self.target_kind:
+        if target.kind != self.target_kind or self.supports(spec, target):
             return None
         return attention(spec, self.kernel == "decode", config)
 

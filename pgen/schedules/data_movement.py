@@ -15,6 +15,7 @@ from tvm.script import tirx as T
 
 from pgen_runtime.spec import DTYPE_BYTES, AttentionSpec
 
+from . import kv_codec
 from .base import Knob, ScheduleRule, TargetInfo, elem_bytes
 
 
@@ -44,9 +45,59 @@ def cache_write(spec: AttentionSpec):
     return func
 
 
+def cache_write_quantized(spec: AttentionSpec, lanes: int):
+    """cache_write for a quantized pool (CPU): each (token, K/V, head) row gets its scale and codes
+    (`kv_codec`); one task per row, `lanes` elements per vector step."""
+    hkv, d, bs, rows, dtype = spec.num_kv_heads, spec.head_dim, spec.block_size, spec.pool_rows, spec.dtype
+    code, top, words = spec.kv_storage_dtype, kv_codec.qmax(spec), 2 * hkv * kv_codec.scale_words(spec)
+    steps = d // lanes
+
+    @T.prim_func(s_tir=True)
+    def func(k_h: T.handle, v_h: T.handle, pool_h: T.handle, slots_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        NT = T.int32()
+        NB = T.int32()
+        k = T.match_buffer(k_h, (NT, hkv, d), dtype, align=elem_bytes(dtype))
+        v = T.match_buffer(v_h, (NT, hkv, d), dtype, align=elem_bytes(dtype))
+        kv_pool = T.match_buffer(pool_h, (NB, 2, hkv, rows, d), code, align=1)
+        slot_mapping = T.match_buffer(slots_h, (NT,), "int32", align=4)
+        kv_scales = T.decl_buffer((NB * words,), "float32", data=kv_pool.data)
+        for task in T.parallel(NT * 2 * hkv):
+            with T.sblock("quantize"):
+                T.reads()
+                T.writes()
+                row = T.sblock_alloc_buffer((d,), "float32")
+                part = T.sblock_alloc_buffer((lanes,), "float32")
+                amax = T.sblock_alloc_buffer((1,), "float32")
+                t = task // (2 * hkv)
+                c = task // hkv % 2
+                h = task % hkv
+                slot = slot_mapping[t]
+                if slot >= 0:
+                    for x in T.serial(steps):
+                        for ln in T.vectorized(lanes):
+                            row[x * lanes + ln] = T.cast(T.if_then_else(c == 0, k[t, h, x * lanes + ln], v[t, h, x * lanes + ln]), "float32")
+                    for ln in T.vectorized(lanes):
+                        part[ln] = T.float32(0)
+                    for x in T.serial(steps):
+                        for ln in T.vectorized(lanes):
+                            part[ln] = T.max(part[ln], T.fabs(row[x * lanes + ln]))
+                    amax[0] = T.float32(0)
+                    for ln in T.serial(lanes):
+                        amax[0] = T.max(amax[0], part[ln])
+                    inv = T.Select(amax[0] > T.float32(0), T.float32(top) / amax[0], T.float32(0))
+                    kv_scales[kv_codec.scale_index(spec, slot // bs, c, h, slot % bs)] = amax[0] / T.float32(top)
+                    for x in T.serial(steps):
+                        for ln in T.vectorized(lanes):
+                            kv_pool[slot // bs, c, h, slot % bs, x * lanes + ln] = kv_codec.encode(
+                                spec, T.min(T.max(row[x * lanes + ln] * inv, T.float32(-top)), T.float32(top)))
+
+    return func
+
+
 def copy_blocks(spec: AttentionSpec):
     """pool[pairs[p, 1]] = pool[pairs[p, 0]] for every pair (copy-on-write)."""
-    hkv, d, bs, kv_dtype = spec.num_kv_heads, spec.head_dim, spec.block_size, spec.kv_dtype
+    hkv, d, bs, kv_dtype = spec.num_kv_heads, spec.head_dim, spec.pool_rows, spec.kv_storage_dtype
 
     @T.prim_func(s_tir=True)
     def func(pool_h: T.handle, pairs_h: T.handle):
@@ -69,7 +120,7 @@ def copy_blocks(spec: AttentionSpec):
 
 def swap_out(spec: AttentionSpec):
     """buf[i] = pool[block_ids[i]]: gather blocks into one contiguous buffer."""
-    hkv, d, bs, kv_dtype = spec.num_kv_heads, spec.head_dim, spec.block_size, spec.kv_dtype
+    hkv, d, bs, kv_dtype = spec.num_kv_heads, spec.head_dim, spec.pool_rows, spec.kv_storage_dtype
 
     @T.prim_func(s_tir=True)
     def func(pool_h: T.handle, ids_h: T.handle, buf_h: T.handle):
@@ -88,7 +139,7 @@ def swap_out(spec: AttentionSpec):
 
 def swap_in(spec: AttentionSpec):
     """pool[block_ids[i]] = buf[i]: scatter a contiguous buffer back into the pool."""
-    hkv, d, bs, kv_dtype = spec.num_kv_heads, spec.head_dim, spec.block_size, spec.kv_dtype
+    hkv, d, bs, kv_dtype = spec.num_kv_heads, spec.head_dim, spec.pool_rows, spec.kv_storage_dtype
 
     @T.prim_func(s_tir=True)
     def func(buf_h: T.handle, ids_h: T.handle, pool_h: T.handle):
@@ -119,9 +170,15 @@ class DataMovement(ScheduleRule):
         self.kernel = kernel
         self.target_kind = target_kind
 
+    def supports(self, spec: AttentionSpec, target: TargetInfo) -> str | None:
+        if spec.kv_quantized and self.target_kind == "cuda":
+            return (f"kv_dtype {spec.kv_dtype} (a quantized KV cache) has CPU kernels only; build for llvm, or "
+                    "use a float kv_dtype for CUDA")
+        return None
+
     def knobs(self, spec: AttentionSpec, target: TargetInfo) -> tuple[Knob, ...]:
         if self.target_kind == "cuda":
-            vec = tuple(v for v in (1, 2, 4, 8) if spec.head_dim % v == 0 and v * DTYPE_BYTES[spec.kv_dtype] <= 16)
+            vec = tuple(v for v in (1, 2, 4, 8) if spec.head_dim % v == 0 and v * DTYPE_BYTES[spec.kv_storage_dtype] <= 16)
             return (Knob("threads", (64, 128, 256, 512), 256), Knob("vector", vec, vec[-1]))
         lanes = tuple(v for v in (4, 8, 16, 32) if spec.head_dim % v == 0)
         return (Knob("vector", lanes, 16 if 16 in lanes else lanes[-1]),)
@@ -134,8 +191,10 @@ class DataMovement(ScheduleRule):
         return None
 
     def apply(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]):
-        if target.kind != self.target_kind or self.kernel not in DATA_MOVEMENT:
+        if target.kind != self.target_kind or self.kernel not in DATA_MOVEMENT or self.supports(spec, target):
             return None
+        if self.kernel == "cache_write" and spec.kv_quantized:
+            return cache_write_quantized(spec, config["vector"])
         func = DATA_MOVEMENT[self.kernel](spec)
         sch = s_tir.Schedule(func)
         (block,) = sch.get_child_blocks(sch.get_sblock("root"))

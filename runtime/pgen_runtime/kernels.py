@@ -79,15 +79,14 @@ class PagedKernels:
     # ---- pools ---------------------------------------------------------------------------
 
     def new_pool(self, num_blocks: int):
-        """A zero-filled KV pool [num_blocks, 2, num_kv_heads, block_size, head_dim] of kv_dtype on
-        the kernels' device (`tensors.zeros`); on the CPU in memory Linux may back with 2 MiB huge
+        """A zero-filled KV pool `spec.pool_shape(num_blocks)` ([num_blocks, 2, num_kv_heads,
+        block_size, head_dim] of kv_dtype; codes and scale rows for int8/fp8 KV) on the kernels' device (`tensors.zeros`); on the CPU in memory Linux may back with 2 MiB huge
         pages (`tensors.host_zeros`)."""
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer)) or num_blocks < 2:
             raise ConfigError(f"num_blocks={num_blocks!r} must be an integer >= 2 (block {NULL_BLOCK_ID} is "
                               "reserved as the null block); give the pool more blocks")
         s = self.spec
-        shape = (int(num_blocks), 2, s.num_kv_heads, s.block_size, s.head_dim)
-        return zeros(shape, s.kv_dtype, parse_device(self.device))
+        return zeros(s.pool_shape(int(num_blocks)), s.kv_storage_dtype, parse_device(self.device))
 
     # ---- plans ---------------------------------------------------------------------------
 
@@ -209,7 +208,7 @@ class PagedKernels:
         n = _dim(block_ids, 0, "block_ids")
         self._check_pool(kv_pool)
         self._check("block_ids", block_ids, (n,), "int32")
-        self._check("host_buf", buf, (n, 2, s.num_kv_heads, s.block_size, s.head_dim), s.kv_dtype)
+        self._check("host_buf", buf, s.pool_shape(n), s.kv_storage_dtype)
         if _readable(block_ids):
             ids = _host(block_ids, "block_ids")
             self._check_ids(ids, "block_ids", _dim(kv_pool, 0))
@@ -221,7 +220,7 @@ class PagedKernels:
 
     def _check_pool(self, pool) -> None:
         s = self.spec
-        self._check("kv_pool", pool, (None, 2, s.num_kv_heads, s.block_size, s.head_dim), s.kv_dtype)
+        self._check("kv_pool", pool, s.pool_shape(), s.kv_storage_dtype)
 
     def _check(self, name: str, array, shape: tuple, dtype: str) -> None:
         got_shape, got_dtype, device_type = _meta(array, name)

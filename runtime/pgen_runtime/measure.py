@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import reference
+from . import kv_quant, reference
 from .kernel_table import SIGNATURES
 from .kernels import PagedKernels
 from .spec import AttentionSpec
@@ -96,7 +96,11 @@ def make_arrays(spec: AttentionSpec, kernel: str, workload: dict[str, Any], seed
     for b, n in enumerate(per_seq):
         tables[b, :n] = order[start:start + n]
         start += n
-    pool = _random(rng, (num_blocks, 2, spec.num_kv_heads, bs, spec.head_dim), spec.kv_dtype)
+    if spec.kv_quantized:
+        values = _random(rng, (num_blocks, 2, spec.num_kv_heads, bs, spec.head_dim), "float32")[0]
+        pool = (kv_quant.quantize_pool(spec, values), spec.kv_storage_dtype)
+    else:
+        pool = _random(rng, spec.pool_shape(num_blocks), spec.kv_dtype)
     index = lambda a: (np.ascontiguousarray(a, np.int32), "int32")  # noqa: E731
     zeros = lambda shape, dtype: (np.zeros(shape, "uint16" if dtype == "bfloat16" else dtype), dtype)  # noqa: E731
     arrays = {"kv_pool": pool, "block_tables": index(tables), "seq_lens": index(lens)}
@@ -115,7 +119,7 @@ def make_arrays(spec: AttentionSpec, kernel: str, workload: dict[str, Any], seed
         half = len(ids) // 2
         arrays["pairs"] = index(np.stack([ids[:half], ids[half:2 * half]], axis=1))
         arrays["block_ids"] = index(ids)
-        arrays["host_buf"] = zeros((len(ids), 2, spec.num_kv_heads, bs, spec.head_dim), spec.kv_dtype)
+        arrays["host_buf"] = zeros(spec.pool_shape(len(ids)), spec.kv_storage_dtype)
     return tuple(arrays[name] for name in SIGNATURES[kernel].call)
 
 

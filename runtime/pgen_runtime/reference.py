@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .kv_quant import dequantize_pool
 from .spec import AttentionSpec
 
 
@@ -40,7 +41,13 @@ def attend(spec: AttentionSpec, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos
     return np.einsum("hnl,lhd->nhd", p, vv)
 
 
+def values(spec: AttentionSpec, pool: np.ndarray) -> np.ndarray:
+    """The pool's K/V values [NB, 2, Hkv, block_size, D]: the pool itself, or its dequantized codes."""
+    return dequantize_pool(spec, pool) if spec.kv_quantized else pool
+
+
 def decode(spec, q, pool, tables, seq_lens):
+    pool = values(spec, pool)
     out = np.empty(q.shape, np.float64)
     for b, length in enumerate(seq_lens):
         k, v = gather_kv(pool, tables[b], int(length))
@@ -49,6 +56,7 @@ def decode(spec, q, pool, tables, seq_lens):
 
 
 def extend(spec, q, pool, tables, q_indptr, seq_lens):
+    pool = values(spec, pool)
     out = np.empty(q.shape, np.float64)
     for b, length in enumerate(seq_lens):
         lo, hi = int(q_indptr[b]), int(q_indptr[b + 1])

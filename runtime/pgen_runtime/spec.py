@@ -14,12 +14,21 @@ from typing import Any
 from .errors import SpecError
 
 DTYPES = ("float32", "float16", "bfloat16")
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-_SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+# Quantized KV dtypes: the storage dtype of their codes and the largest code magnitude.
+QUANTIZED_KV = {"int8": ("int8", 127.0), "fp8_e4m3": ("uint8", 448.0)}
+KV_DTYPES = DTYPES + tuple(QUANTIZED_KV)
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "fp8_e4m3": 1}
+_SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "int8": "i8", "fp8_e4m3": "f8e4m3"}
 # NOTE: the KV pool of one layer is [num_blocks, 2, num_kv_heads, block_size, head_dim]; index 0 of
 # the second axis holds K, 1 holds V. The layout is part of the spec, so a package records it and a
 # loader refuses a pool of any other layout.
 KV_LAYOUT = "NB,2,HKV,BS,D"
+# NOTE: a quantized pool (kv_dtype int8 or fp8_e4m3) is [num_blocks, 2, num_kv_heads, block_size + S,
+# head_dim] of one-byte codes: rows 0..block_size-1 hold token codes, and the S = ceil(4 * block_size
+# / head_dim) rows after them hold the block's float32 scales, one per (token, head), little-endian
+# from the first byte of row block_size (value = code * scale). The scales stay with their block, so
+# block copies and swaps move them without knowing of them; decode reads 4 bytes per row beside it.
+KV_LAYOUT_QUANTIZED = "NB,2,HKV,BS+S,D;S=ceil(4*BS/D);scales=f32[BS]@row BS"
 # Block id 0 is reserved: block tables are padded with it and the manager never hands it out.
 NULL_BLOCK_ID = 0
 
@@ -34,7 +43,8 @@ class AttentionSpec:
         head_dim: 32..256, a multiple of 8.
         block_size: tokens per KV block, a power of two in 1..256.
         dtype: dtype of queries and outputs: float32, float16 or bfloat16.
-        kv_dtype: dtype of the KV pool; defaults to `dtype`.
+        kv_dtype: dtype of the KV pool; defaults to `dtype`. "int8" and "fp8_e4m3" quantize each
+            cached (token, head) row with its own float32 scale (see KV_LAYOUT_QUANTIZED).
         scale: softmax scale; defaults to 1/sqrt(head_dim).
         sliding_window: if set, a query at position p sees keys at positions > p - sliding_window.
         logit_softcap: if set, logits become softcap * tanh(logits / softcap) before the softmax.
@@ -68,12 +78,12 @@ class AttentionSpec:
             raise SpecError(
                 f"block_size={self.block_size} must be a power of two in 1..256 (e.g. 16)"
             )
-        for name in ("dtype", "kv_dtype"):
-            value = getattr(self, name)
-            if value is None and name == "kv_dtype":
-                object.__setattr__(self, "kv_dtype", self.dtype)
-            elif value not in DTYPES:
-                raise SpecError(f"{name}={value!r} is not supported; use one of {', '.join(DTYPES)}")
+        if self.dtype not in DTYPES:
+            raise SpecError(f"dtype={self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        if self.kv_dtype is None:
+            object.__setattr__(self, "kv_dtype", self.dtype)
+        elif self.kv_dtype not in KV_DTYPES:
+            raise SpecError(f"kv_dtype={self.kv_dtype!r} is not supported; use one of {', '.join(KV_DTYPES)}")
         if self.scale is None:
             object.__setattr__(self, "scale", 1.0 / math.sqrt(self.head_dim))
         elif not (_is_number(self.scale) and math.isfinite(self.scale) and self.scale > 0):
@@ -94,12 +104,36 @@ class AttentionSpec:
 
     @property
     def kv_layout(self) -> str:
-        return KV_LAYOUT
+        return KV_LAYOUT_QUANTIZED if self.kv_quantized else KV_LAYOUT
+
+    @property
+    def kv_quantized(self) -> bool:
+        """The pool holds one-byte codes and per-(token, head) scales (int8, fp8_e4m3)."""
+        return self.kv_dtype in QUANTIZED_KV
+
+    @property
+    def kv_storage_dtype(self) -> str:
+        """dtype of the pool array: kv_dtype, or the code dtype of a quantized kv_dtype."""
+        return QUANTIZED_KV[self.kv_dtype][0] if self.kv_quantized else self.kv_dtype
+
+    @property
+    def kv_scale_rows(self) -> int:
+        """Rows after a block's tokens that hold its float32 scales (0 unless quantized)."""
+        return -(-4 * self.block_size // self.head_dim) if self.kv_quantized else 0
+
+    @property
+    def pool_rows(self) -> int:
+        """Rows of one (block, K or V, head) slab of the pool: block_size plus the scale rows."""
+        return self.block_size + self.kv_scale_rows
+
+    def pool_shape(self, num_blocks: int | None = None) -> tuple:
+        """Shape of one layer's pool (None: any number of blocks)."""
+        return (num_blocks, 2, self.num_kv_heads, self.pool_rows, self.head_dim)
 
     @property
     def block_bytes(self) -> int:
-        """Bytes of one KV block (K and V) in one layer's pool."""
-        return 2 * self.num_kv_heads * self.block_size * self.head_dim * DTYPE_BYTES[self.kv_dtype]
+        """Bytes of one KV block (K and V, scales included) in one layer's pool."""
+        return 2 * self.num_kv_heads * self.pool_rows * self.head_dim * DTYPE_BYTES[self.kv_storage_dtype]
 
     @property
     def uri(self) -> str:

@@ -56,8 +56,31 @@ GRID = [
            (d, (hq, hkv), bs, dt) in SMOKE)
     for d, (hq, hkv), bs, dt in itertools.product(HEAD_DIMS, HEADS, BLOCK_SIZES, DTYPES)
 ]
+# Quantized KV caches (int8, fp8 e4m3): every head dim, GQA group and block size at least once per
+# code, the scale-row edge cases (block_size 1: a scale row mostly empty; 128 tokens of head_dim 64:
+# eight scale rows), and the masking variants. (kv_dtype, head_dim, heads, block_size, dtype, extra, smoke)
+QUANTIZED = [
+    ("int8", 64, (8, 8), 8, "float32", {}, True),
+    ("int8", 96, (14, 2), 16, "float16", {}, True),
+    ("int8", 128, (32, 8), 16, "float16", {}, False),
+    ("int8", 256, (8, 8), 32, "float32", {}, False),
+    ("int8", 64, (14, 2), 128, "float16", {}, True),
+    ("int8", 32, (8, 8), 1, "float32", {}, False),
+    ("int8", 96, (32, 8), 32, "float16", dict(sliding_window=37, logit_softcap=10.0, scale=0.4), True),
+    ("fp8_e4m3", 64, (14, 2), 32, "float16", {}, True),
+    ("fp8_e4m3", 128, (32, 8), 16, "float32", {}, True),
+    ("fp8_e4m3", 96, (8, 8), 8, "float16", {}, False),
+    ("fp8_e4m3", 256, (32, 8), 16, "float16", {}, False),
+    ("fp8_e4m3", 256, (16, 8), 16, "float16", dict(logit_softcap=50.0), False),
+    ("fp8_e4m3", 128, (32, 8), 16, "float16", dict(sliding_window=100), False),
+]
 MASKED = [_param(AttentionSpec(**fields), smoke) for fields, smoke in VARIANTS.values()]
-ALL = GRID + MASKED
+QUANT = [
+    _param(AttentionSpec(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, block_size=bs, dtype=dt, kv_dtype=kv, **extra),
+           smoke)
+    for kv, d, (hq, hkv), bs, dt, extra, smoke in QUANTIZED
+]
+ALL = GRID + MASKED + QUANT
 SMOKE_SPECS = [p.values[0] for p in ALL if not p.marks]
 
 

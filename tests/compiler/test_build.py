@@ -143,7 +143,7 @@ SPILLS: dict[str, str] = {
                            "workspace is indexed by the call's split count (was by the constant cap)",
 }
 CUDA_SPECS = [pytest.param(s, id=s.uri, marks=[pytest.mark.xfail(reason=SPILLS[s.uri], strict=True)]
-                           if s.uri in SPILLS else []) for s in SMOKE_SPECS]
+                           if s.uri in SPILLS else []) for s in SMOKE_SPECS if not s.kv_quantized]
 
 
 @pytest.mark.cuda
@@ -164,6 +164,13 @@ def test_every_smoke_spec_builds_sass_for_sm80_and_sm90_without_spills(spec, cud
             assert 0 < k["registers"] <= 255 and k["shared_bytes"] <= 48 * 1024, (arch, k)
     summary = lib.summary()
     assert "sm_80 decode_kernel" in summary and "spill_st=0" in summary
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
+def test_a_quantized_kv_cache_for_cuda_is_refused_before_anything_builds(kv_dtype):
+    spec = AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, kv_dtype=kv_dtype)
+    with pytest.raises(BuildError, match=f"kv_dtype {kv_dtype} .*CPU kernels only; build for llvm"):
+        build_library(spec, "cuda:sm_90")
 
 
 @pytest.mark.cuda

@@ -25,7 +25,8 @@ BASE = dict(num_q_heads=32, num_kv_heads=8, head_dim=128)
     (dict(block_size=24), ["block_size=24", "power of two"]),
     (dict(dtype="float64"), ["dtype='float64'", "float32, float16, bfloat16"]),
     (dict(dtype="fp16"), ["dtype='fp16'"]),
-    (dict(kv_dtype="int8"), ["kv_dtype='int8'"]),
+    (dict(kv_dtype="int4"), ["kv_dtype='int4'", "int8, fp8_e4m3"]),
+    (dict(dtype="int8"), ["dtype='int8'", "float32, float16, bfloat16"]),
     (dict(scale=0.0), ["scale=0.0", "positive"]),
     (dict(scale=-1.0), ["scale=-1.0"]),
     (dict(scale=math.inf), ["scale=inf"]),
@@ -52,9 +53,20 @@ def test_defaults_and_derived_values():
     assert (spec.block_size, spec.dtype, spec.kv_dtype) == (16, "float16", "float16")
     assert spec.scale == 1 / math.sqrt(128) and spec.group_size == 4
     assert spec.block_bytes == 2 * 8 * 16 * 128 * 2
+    assert (spec.pool_rows, spec.pool_shape(3), spec.kv_storage_dtype) == (16, (3, 2, 8, 16, 128), "float16")
     assert AttentionSpec(**BASE, scale=1).scale == 1.0 and isinstance(AttentionSpec(**BASE, scale=1).scale, float)
     with pytest.raises(AttributeError):
         spec.head_dim = 64  # frozen
+
+
+@pytest.mark.parametrize("kv_dtype, storage", [("int8", "int8"), ("fp8_e4m3", "uint8")])
+def test_a_quantized_pool_keeps_one_float32_scale_per_token_row_after_the_block(kv_dtype, storage):
+    spec = AttentionSpec(**BASE, kv_dtype=kv_dtype)
+    # 16 float32 scales = 64 bytes: one extra row of head_dim 128 bytes per (block, K/V, head)
+    assert (spec.kv_quantized, spec.kv_storage_dtype, spec.kv_scale_rows, spec.pool_rows) == (True, storage, 1, 17)
+    assert spec.block_bytes == 2 * 8 * 17 * 128 and spec.kv_layout != AttentionSpec(**BASE).kv_layout
+    assert AttentionSpec(**{**BASE, "head_dim": 32, "block_size": 128}, kv_dtype=kv_dtype).kv_scale_rows == 16
+    assert spec.uri.endswith("_kvi8" if kv_dtype == "int8" else "_kvf8e4m3")
 
 
 def test_uri_is_readable_and_unique_per_variant():

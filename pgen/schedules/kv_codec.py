@@ -1,0 +1,73 @@
+"""The quantized-KV codec in TIR (kv_dtype int8, fp8_e4m3): reading a value and writing a row.
+
+The same codec as `pgen_runtime.kv_quant` (which documents it), operation for operation in float32,
+so a kernel's codes equal NumPy's bit for bit. A quantized pool is one-byte codes with each block's
+float32 scales in the rows after its tokens; kernels read the scales through a float32 buffer that
+aliases the pool's memory (`scale_buffer`).
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from pgen_runtime.spec import QUANTIZED_KV, AttentionSpec
+
+E4M3_BIAS_SHIFT = 2.0 ** 120  # fp32 exponent bias 127 minus e4m3's 7
+
+
+def scale_words(spec: AttentionSpec) -> int:
+    """float32 words of one (block, K/V, head) slab of the pool (its rows x head_dim bytes / 4)."""
+    return spec.pool_rows * spec.head_dim // 4
+
+
+def scale_index(spec: AttentionSpec, blk, c, h, t):
+    """Index in the float32 alias of the pool of the scale of token row t of (blk, c, h)."""
+    return ((blk * 2 + c) * spec.num_kv_heads + h) * scale_words(spec) + spec.block_size * spec.head_dim // 4 + t
+
+
+def loader(spec: AttentionSpec):
+    """f(pool, scales, blk, c, h, t, x): the float32 value at pool[blk, c, h, t, x] (c = 0 for K,
+    1 for V), dequantized with its row's scale where the pool is quantized. `scales` is the pool's
+    float32 alias (unused otherwise)."""
+    if not spec.kv_quantized:
+        return lambda pool, scales, blk, c, h, t, x: T.cast(pool[blk, c, h, t, x], "float32")
+    if spec.kv_dtype == "int8":
+        return lambda pool, scales, blk, c, h, t, x: (
+            T.cast(pool[blk, c, h, t, x], "float32") * scales[scale_index(spec, blk, c, h, t)])
+
+    def fp8(pool, scales, blk, c, h, t, x):
+        return decode_e4m3(pool[blk, c, h, t, x]) * scales[scale_index(spec, blk, c, h, t)]
+
+    return fp8
+
+
+def decode_e4m3(code):
+    """float32 value of a uint8 e4m3fn code: its bits placed in an fp32, rescaled by 2^120 (exact,
+    subnormals included)."""
+    c = T.cast(code, "uint32")
+    bits = T.bitwise_or(T.shift_left(T.bitwise_and(c, T.uint32(0x7F)), T.uint32(20)),
+                        T.shift_left(T.bitwise_and(c, T.uint32(0x80)), T.uint32(24)))
+    return T.reinterpret("float32", bits) * T.float32(E4M3_BIAS_SHIFT)
+
+
+def encode(spec: AttentionSpec, y):
+    """The storage code of float32 y, already scaled into +-QMAX."""
+    if spec.kv_dtype == "int8":
+        return T.cast(T.round(y), "int8")
+    a = T.fabs(y)
+    bits = T.reinterpret("uint32", a)
+    normal = T.shift_right(bits + T.uint32(0x7FFFF) + T.bitwise_and(T.shift_right(bits, T.uint32(20)), T.uint32(1)),
+                           T.uint32(20)) - T.uint32(120 << 3)
+    subnormal = T.cast(T.round(a * T.float32(512.0)), "uint32")
+    sign = T.bitwise_and(T.shift_right(T.reinterpret("uint32", y), T.uint32(24)), T.uint32(0x80))
+    return T.cast(T.bitwise_or(T.Select(a >= T.float32(2.0 ** -6), normal, subnormal), sign), "uint8")
+
+
+def qmax(spec: AttentionSpec) -> float:
+    return QUANTIZED_KV[spec.kv_dtype][1]
+
+
+def scale_buffer(spec: AttentionSpec, pool: tirx.Buffer, num_blocks) -> tirx.Buffer:
+    """A float32 buffer over the memory of `pool` (kernels declare it with T.decl_buffer)."""
+    return tirx.decl_buffer((num_blocks * 2 * spec.num_kv_heads * scale_words(spec),), "float32", data=pool.data)
