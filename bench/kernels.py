@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 import pgen
+from pgen_runtime import kv_quant
 from pgen_runtime.measure import time_calls
 from pgen_runtime.tensors import host_zeros, huge_page_share
 
@@ -84,6 +85,19 @@ def machine_rates(torch, bw: Bandwidth) -> dict:
     return {"copy_gbps_rw": bw.copy_gbps(), "read_gbps": bw.read_gbps(), "matmul_gflops": 2 * 2048**3 / mm / 1e6}
 
 
+def fill_pool(spec, pool, row: np.ndarray) -> None:
+    """Every K/V row of `pool` set to `row` [head_dim] (cheap for pools of GiBs), as codes and
+    scales where the pool is quantized."""
+    if not spec.kv_quantized:
+        pool[...] = row.astype(spec.kv_dtype)
+        return
+    codes, scale = kv_quant.quantize_rows(spec, row)
+    pool[:, :, :, : spec.block_size] = codes
+    raw = np.zeros(spec.kv_scale_rows * spec.head_dim, np.uint8)
+    raw[: 4 * spec.block_size] = np.full(spec.block_size, scale, np.float32).view(np.uint8)
+    pool[:, :, :, spec.block_size:] = raw.view(pool.dtype).reshape(spec.kv_scale_rows, spec.head_dim)
+
+
 class Case:
     """One decode configuration: a pool much larger than L3, and `sets` disjoint block tables."""
 
@@ -95,8 +109,8 @@ class Case:
         nb = self.sets * batch * per_seq + 1
         # The pool as the runtime allocates it (PagedKernels.new_pool: 2 MiB huge pages where Linux
         # offers them); `huge_pct` records how much of it got them.
-        self.pool = host_zeros((nb, 2, spec.num_kv_heads, spec.block_size, spec.head_dim), spec.kv_dtype)
-        self.pool[...] = rng.standard_normal(self.pool.shape[-1], dtype=np.float32).astype(spec.kv_dtype)
+        self.pool = host_zeros(spec.pool_shape(nb), spec.kv_storage_dtype)
+        fill_pool(spec, self.pool, rng.standard_normal(spec.head_dim, dtype=np.float32))
         self.huge_pct = 100 * (huge_page_share(self.pool) or 0.0)
         self.tables = (1 + rng.permutation(nb - 1)).reshape(self.sets, batch, per_seq).astype(np.int32)
         self.contig = (1 + np.arange(nb - 1)).reshape(self.sets, batch, per_seq).astype(np.int32)

@@ -16,8 +16,8 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from pgen_runtime.errors import ConfigError, ModelImportError
-from pgen_runtime.spec import AttentionSpec
+from pgen_runtime.errors import ConfigError, ModelImportError, SpecError
+from pgen_runtime.spec import KV_DTYPES, AttentionSpec
 from pgen_runtime.tokenizer import TOKENIZER_FILE
 
 from ..build import build_library, choose_configs
@@ -43,7 +43,7 @@ def compiler_version() -> str:
     return h.hexdigest()[:16]
 
 
-def layer_specs(rewritten: Rewritten, block_size: int) -> list[AttentionSpec]:
+def layer_specs(rewritten: Rewritten, block_size: int, kv_dtype: str | None = None) -> list[AttentionSpec]:
     """The AttentionSpec of every layer: one shape, scale and dtype, windows may differ (Gemma-2's
     local and global layers).
 
@@ -54,8 +54,8 @@ def layer_specs(rewritten: Rewritten, block_size: int) -> list[AttentionSpec]:
     for layer in rewritten.layers:
         try:
             specs.append(AttentionSpec(layer.num_q_heads, layer.num_kv_heads, layer.head_dim, block_size,
-                                       layer.dtype, scale=layer.scale, logit_softcap=layer.softcap,
-                                       sliding_window=layer.window))
+                                       layer.dtype, kv_dtype=kv_dtype, scale=layer.scale,
+                                       logit_softcap=layer.softcap, sliding_window=layer.window))
         except Exception as err:
             raise ModelImportError(f"layer {layer.index} ({layer.core.op_type} {layer.out!r}): {err}") from err
     shapes = {dataclasses.replace(s, sliding_window=None) for s in specs}
@@ -74,7 +74,7 @@ def model_spec(specs: list[AttentionSpec]) -> AttentionSpec:
 def compile_model(model_path: str | Path, out: str | Path, target: str = "llvm", block_size: int = 16,
                   eos_token_id: int | None = None, name: str | None = None, tokenizer: str | Path | None = None,
                   sliding_window: int | None = None, bounds_checks: bool = False, verify: bool = True,
-                  progress=print) -> Path:
+                  kv_dtype: str | None = None, progress=print) -> Path:
     """Compile an ONNX decoder export (past/present KV) into a package served by `pgen_runtime.LLM`.
 
     Args:
@@ -91,6 +91,8 @@ def compile_model(model_path: str | Path, out: str | Path, target: str = "llvm",
             raises (naming the buffer and index) instead of reading out of bounds; for tests.
         verify: run the export with onnxruntime and the compiled model on a few prompts (a mixed
             batch, prefill and decode) and refuse to write a package whose logits disagree.
+        kv_dtype: the KV cache's dtype (default: the model's); "int8" or "fp8_e4m3" store one-byte
+            codes with a scale per cached (token, head) row, about half of fp16's bytes (CPU only).
         progress: called with one line of text per step.
 
     Returns:
@@ -109,8 +111,10 @@ def compile_model(model_path: str | Path, out: str | Path, target: str = "llvm",
     if build_target.kind != "llvm":
         raise ModelImportError(f"target {target!r}: compile-model builds for llvm only so far")
     source = onnx.load(str(model_path))
-    rewritten = rewrite(source, block_size, sliding_window)
-    specs = layer_specs(rewritten, block_size)
+    if kv_dtype is not None and kv_dtype not in KV_DTYPES:
+        raise SpecError(f"kv_dtype={kv_dtype!r} is not supported; use one of {', '.join(KV_DTYPES)}")
+    rewritten = rewrite(source, block_size, sliding_window, kv_dtype)
+    specs = layer_specs(rewritten, block_size, kv_dtype)
     spec = model_spec(specs)
     if tokenizer is not None:
         check_tokenizer(tokenizer, rewritten.vocab_size)

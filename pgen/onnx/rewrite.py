@@ -19,8 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from pgen_runtime.errors import SpecError
+from pgen_runtime.spec import AttentionSpec
 
 from .attention import DTYPES, Layer, find_layers
 from .graph import Graph, fail
@@ -39,11 +43,13 @@ class Rewritten:
     max_positions: int | None  # rows of the tables that position_ids index (rotary or learned)
 
 
-def rewrite(model: onnx.ModelProto, block_size: int, sliding_window: int | None = None) -> Rewritten:
+def rewrite(model: onnx.ModelProto, block_size: int, sliding_window: int | None = None,
+            kv_dtype: str | None = None) -> Rewritten:
     """Return a copy of `model` with every layer's attention on the paged cache (see module doc).
 
     Args:
         sliding_window: every layer's window (0: none); default: what each layer's mask builds.
+        kv_dtype: the pools' kv_dtype (AttentionSpec); default: the layers' dtype.
 
     Raises:
         ModelImportError: the graph does not have the supported shape; the message names the node.
@@ -84,7 +90,7 @@ def rewrite(model: onnx.ModelProto, block_size: int, sliding_window: int | None 
     has_positions = "position_ids" in used  # the export's own, or the cache positions' replacement
     inputs = [_input(n, TensorProto.INT64, ["num_tokens"]) for n in ("input_ids", "position_ids")
               if n == "input_ids" or has_positions]
-    inputs += [_pool_input(layer, block_size) for layer in layers]
+    inputs += [_pool_input(layer, block_size, kv_dtype) for layer in layers]
     inputs += [_input("block_tables", TensorProto.INT32, ["num_seqs", "max_blocks"]),
                _input("slot_mapping", TensorProto.INT32, ["num_tokens"]),
                _input("q_indptr", TensorProto.INT32, ["num_seqs_plus_one"]),
@@ -284,7 +290,13 @@ def _input(name: str, elem: int, dims: list) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem, dims)
 
 
-def _pool_input(layer: Layer, block_size: int) -> onnx.ValueInfoProto:
-    elem = {v: k for k, v in DTYPES.items()}[layer.dtype]
-    return helper.make_tensor_value_info(f"kv_pool_{layer.index}", elem,
-                                         ["num_blocks", 2, layer.num_kv_heads, block_size, layer.head_dim])
+def _pool_input(layer: Layer, block_size: int, kv_dtype: str | None) -> onnx.ValueInfoProto:
+    """The layer's pool input: its spec's pool shape and storage dtype (codes for int8/fp8 KV)."""
+    try:
+        spec = AttentionSpec(layer.num_q_heads, layer.num_kv_heads, layer.head_dim, block_size, layer.dtype,
+                             kv_dtype=kv_dtype)
+    except SpecError as err:
+        raise fail(layer.core, f"layer {layer.index}: {err}") from None
+    elem = {v: k for k, v in DTYPES.items()}.get(spec.kv_storage_dtype) or helper.np_dtype_to_tensor_dtype(
+        np.dtype(spec.kv_storage_dtype))
+    return helper.make_tensor_value_info(f"kv_pool_{layer.index}", elem, ["num_blocks", *spec.pool_shape()[1:]])

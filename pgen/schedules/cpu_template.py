@@ -27,7 +27,7 @@ from pgen_runtime.spec import AttentionSpec
 
 from .base import Knob, TargetInfo, elem_bytes, instantiate
 from .fast_math import fast_exp2
-from .kv_codec import loader
+from .kv_codec import code_loader, row_scaler
 
 LOG2E = math.log2(math.e)
 NEG = -3.0e38
@@ -141,7 +141,9 @@ def _plan(spec: AttentionSpec, decode: bool, config: dict[str, Any]) -> dict[str
     half = (vl // 2, max(vl // 4, 1), max(vl // 8, 1))  # lane counts of the tree sum's levels
     prefetch = bool(config.get("prefetch", 1))
     per_line = 64 // elem_bytes(spec.kv_storage_dtype)  # elements of one 64-byte cache line
-    kv_at = loader(spec)  # the float32 value of a pool element (dequantized for int8/fp8 KV)
+    # A pool element as float32 before its row's scale, and the row scale (int8/fp8 KV), which QK
+    # applies to each score and P·V to each weight: once per row, not per element.
+    kv_code, row_scaled = code_loader(spec), row_scaler(spec)
     lines = max(d // per_line, 1)
     line_step = max(nd // lines, 1)  # head-dimension vectors per cache line of a row
     # P·V makes nd / cgrp passes over the block's V rows; each requests its share of the lines of
@@ -432,10 +434,10 @@ def _qk_transposed():
                         for r in T.unroll(rtile):
                             if k < hk:
                                 for v in T.vectorized(vl):
-                                    pa[k, r, v] = pa[k, r, v] + qf[R[0] + r, c * vl + v] * kv_at(kv_pool, kv_scales, page[0], 0, h0[0] + hh, ch * vl + grp * kg + k, c * vl + v)
+                                    pa[k, r, v] = pa[k, r, v] + qf[R[0] + r, c * vl + v] * kv_code(kv_pool, page[0], 0, h0[0] + hh, ch * vl + grp * kg + k, c * vl + v)
                             else:
                                 for v in T.vectorized(vl):
-                                    pb[k - hk, r, v] = pb[k - hk, r, v] + qf[R[0] + r, c * vl + v] * kv_at(kv_pool, kv_scales, page[0], 0, h0[0] + hh, ch * vl + grp * kg + k, c * vl + v)
+                                    pb[k - hk, r, v] = pb[k - hk, r, v] + qf[R[0] + r, c * vl + v] * kv_code(kv_pool, page[0], 0, h0[0] + hh, ch * vl + grp * kg + k, c * vl + v)
                 for r in T.unroll(rtile):
                     if kg == 2:
                         pa[0, r, T.Ramp(0, 1, vl)] = _merge(pa[0, r, T.Ramp(0, 1, vl)], pb[0, r, T.Ramp(0, 1, vl)], vl, 0)
@@ -462,7 +464,7 @@ def _qk_transposed():
                 for v in T.vectorized(vl):
                     s[r, ch * vl + v] = T.if_then_else(
                         visible(cur[0] * bs + ch * vl + v, rt * rtile + r, length, n_new, i0, i1),
-                        capped(fin[r, v]),
+                        capped(row_scaled(fin[r, v], kv_scales, page[0], 0, h0[0] + hh, ch * vl + v)),
                         T.float32(NEG))
 
 def _qk_key_group():
@@ -493,10 +495,10 @@ def _qk_key_group():
                             for r in T.unroll(rtile):
                                 if k < kh:
                                     for v in T.vectorized(vl):
-                                        qa[k, r, v] = qa[k, r, v] + qf[R[0] + r, c * vl + v] * kv_at(kv_pool, kv_scales, page[0], 0, h0[0] + hh, (ch * rtile + j) * kq + k, c * vl + v)
+                                        qa[k, r, v] = qa[k, r, v] + qf[R[0] + r, c * vl + v] * kv_code(kv_pool, page[0], 0, h0[0] + hh, (ch * rtile + j) * kq + k, c * vl + v)
                                 else:
                                     for v in T.vectorized(vl):
-                                        qb[k - kh, r, v] = qb[k - kh, r, v] + qf[R[0] + r, c * vl + v] * kv_at(kv_pool, kv_scales, page[0], 0, h0[0] + hh, (ch * rtile + j) * kq + k, c * vl + v)
+                                        qb[k - kh, r, v] = qb[k - kh, r, v] + qf[R[0] + r, c * vl + v] * kv_code(kv_pool, page[0], 0, h0[0] + hh, (ch * rtile + j) * kq + k, c * vl + v)
                     sg[j, T.Ramp(0, 1, vl)] = _merge_all(
                         [qa[k, r, T.Ramp(0, 1, vl)] if k < kh else qb[k - kh, r, T.Ramp(0, 1, vl)]
                          for r in range(rtile) for k in range(kq)], vl)
@@ -509,7 +511,7 @@ def _qk_key_group():
                 for v in T.vectorized(vl):
                     s[r, ch * vl + v] = T.if_then_else(
                         visible(cur[0] * bs + ch * vl + v, rt * rtile + r, length, n_new, i0, i1),
-                        capped(s[r, ch * vl + v]),
+                        capped(row_scaled(s[r, ch * vl + v], kv_scales, page[0], 0, h0[0] + hh, ch * vl + v)),
                         T.float32(NEG))
 
 def _qk_per_key():
@@ -525,15 +527,15 @@ def _qk_per_key():
         for c in T.serial(nd // chains):
             for r in T.unroll(rtile):
                 for v in T.vectorized(vl):
-                    part[r, v] = part[r, v] + qf[R[0] + r, c * chains * vl + v] * kv_at(kv_pool, kv_scales, page[0], 0, h0[0] + hh, t, c * chains * vl + v)
+                    part[r, v] = part[r, v] + qf[R[0] + r, c * chains * vl + v] * kv_code(kv_pool, page[0], 0, h0[0] + hh, t, c * chains * vl + v)
             if chains == 2:
                 for r in T.unroll(rtile):
                     for v in T.vectorized(vl):
-                        part2[r, v] = part2[r, v] + qf[R[0] + r, (c * 2 + 1) * vl + v] * kv_at(kv_pool, kv_scales, page[0], 0, h0[0] + hh, t, (c * 2 + 1) * vl + v)
+                        part2[r, v] = part2[r, v] + qf[R[0] + r, (c * 2 + 1) * vl + v] * kv_code(kv_pool, page[0], 0, h0[0] + hh, t, (c * 2 + 1) * vl + v)
         if nd % chains != 0:
             for r in T.unroll(rtile):
                 for v in T.vectorized(vl):
-                    part[r, v] = part[r, v] + qf[R[0] + r, (nd - 1) * vl + v] * kv_at(kv_pool, kv_scales, page[0], 0, h0[0] + hh, t, (nd - 1) * vl + v)
+                    part[r, v] = part[r, v] + qf[R[0] + r, (nd - 1) * vl + v] * kv_code(kv_pool, page[0], 0, h0[0] + hh, t, (nd - 1) * vl + v)
         for r in T.unroll(rtile):
             if chains == 2:
                 for v in T.vectorized(vl):
@@ -562,9 +564,9 @@ def _qk_per_key():
             # key position (cur[0] * bs + t) vs this row's position, causal and windowed
             if visible(cur[0] * bs + t, rt * rtile + r, length, n_new, i0, i1):
                 if has_cap:
-                    s[r, t] = T.tanh(tree[0 if xrow else r, r * seg if xrow else 0] * inv_cap) * cap_log2e
+                    s[r, t] = T.tanh(row_scaled(tree[0 if xrow else r, r * seg if xrow else 0], kv_scales, page[0], 0, h0[0] + hh, t) * inv_cap) * cap_log2e
                 else:
-                    s[r, t] = tree[0 if xrow else r, r * seg if xrow else 0]
+                    s[r, t] = row_scaled(tree[0 if xrow else r, r * seg if xrow else 0], kv_scales, page[0], 0, h0[0] + hh, t)
 
 def _softmax():
     """Online softmax per row over the block's scores."""
@@ -620,10 +622,10 @@ def _pv():
                 for r in T.unroll(rtile):
                     if c < hc:
                         for v in T.vectorized(vl):
-                            tile[r, c * vl + v] = tile[r, c * vl + v] + s[r, t] * kv_at(kv_pool, kv_scales, page[0], 1, h0[0] + hh, t, (cg * cgrp + c) * vl + v)
+                            tile[r, c * vl + v] = tile[r, c * vl + v] + row_scaled(s[r, t], kv_scales, page[0], 1, h0[0] + hh, t) * kv_code(kv_pool, page[0], 1, h0[0] + hh, t, (cg * cgrp + c) * vl + v)
                     else:
                         for v in T.vectorized(vl):
-                            tile2[r, (c - hc) * vl + v] = tile2[r, (c - hc) * vl + v] + s[r, t] * kv_at(kv_pool, kv_scales, page[0], 1, h0[0] + hh, t, (cg * cgrp + c) * vl + v)
+                            tile2[r, (c - hc) * vl + v] = tile2[r, (c - hc) * vl + v] + row_scaled(s[r, t], kv_scales, page[0], 1, h0[0] + hh, t) * kv_code(kv_pool, page[0], 1, h0[0] + hh, t, (cg * cgrp + c) * vl + v)
         for r in T.unroll(rtile):
             for c in T.unroll(cgrp):
                 if c < hc:

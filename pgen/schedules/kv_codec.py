@@ -26,20 +26,21 @@ def scale_index(spec: AttentionSpec, blk, c, h, t):
     return ((blk * 2 + c) * spec.num_kv_heads + h) * scale_words(spec) + spec.block_size * spec.head_dim // 4 + t
 
 
-def loader(spec: AttentionSpec):
-    """f(pool, scales, blk, c, h, t, x): the float32 value at pool[blk, c, h, t, x] (c = 0 for K,
-    1 for V), dequantized with its row's scale where the pool is quantized. `scales` is the pool's
-    float32 alias (unused otherwise)."""
+def code_loader(spec: AttentionSpec):
+    """f(pool, blk, c, h, t, x): pool[blk, c, h, t, x] (c = 0 for K, 1 for V) as float32, before its
+    row's scale: the value itself for a float pool, the code's value for a quantized one."""
+    if spec.kv_dtype == "fp8_e4m3":
+        return lambda pool, blk, c, h, t, x: decode_e4m3(pool[blk, c, h, t, x])
+    return lambda pool, blk, c, h, t, x: T.cast(pool[blk, c, h, t, x], "float32")
+
+
+def row_scaler(spec: AttentionSpec):
+    """f(value, scales, blk, c, h, t): `value` times the scale of row t of (blk, c, h), which
+    kernels apply once per row (to a score, or to a P weight) rather than per element; the value
+    itself for a float pool. `scales` is the pool's float32 alias."""
     if not spec.kv_quantized:
-        return lambda pool, scales, blk, c, h, t, x: T.cast(pool[blk, c, h, t, x], "float32")
-    if spec.kv_dtype == "int8":
-        return lambda pool, scales, blk, c, h, t, x: (
-            T.cast(pool[blk, c, h, t, x], "float32") * scales[scale_index(spec, blk, c, h, t)])
-
-    def fp8(pool, scales, blk, c, h, t, x):
-        return decode_e4m3(pool[blk, c, h, t, x]) * scales[scale_index(spec, blk, c, h, t)]
-
-    return fp8
+        return lambda value, scales, blk, c, h, t: value
+    return lambda value, scales, blk, c, h, t: value * scales[scale_index(spec, blk, c, h, t)]
 
 
 def decode_e4m3(code):

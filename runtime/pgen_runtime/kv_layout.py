@@ -47,10 +47,14 @@ def check_kv(kv: Any | None, num_blocks: int, block_size: int) -> None:
             f"kv={type(kv).__name__} needs `pools` (one array per layer) and `kernels` with "
             f"{', '.join(KERNEL_NAMES)}; missing: {', '.join(missing) or 'pools'}"
         )
+    # A quantized pool's blocks hold scale rows after their block_size token rows.
+    spec = getattr(kv.kernels, "spec", None)
+    rows = spec.pool_rows if spec is not None else block_size
     for layer, pool in enumerate(kv.pools):
         shape = tuple(getattr(pool, "shape", ()))
-        if len(shape) != 5 or shape[0] != num_blocks or shape[1] != 2 or shape[3] != block_size:
+        if len(shape) != 5 or shape[0] != num_blocks or shape[1] != 2 or shape[3] != rows:
             raise ShapeError(
                 f"kv.pools[{layer}].shape={shape} but the layout is [num_blocks={num_blocks}, 2, "
-                f"num_kv_heads, block_size={block_size}, head_dim]; allocate pools to match"
+                f"num_kv_heads, {'block_size' if rows == block_size else 'block_size + scale rows'}={rows}, "
+                "head_dim]; allocate pools to match"
             )

@@ -15,12 +15,14 @@ from builders import EOS_TOKEN_ID, MAX_TOKENS, export, prompts  # noqa: E402
 from pgen.onnx.verify import ort_generate  # noqa: E402
 
 @functools.cache
-def _built(family: str, variant: str, root: str) -> tuple[Path, Path]:
+def _built(family: str, variant: str, root: str, kv_dtype: str | None = None) -> tuple[Path, Path]:
     from pgen.onnx import compile_model
 
     folder = Path(root)
     onnx_path = export(family, variant, folder / f"{family}-{variant}.onnx")
-    package = compile_model(onnx_path, folder / f"{family}-{variant}.pgenpkg", progress=lambda line: None)
+    suffix = f"-{kv_dtype}" if kv_dtype else ""
+    package = compile_model(onnx_path, folder / f"{family}-{variant}{suffix}.pgenpkg", kv_dtype=kv_dtype,
+                            progress=lambda line: None)
     return onnx_path, package
 
 
@@ -36,10 +38,10 @@ def models_dir(tmp_path_factory) -> str:
 
 @pytest.fixture
 def built(models_dir):
-    """built(family, variant) -> (onnx path, package path, onnxruntime reference per prompt)."""
+    """built(family, variant[, kv_dtype]) -> (onnx path, package path, onnxruntime reference per prompt)."""
 
-    def get(family: str, variant: str):
-        onnx_path, package = _built(family, variant, models_dir)
+    def get(family: str, variant: str, kv_dtype: str | None = None):
+        onnx_path, package = _built(family, variant, models_dir, kv_dtype)
         return onnx_path, package, _reference(onnx_path)
 
     return get

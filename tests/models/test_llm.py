@@ -41,6 +41,39 @@ def test_greedy_matches_onnxruntime(built, family, variant, setting):
     assert metrics.blocks_used == 0, "finished sequences must release every block"
 
 
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
+def test_a_quantized_kv_cache_serves_the_same_tokens_in_every_setting(built, kv_dtype):
+    # Codes and scales are per cached row, so chunking, swapping (which moves the scale rows with
+    # their block) and recomputing (which quantizes the same values again) must not change a token.
+    # Against onnxruntime's float cache only the logits are compared: a random-weight model's
+    # near-tied tokens part after a few steps with any rounding. verify's KV_TOLERANCE is the bound.
+    from pgen.onnx.verify import KV_TOLERANCE
+
+    _, package, reference = built("llama", "dynamo18", kv_dtype)
+    runs = {}
+    for setting in SETTINGS:
+        llm = LLM(package, **SETTINGS[setting])
+        runs[setting] = llm.generate(prompts(), SamplingParams(max_tokens=MAX_TOKENS, return_logits=True))
+        if EXERCISED[setting]:
+            assert getattr(llm.manager.metrics(), EXERCISED[setting]) > 0
+        assert llm.manager.metrics().blocks_used == 0
+    for setting, outputs in runs.items():
+        assert [o.token_ids for o in outputs] == [o.token_ids for o in runs["roomy"]], setting
+    for out, (tokens, logits) in zip(runs["roomy"], reference):
+        first = np.abs(out.logits[0] - logits[0]).max() / max(1.0, np.abs(logits[0]).max())
+        assert first <= KV_TOLERANCE[kv_dtype], first
+
+
+def test_compile_model_names_an_unknown_kv_dtype(built, tmp_path):
+    from pgen.onnx import compile_model
+    from pgen_runtime import SpecError
+
+    onnx_path, _, _ = built("llama", "dynamo18")
+    with pytest.raises(SpecError, match="kv_dtype='int4' is not supported; use one of .*int8, fp8_e4m3"):
+        compile_model(onnx_path, tmp_path / "x.pgenpkg", kv_dtype="int4")
+    assert not (tmp_path / "x.pgenpkg").exists()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_steps_split_over_the_kv_match_onnxruntime(built, family, monkeypatch):
     # The runtime splits a step's attention over the KV when it has fewer query tiles than threads
