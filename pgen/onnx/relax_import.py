@@ -130,13 +130,75 @@ class _Expand(onnx_frontend.Expand):
         return super()._impl_v13(bb, inputs, attr, params)
 
 
+class _RotaryEmbedding(onnx_frontend.OnnxOpConverter):
+    """ONNX `RotaryEmbedding(X, cos_cache, sin_cache[, position_ids])` (opset 23), which torch
+    dynamo's exports of rotary models emit and TVM 0.27's frontend does not convert.
+
+    X is [batch, heads, seq, head] or [batch, seq, heads * head] (with the `num_heads` attribute);
+    the caches are [batch, seq, rot/2], or [max_pos, rot/2] rows gathered by position_ids. The
+    first rot = `rotary_embedding_dim` (0: the whole head) dims of each head rotate, as halves or
+    (`interleaved`) as pairs; the rest pass through. The caches broadcast over the heads where X
+    has them, so a 4-D X is never transposed.
+    """
+
+    @classmethod
+    def _impl_v23(cls, bb, inputs, attr, params):
+        x, cos, sin, *rest = inputs
+        shape, heads, head, rot = _rotary_dims(x, cos, attr)
+        if len(shape) == 3:
+            x = bb.emit(relax.op.reshape(x, [shape[0], shape[1], heads, head]))
+        if rest and rest[0] is not None:  # position_ids: rows of [max_pos, rot/2] caches
+            cos, sin = (bb.emit(relax.op.take(c, rest[0], axis=0)) for c in (cos, sin))
+        # The caches are [batch, seq, rot/2]: the heads are X's axis 1 (4-D) or 2 (3-D, reshaped).
+        cos, sin = (bb.emit(relax.op.expand_dims(c, [1 if len(shape) == 4 else 2])) for c in (cos, sin))
+
+        def dims(begin: int, end: int, step: int = 1) -> relax.Expr:
+            return bb.emit(relax.op.strided_slice(x, [3], [begin], [end], [step]))
+
+        interleaved = attr.get("interleaved", 0)
+        x1, x2 = (dims(0, rot, 2), dims(1, rot, 2)) if interleaved else (dims(0, rot // 2), dims(rot // 2, rot))
+        real = bb.emit(relax.op.subtract(relax.op.multiply(cos, x1), relax.op.multiply(sin, x2)))
+        imag = bb.emit(relax.op.add(relax.op.multiply(sin, x1), relax.op.multiply(cos, x2)))
+        if interleaved:  # [.., rot/2, 2] pairs, back to [.., rot]
+            pairs = bb.emit(relax.op.concat([relax.op.expand_dims(real, [4]), relax.op.expand_dims(imag, [4])], 4))
+            rotated = bb.emit(relax.op.reshape(pairs, [*list(x.ty.shape)[:3], rot]))
+        else:
+            rotated = bb.emit(relax.op.concat([real, imag], 3))
+        out = bb.emit(relax.op.concat([rotated, dims(rot, head)], 3)) if rot < head else rotated
+        return relax.op.reshape(out, shape) if len(shape) == 3 else out
+
+
+def _rotary_dims(x: relax.Expr, cos: relax.Expr, attr: dict) -> tuple[list, int, int, int]:
+    """RotaryEmbedding's X shape, heads (of a 3-D X), head size and rotated dims, checked as the
+    spec requires them.
+
+    Raises:
+        ModelImportError: X's rank or last dim is unknown, a 3-D X has no num_heads dividing its
+            hidden size, the rotated dims are odd or past the head, or the cache's are not half.
+    """
+    shape = getattr(x.ty, "shape", None)
+    if shape is None or len(shape) not in (3, 4) or not isinstance(shape[-1], tvm.tirx.IntImm):
+        raise ModelImportError(f"RotaryEmbedding needs X of a known rank (3 or 4) and last dim, got {x.ty}")
+    shape, heads = list(shape), attr.get("num_heads", 0)
+    if len(shape) == 3 and (not heads or int(shape[2]) % heads):
+        raise ModelImportError(f"RotaryEmbedding of a 3-D X [.., {shape[2]}] needs a num_heads attribute "
+                               f"dividing {shape[2]}, got {heads}")
+    head = int(shape[3]) if len(shape) == 4 else int(shape[2]) // heads
+    rot = attr.get("rotary_embedding_dim", 0) or head
+    half = getattr(cos.ty, "shape", None) and cos.ty.shape[-1]
+    if rot % 2 or rot > head or (isinstance(half, tvm.tirx.IntImm) and int(half) != rot // 2):
+        raise ModelImportError(f"RotaryEmbedding rotates {rot} dims of a head of {head} with caches of "
+                               f"{half} columns: it needs an even count, at most the head, of twice the columns")
+    return shape, heads, head, rot
+
+
 @contextlib.contextmanager
 def _converter(kernels: _Kernels) -> Iterator[None]:
     """Make TVM's ONNX frontend convert PagedAttention nodes with `kernels` (the frontend ignores
-    domains), and Gather and Expand with `_Gather` and `_Expand`."""
+    domains), Gather and Expand with `_Gather` and `_Expand`, and RotaryEmbedding."""
     original = onnx_frontend._get_convert_map
     onnx_frontend._get_convert_map = lambda: {**original(), OP: PagedAttention, "Gather": _Gather,
-                                              "Expand": _Expand}
+                                              "Expand": _Expand, "RotaryEmbedding": _RotaryEmbedding}
     _active.append(kernels)
     try:
         yield

@@ -1,10 +1,12 @@
 """Real transformers models (tiny, random weights, built from configs: no hub) exported the two ways
 users export them: optimum (`text-generation-with-past`, the TorchScript exporter, opset 18) and
-`torch.onnx.export(..., dynamo=True)` with the past KV as a DynamicCache.
+`torch.onnx.export(..., dynamo=True)` with the past KV as a DynamicCache, at opset 18 or 23 (where
+rotary models emit ONNX's `RotaryEmbedding`).
 
 `export(family, exporter, attn, root)` writes `root/<family>-<attn>-<exporter>/model.onnx` once
-and returns its path; `FAMILIES` lists the model families, with the features that matter for the
-rewrite (GQA, fused QKV, sliding windows, soft-capping, partial rotary, learned positions).
+and returns its path (`-opset23` appended to the folder for `opset=23`); `FAMILIES` lists the
+model families, with the features that matter for the rewrite (GQA, fused QKV, sliding windows,
+soft-capping, partial rotary, learned positions).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 
 EXPORTERS = ("optimum", "dynamo")
+OPSETS = (18, 23)  # the dynamo export's; optimum's TorchScript exporter writes opset 18
 ATTENTIONS = ("sdpa", "eager")
 WINDOW = 16  # Mistral's and Gemma-2's sliding window: shorter than the test prompts
 EOS_TOKEN_ID = 2
@@ -74,10 +77,13 @@ def build(family: str, attn: str, seed: int = 0):
 
 
 @functools.cache
-def export(family: str, exporter: str, attn: str, root: str) -> Path:
+def export(family: str, exporter: str, attn: str, root: str, opset: int = 18) -> Path:
     """`root/<family>-<attn>-<exporter>/model.onnx`, exported once; optimum's config.json and
-    generation_config.json lie beside it, as optimum-cli writes them."""
-    folder = Path(root) / f"{family}-{attn}-{exporter}"
+    generation_config.json lie beside it, as optimum-cli writes them. `opset` is the dynamo
+    export's (18 or 23)."""
+    if opset not in OPSETS or (exporter == "optimum" and opset != 18):
+        raise ValueError(f"opset {opset} for the {exporter} export: optimum exports at 18, dynamo at {OPSETS}")
+    folder = Path(root) / (f"{family}-{attn}-{exporter}" + ("" if opset == 18 else f"-opset{opset}"))
     path = folder / "model.onnx"
     if path.is_file():
         return path
@@ -87,7 +93,7 @@ def export(family: str, exporter: str, attn: str, root: str) -> Path:
     if exporter == "optimum":
         _optimum(model, partial)
     else:
-        _dynamo(model, partial)
+        _dynamo(model, partial, opset)
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)  # whole or not at all: an interrupted export is redone
     return path
@@ -124,7 +130,7 @@ class _WithCache(torch.nn.Module):
         return (out.logits, *presents)
 
 
-def _dynamo(model, folder: Path) -> None:
+def _dynamo(model, folder: Path, opset: int) -> None:
     c = model.config
     layers = c.num_hidden_layers
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
@@ -141,6 +147,6 @@ def _dynamo(model, folder: Path) -> None:
     b, s, p = torch.export.Dim("batch"), torch.export.Dim("seq", max=limit), torch.export.Dim("past", max=limit)
     shapes = ({0: b, 1: s}, {0: b, 1: torch.export.Dim.AUTO}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in names))
     program = torch.onnx.export(_WithCache(model), args, input_names=inputs, output_names=outputs,
-                                dynamic_shapes=shapes, opset_version=18, dynamo=True)
+                                dynamic_shapes=shapes, opset_version=opset, dynamo=True)
     folder.mkdir(parents=True)
     program.save(str(folder / "model.onnx"))

@@ -3,12 +3,14 @@ onnxruntime's on the same file, alone and in a mixed batch.
 
 Tiny random-weight models of each family (`hf_models.FAMILIES`: GQA, fused QKV, sliding windows,
 soft-capping, learned positions, computed scales) exported with optimum and with torch dynamo, with
-transformers' SDPA and eager attention. compile_model verifies the package against onnxruntime
+transformers' SDPA and eager attention, and the rotary families' dynamo exports at opset 23 (their
+rotary as ONNX `RotaryEmbedding`: `OPSET23`). compile_model verifies the package against onnxruntime
 itself (a mixed batch, prefill and decode) before writing it; these tests then run the package the
 way users do, through `LLM`. The smoke subset runs every family from both exporters with SDPA (the
 default) and the eager forms the rewrite handles differently (Gemma-2's soft-cap, GPT-2's Where
-mask and computed scale, GPT-J's repeat_interleave rotary); `-m full` runs the whole grid, and the
-exports pgen refuses (`hf_models.REFUSED`) must fail with a ModelImportError that says why.
+mask and computed scale, GPT-J's repeat_interleave rotary) and Qwen2 at opset 23; `-m full` runs
+the whole grid, and the exports pgen refuses (`hf_models.REFUSED`) must fail with a
+ModelImportError that says why.
 """
 
 from __future__ import annotations
@@ -31,19 +33,31 @@ from pgen_runtime import LLM, SamplingParams  # noqa: E402
 MAX_TOKENS = 12
 # Past one 16-token block and past the 16-token window, one shorter than both, one of one token.
 LENGTHS = (3, 21, 40, 1)
-SMOKE = {(f, e, "sdpa") for f in hf_models.FAMILIES[:6] for e in hf_models.EXPORTERS} | \
-    {("gemma2", "dynamo", "eager"), ("gpt2", "optimum", "eager"), ("gptj", "optimum", "eager"),
-     ("cohere", "optimum", "sdpa")}
+# The families whose dynamo export at opset 23 emits RotaryEmbedding (GPT-J's and Cohere's
+# interleaved rotary stays elementwise ops, GPT-2 has none): exported at opset 23 too.
+OPSET23 = ("llama", "qwen2", "mistral", "phi3", "gemma2")
+SMOKE = {(f, e, "sdpa", 18) for f in hf_models.FAMILIES[:6] for e in hf_models.EXPORTERS} | \
+    {("gemma2", "dynamo", "eager", 18), ("gpt2", "optimum", "eager", 18), ("gptj", "optimum", "eager", 18),
+     ("cohere", "optimum", "sdpa", 18), ("qwen2", "dynamo", "sdpa", 23)}
+
+
+def _exports(family: str):
+    """The (exporter, opset) pairs `family` is exported with."""
+    yield from ((exporter, 18) for exporter in hf_models.EXPORTERS)
+    if family in OPSET23:
+        yield "dynamo", 23
 
 
 def _cases(refused: bool = False):
     for family in hf_models.FAMILIES:
-        for exporter in hf_models.EXPORTERS:
+        for exporter, opset in _exports(family):
             if ((family, exporter) in hf_models.REFUSED) != refused:
                 continue
             for attn in hf_models.attentions(family):
-                marks = () if (family, exporter, attn) in SMOKE else pytest.mark.full
-                yield pytest.param(family, exporter, attn, id=f"{family}-{exporter}-{attn}", marks=marks)
+                marks = () if (family, exporter, attn, opset) in SMOKE else pytest.mark.full
+                suffix = "" if opset == 18 else f"-opset{opset}"
+                yield pytest.param(family, exporter, attn, opset, id=f"{family}-{exporter}-{attn}{suffix}",
+                                   marks=marks)
 
 
 def prompts() -> list[list[int]]:
@@ -62,11 +76,11 @@ def exports_dir(request) -> str:
 
 
 @functools.cache
-def _compiled(family: str, exporter: str, attn: str, root: str, out: str) -> tuple[Path, Path]:
-    onnx_path = hf_models.export(family, exporter, attn, root)
+def _compiled(family: str, exporter: str, attn: str, opset: int, root: str, out: str) -> tuple[Path, Path]:
+    onnx_path = hf_models.export(family, exporter, attn, root, opset)
     # optimum writes the stop token into config.json beside the export; a dynamo export has none.
     eos = hf_models.EOS_TOKEN_ID if exporter == "dynamo" else None
-    package = compile_model(onnx_path, Path(out) / f"{family}-{attn}-{exporter}.pgenpkg", eos_token_id=eos,
+    package = compile_model(onnx_path, Path(out) / f"{onnx_path.parent.name}.pgenpkg", eos_token_id=eos,
                             progress=lambda line: None)
     return onnx_path, package
 
@@ -81,9 +95,9 @@ def packages_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("hf-packages"))
 
 
-@pytest.mark.parametrize("family, exporter, attn", list(_cases()))
-def test_greedy_tokens_match_onnxruntime(family, exporter, attn, exports_dir, packages_dir):
-    onnx_path, package = _compiled(family, exporter, attn, exports_dir, packages_dir)
+@pytest.mark.parametrize("family, exporter, attn, opset", list(_cases()))
+def test_greedy_tokens_match_onnxruntime(family, exporter, attn, opset, exports_dir, packages_dir):
+    onnx_path, package = _compiled(family, exporter, attn, opset, exports_dir, packages_dir)
     reference = _reference(onnx_path)
     params = SamplingParams(max_tokens=MAX_TOKENS, return_logits=True)
     # Alone: one sequence per step. Batched: 16-token chunks, so prefill chunks of the long prompts
@@ -98,11 +112,11 @@ def test_greedy_tokens_match_onnxruntime(family, exporter, attn, exports_dir, pa
             np.testing.assert_allclose(np.stack(out.logits), np.stack(ref.logits), rtol=0, atol=2e-3 * scale)
 
 
-@pytest.mark.parametrize("family, exporter, attn", list(_cases(refused=True)))
-def test_exports_pgen_cannot_serve_are_refused_by_name(family, exporter, attn, exports_dir, tmp_path):
+@pytest.mark.parametrize("family, exporter, attn, opset", list(_cases(refused=True)))
+def test_exports_pgen_cannot_serve_are_refused_by_name(family, exporter, attn, opset, exports_dir, tmp_path):
     from pgen_runtime.errors import ModelImportError
 
-    onnx_path = hf_models.export(family, exporter, attn, exports_dir)
+    onnx_path = hf_models.export(family, exporter, attn, exports_dir, opset)
     with pytest.raises(ModelImportError, match=hf_models.REFUSED[family, exporter]):
         compile_model(onnx_path, tmp_path / "refused.pgenpkg", progress=lambda line: None)
     assert not (tmp_path / "refused.pgenpkg").exists()
@@ -110,14 +124,19 @@ def test_exports_pgen_cannot_serve_are_refused_by_name(family, exporter, attn, e
 
 def test_the_matrix_exercises_what_it_claims(exports_dir, packages_dir):
     # The windows and soft-caps the families configure reach the packages' specs (a dropped window
-    # gives equal tokens on prompts shorter than it, which is why LENGTHS pass it).
+    # gives equal tokens on prompts shorter than it, which is why LENGTHS pass it), and the opset-23
+    # export's rotary is ONNX RotaryEmbedding.
     import json
 
+    import onnx
+
     def layers(family, exporter, attn):
-        _, package = _compiled(family, exporter, attn, exports_dir, packages_dir)
+        _, package = _compiled(family, exporter, attn, 18, exports_dir, packages_dir)
         return json.loads((package / "manifest.json").read_text())["model"]["layers"]
 
     assert {l["sliding_window"] for l in layers("mistral", "optimum", "sdpa")} == {hf_models.WINDOW}
+    qwen2 = onnx.load(str(hf_models.export("qwen2", "dynamo", "sdpa", exports_dir, 23)))
+    assert sum(n.op_type == "RotaryEmbedding" for n in qwen2.graph.node) == 4  # q and k of 2 layers
     gemma = layers("gemma2", "dynamo", "eager")
     assert [l["sliding_window"] for l in gemma] == [hf_models.WINDOW, None]  # local, global
     assert {l["logit_softcap"] for l in gemma} == {50.0}
