@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pgen_runtime.reference import attend, decode, extend, gather_kv  # noqa: F401  # re-exported
+from pgen_runtime.reference import attend, decode, extend, gather_kv, int8_queries  # noqa: F401  # re-exported
 from pgen_runtime import kv_quant
 from pgen_runtime.kernel_table import KERNEL_NAMES
 from pgen_runtime.spec import NULL_BLOCK_ID, AttentionSpec

@@ -48,8 +48,8 @@ class BuildTarget:
     @property
     def info(self) -> TargetInfo:
         if self.kind == "llvm":
-            wide = "avx512f" in host_cpu_features()
-            return TargetInfo("llvm", self.mcpu, vector_bits=512 if wide else 256)
+            features = frozenset(host_cpu_features())
+            return TargetInfo("llvm", self.mcpu, vector_bits=512 if "avx512f" in features else 256, features=features)
         return TargetInfo("cuda", self.archs[0], **_CUDA_LIMITS)
 
     @property

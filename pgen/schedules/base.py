@@ -42,6 +42,7 @@ class TargetInfo:
     max_threads_per_block: int = 1024
     max_shared_memory_per_block: int = 48 * 1024
     vector_bits: int = 256  # widest SIMD register on a CPU
+    features: frozenset[str] = frozenset()  # a CPU's instruction-set flags (/proc/cpuinfo names)
 
 
 class ScheduleRule:

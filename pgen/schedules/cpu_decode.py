@@ -24,7 +24,7 @@ class CpuDecode(ScheduleRule):
                 *cpu_template.qk_knobs(spec, target, rtile, row_merge=rtile in (2, 4, 8)))
 
     def check(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]) -> str | None:
-        return cpu_template.check(spec, config, decode_rows(spec.group_size))
+        return cpu_template.check(spec, target, config, decode_rows(spec.group_size))
 
     def apply(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]):
         if target.kind != self.target_kind:

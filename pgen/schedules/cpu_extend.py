@@ -26,7 +26,7 @@ class CpuExtend(ScheduleRule):
                 *cpu_template.qk_knobs(spec, target, rtile, row_merge=True))
 
     def check(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]) -> str | None:
-        return cpu_template.check(spec, config, config["q_tile"] * spec.group_size)
+        return cpu_template.check(spec, target, config, config["q_tile"] * spec.group_size)
 
     def apply(self, spec: AttentionSpec, target: TargetInfo, config: dict[str, Any]):
         if target.kind != self.target_kind:

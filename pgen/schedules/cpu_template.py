@@ -118,7 +118,16 @@ def _plan(spec: AttentionSpec, decode: bool, config: dict[str, Any]) -> dict[str
     # token per sequence (the engine's decode step) 13-26% slower (32x4096, 8x512, fp16). Making
     # it a runtime choice per task inside one kernel slowed both loops.
     qk_t = bool(config.get("qk_transpose", 0)) and bs % vl == 0
-    chains = config.get("qk_chains", 1)  # accumulators per row in the key-by-key QK loop
+    # int8 KV: scores as integer dot products (AVX-512 VNNI vpdpbusd, 64 byte products per
+    # instruction against 16 FMAs): each query row quantized to int8 once per task, K codes read
+    # as unsigned by flipping their sign bit (code + 128), which adds 128 * sum(q codes) to every
+    # dot; the key-by-key loop of 16-lane vectors only (the other loops score the same int8
+    # queries in float32). See int8_dot_supported.
+    qk_i8 = (bool(config.get("qk_int8", 0)) and vl == 16 and not qk_t and not config.get("qk_key_group", 0))
+    # NOTE: an int8 cache always scores int8 queries (pgen_runtime.reference.int8_queries), with
+    # VNNI or without, so results do not depend on the host or this knob.
+    q_i8 = spec.kv_dtype == "int8"
+    chains = 1 if qk_i8 else config.get("qk_chains", 1)  # accumulators per row in the key-by-key QK loop
     xrow = bool(config.get("qk_row_merge", 0)) and rtile in (2, 4, 8) and vl >= rtile
     seg = vl // rtile if xrow else 1
     # Key groups (qk_key_group): scores of `kq` keys x rtile rows at once, one accumulator vector
@@ -252,6 +261,8 @@ def _body(q, kv_pool, block_tables, q_indptr, seq_lens, out, num_splits, max_q_t
             blk_hi = T.sblock_alloc_buffer((1,), "int32")
             run_len = T.sblock_alloc_buffer((1,), "int32")
             qf = T.sblock_alloc_buffer((hpt * rows, d), "float32")
+            qw = T.sblock_alloc_buffer((hpt * rows if q_i8 else 1, d), "int8")  # int8 query codes
+            qsc = T.sblock_alloc_buffer((hpt * rows if q_i8 else 1, 3), "float32")  # their scale, 128 * sum, 1 / scale
             acc = T.sblock_alloc_buffer((hpt * rows, d), "float32")
             mrow = T.sblock_alloc_buffer((hpt * rows,), "float32")
             lrow = T.sblock_alloc_buffer((hpt * rows,), "float32")
@@ -340,6 +351,25 @@ def _load_queries():
                     T.cast(q[T.min(row0[0] + i0[0] + r // g, NT - 1), (h0[0] + hh) * g + r % g, dd], "float32") * q_scale,
                     T.float32(0),
                 )
+            if q_i8:
+                quantize_query(hh * rows + r)
+
+def _quantize_query(row):
+    """Row `row` of qf as int8 codes (qw), with their scale amax / 127 and 128 * their sum (qsc),
+    for the integer-dot QK loop; without it (no qk_int8), qf itself becomes the codes' values."""
+    qsc[row, 0] = T.float32(0)
+    qsc[row, 1] = T.float32(0)
+    for dd in T.serial(d):
+        qsc[row, 0] = T.max(qsc[row, 0], T.fabs(qf[row, dd]))
+    qsc[row, 2] = T.Select(qsc[row, 0] > T.float32(0), T.float32(127) / qsc[row, 0], T.float32(0))
+    for dd in T.serial(d):
+        qsc[row, 1] = qsc[row, 1] + T.round(qf[row, dd] * qsc[row, 2])
+        qw[row, dd] = T.cast(T.round(qf[row, dd] * qsc[row, 2]), "int8")
+    qsc[row, 0] = qsc[row, 0] / T.float32(127)
+    qsc[row, 1] = qsc[row, 1] * T.float32(128)
+    if not qk_i8:
+        for dd in T.serial(d):
+            qf[row, dd] = T.cast(qw[row, dd], "float32") * qsc[row, 0]
 
 def _block_loop():
     """The task's KV blocks, head by head and row tile by row tile: scores, softmax, P·V."""
@@ -361,6 +391,7 @@ def _block_loop():
                     s = T.sblock_alloc_buffer((rtile, bs), "float32")
                     red = T.sblock_alloc_buffer((rtile, bs), "float32")
                     part = T.sblock_alloc_buffer((rtile, vl), "float32")
+                    parti = T.sblock_alloc_buffer((rtile, 16), "int32")
                     part2 = T.sblock_alloc_buffer((rtile, vl), "float32")
                     tree = T.sblock_alloc_buffer((rtile, vl), "float32")
                     tile = T.sblock_alloc_buffer((rtile, hc * vl), "float32")
@@ -514,17 +545,35 @@ def _qk_key_group():
                         capped(row_scaled(s[r, ch * vl + v], kv_scales, page[0], 0, h0[0] + hh, ch * vl + v)),
                         T.float32(NEG))
 
+def _int8_dots(t):
+    """part[r] = the 16 int32 lane sums of key t's K codes (+128) times row r's query codes, as float32."""
+    for r in T.unroll(rtile):
+        for v in T.vectorized(16):
+            parti[r, v] = T.int32(0)
+    for c in T.serial(d // 64):
+        for r in T.unroll(rtile):
+            parti[r, T.Ramp(0, 1, 16)] = T.call_llvm_pure_intrin(
+                "int32x16", "llvm.x86.avx512.vpdpbusd.512", parti[r, T.Ramp(0, 1, 16)],
+                T.bitwise_xor(kv_pool[page[0], 0, h0[0] + hh, t, T.Ramp(c * 64, 1, 64)], T.Broadcast(T.int8(-128), 64)),
+                qw[R[0] + r, T.Ramp(c * 64, 1, 64)])
+    for r in T.unroll(rtile):
+        for v in T.vectorized(16):
+            part[r, v] = T.cast(parti[r, v], "float32")
+
 def _qk_per_key():
     """Scores key by key (the default QK loop)."""
     for t in T.serial(t_lo[0], t_hi[0]):
         key_loads(t, prefetch, ahead, locality, 0, lines)
+        if qk_i8:
+            int8_dots(t)
         for r in T.unroll(rtile):
-            for v in T.vectorized(vl):
-                part[r, v] = T.float32(0)
+            if not qk_i8:
+                for v in T.vectorized(vl):
+                    part[r, v] = T.float32(0)
             if chains == 2:
                 for v in T.vectorized(vl):
                     part2[r, v] = T.float32(0)
-        for c in T.serial(nd // chains):
+        for c in T.serial(0 if qk_i8 else nd // chains):
             for r in T.unroll(rtile):
                 for v in T.vectorized(vl):
                     part[r, v] = part[r, v] + qf[R[0] + r, c * chains * vl + v] * kv_code(kv_pool, page[0], 0, h0[0] + hh, t, c * chains * vl + v)
@@ -532,7 +581,7 @@ def _qk_per_key():
                 for r in T.unroll(rtile):
                     for v in T.vectorized(vl):
                         part2[r, v] = part2[r, v] + qf[R[0] + r, (c * 2 + 1) * vl + v] * kv_code(kv_pool, page[0], 0, h0[0] + hh, t, (c * 2 + 1) * vl + v)
-        if nd % chains != 0:
+        if nd % chains != 0 and not qk_i8:
             for r in T.unroll(rtile):
                 for v in T.vectorized(vl):
                     part[r, v] = part[r, v] + qf[R[0] + r, (nd - 1) * vl + v] * kv_code(kv_pool, page[0], 0, h0[0] + hh, t, (nd - 1) * vl + v)
@@ -563,6 +612,8 @@ def _qk_per_key():
         for r in T.unroll(rtile):
             # key position (cur[0] * bs + t) vs this row's position, causal and windowed
             if visible(cur[0] * bs + t, rt * rtile + r, length, n_new, i0, i1):
+                if qk_i8:
+                    tree[0 if xrow else r, r * seg if xrow else 0] = (tree[0 if xrow else r, r * seg if xrow else 0] - qsc[R[0] + r, 1]) * qsc[R[0] + r, 0]
                 if has_cap:
                     s[r, t] = T.tanh(row_scaled(tree[0 if xrow else r, r * seg if xrow else 0], kv_scales, page[0], 0, h0[0] + hh, t) * inv_cap) * cap_log2e
                 else:
@@ -682,7 +733,7 @@ def _merge_splits():
 # Every stage by the name the others call it by (each sees the plan's values and the other stages).
 _STAGES = {
     "body": _body, "task_range": _task_range, "load_queries": _load_queries, "block_loop": _block_loop,
-    "key_loads": _key_loads, "qk_per_key": _qk_per_key, "qk_transposed": _qk_transposed,
+    "key_loads": _key_loads, "quantize_query": _quantize_query, "int8_dots": _int8_dots, "qk_per_key": _qk_per_key, "qk_transposed": _qk_transposed,
     "qk_key_group": _qk_key_group, "softmax": _softmax, "pv": _pv, "tree_reduce": _tree_reduce,
     "store_rows": _store_rows, "merge_splits": _merge_splits,
 }
@@ -727,11 +778,22 @@ def qk_knobs(spec: AttentionSpec, target: TargetInfo, rtile: int, row_merge: boo
         knobs.append(Knob("qk_row_merge", (0, 1), 1))  # the tile rows' lane sums reduced together
     if rtile in (1, 2, 4, 8) and spec.block_size % lane_choices(spec, target)[-1] == 0:
         knobs.append(Knob("qk_key_group", (0, 1), 0))  # keys x rows per group: faster from cache only
+    if int8_dot_supported(spec, target):
+        knobs.append(Knob("qk_int8", (0, 1), 1))  # int8 KV: scores as VNNI integer dots (4x fewer operations)
     return tuple(knobs)
 
 
-def check(spec: AttentionSpec, config: dict[str, Any], rows: int) -> str | None:
-    """Why `config` cannot build for a task of `rows` query rows per KV head, or None."""
+def int8_dot_supported(spec: AttentionSpec, target: TargetInfo) -> bool:
+    """Whether the integer-dot QK loop (qk_int8) can build: int8 KV, head_dim a multiple of 64 (one
+    512-bit load per 64 codes), and a host with AVX-512 VNNI."""
+    return spec.kv_dtype == "int8" and spec.head_dim % 64 == 0 and "avx512_vnni" in target.features
+
+
+def check(spec: AttentionSpec, target: TargetInfo, config: dict[str, Any], rows: int) -> str | None:
+    """Why `config` cannot build on `target` for a task of `rows` query rows per KV head, or None."""
+    if config.get("qk_int8") and not int8_dot_supported(spec, target):
+        return (f"qk_int8 needs kv_dtype int8 (not {spec.kv_dtype}), head_dim a multiple of 64 (not "
+                f"{spec.head_dim}) and a host with AVX-512 VNNI")
     if spec.head_dim % config["vector_lanes"]:
         return f"head_dim {spec.head_dim} is not a multiple of vector_lanes {config['vector_lanes']}"
     if spec.num_kv_heads % config["kv_heads_per_task"]:

@@ -46,8 +46,26 @@ def values(spec: AttentionSpec, pool: np.ndarray) -> np.ndarray:
     return dequantize_pool(spec, pool) if spec.kv_quantized else pool
 
 
+def int8_queries(spec: AttentionSpec, q: np.ndarray) -> np.ndarray:
+    """The queries an int8 KV cache is scored with: each (token, head) row, scaled as the CPU
+    kernels scale it (scale, times log2(e) without a soft-cap), rounded to int8 codes of amax / 127
+    in float32, and unscaled again. The kernels multiply int8 codes by int8 codes (VNNI where the
+    host has it), so a package computes the same scores on every host."""
+    q_scale = np.float32(spec.scale if spec.logit_softcap is not None else spec.scale * np.log2(np.e))
+    qf = np.asarray(q).astype(np.float32) * q_scale
+    amax = np.abs(qf).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    return np.rint(qf * inv) * (amax / np.float32(127)).astype(np.float64) / np.float64(q_scale)
+
+
+def queries(spec: AttentionSpec, q: np.ndarray) -> np.ndarray:
+    """The queries attention scores with: q itself, or its int8 codes' values for an int8 cache."""
+    return int8_queries(spec, q) if spec.kv_dtype == "int8" else q
+
+
 def decode(spec, q, pool, tables, seq_lens):
-    pool = values(spec, pool)
+    pool, q = values(spec, pool), queries(spec, q)
     out = np.empty(q.shape, np.float64)
     for b, length in enumerate(seq_lens):
         k, v = gather_kv(pool, tables[b], int(length))
@@ -56,7 +74,7 @@ def decode(spec, q, pool, tables, seq_lens):
 
 
 def extend(spec, q, pool, tables, q_indptr, seq_lens):
-    pool = values(spec, pool)
+    pool, q = values(spec, pool), queries(spec, q)
     out = np.empty(q.shape, np.float64)
     for b, length in enumerate(seq_lens):
         lo, hi = int(q_indptr[b]), int(q_indptr[b + 1])

@@ -16,6 +16,7 @@ import reference
 from kernel_grid import ALL, lengths
 
 from pgen_runtime import DecodePlan
+from pgen_runtime.target import host_cpu_features
 from pgen_runtime.kernels import CUDA_BLOCKS_PER_SM, decode_splits
 from pgen import schedules
 from pgen.schedules.cpu_decode import CpuDecode
@@ -65,6 +66,46 @@ def test_cpu_decode_with_two_kv_streams_matches_the_reference(spec, splits):
     kernels = pgen.build_kernels(spec, overrides={"decode": {"kv_streams": 2, "max_splits": 8}})
     assert kernels.configs["decode"]["kv_streams"] == 2
     _assert_decode_in_splits_matches_the_reference(spec, kernels, splits, seed=splits + 7)
+
+
+INT8_DOT_SPECS = [p for p in ALL if p.values[0].kv_dtype == "int8" and p.values[0].head_dim % 64 == 0]
+
+
+@pytest.mark.skipif("avx512_vnni" not in host_cpu_features(), reason="qk_int8 needs AVX-512 VNNI on the host")
+@pytest.mark.parametrize("spec", INT8_DOT_SPECS + [pytest.param(pgen.AttentionSpec(
+    num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float16", kv_dtype="int8", sliding_window=100,
+    logit_softcap=30.0, scale=0.3), id="int8-window-softcap")])
+def test_int8_dot_scores_are_those_of_int8_queries(spec):
+    # qk_int8: VNNI integer dots of int8 query codes with the K codes, the same scores as the
+    # float loop's (an int8 cache always scores int8 queries: reference.int8_queries).
+    kernels = pgen.build_kernels(spec, overrides={"decode": {"qk_int8": 1, "max_splits": 8},
+                                                  "extend": {"qk_int8": 1, "max_splits": 8}})
+    assert kernels.configs["decode"]["qk_int8"] == kernels.configs["extend"]["qk_int8"] == 1
+    floats = pgen.build_kernels(spec, overrides={"decode": {"qk_int8": 0}, "extend": {"qk_int8": 0}})
+    case = reference.paged_case(spec, lengths(spec), _extend_tokens(spec), seed=3)
+    pool, tables, lens = case["pool"], case["block_tables"], case["seq_lens"]
+    for splits in (1, 3):
+        out = np.full_like(case["q_decode"], np.nan)
+        plan = DecodePlan(num_splits=splits, batch=len(lens), indptr=np.arange(len(lens) + 1, dtype=np.int32))
+        kernels.decode(case["q_decode"], pool, tables, lens, out, plan=plan)
+        want = reference.decode(spec, case["q_decode"], pool, tables, lens)
+        reference.assert_attention_close(spec, out, want, f"decode, {splits} splits")
+        floats.decode(case["q_decode"], pool, tables, lens, out, plan=plan)
+        reference.assert_attention_close(spec, out, want, f"decode without qk_int8, {splits} splits")
+    out = np.full_like(case["q_extend"], np.nan)
+    kernels.extend(case["q_extend"], pool, tables, case["q_indptr"], lens, out)
+    want = reference.extend(spec, case["q_extend"], pool, tables, case["q_indptr"], lens)
+    reference.assert_attention_close(spec, out, want, "extend")
+
+
+def test_int8_dot_is_refused_where_it_cannot_build():
+    from pgen.target import parse_targets
+
+    info = parse_targets("llvm")[0].info
+    for spec in (pgen.AttentionSpec(num_q_heads=8, num_kv_heads=2, head_dim=64, kv_dtype="fp8_e4m3"),
+                 pgen.AttentionSpec(num_q_heads=8, num_kv_heads=2, head_dim=96, kv_dtype="int8")):
+        config = {**schedules.default_config("decode", spec, info), "qk_int8": 1}
+        assert "qk_int8 needs kv_dtype int8" in schedules.check("decode", spec, info, config)
 
 
 @pytest.mark.parametrize("splits", [2, 3, "max"])
