@@ -103,10 +103,10 @@ class PagedKernels:
         indptr = _host(q_indptr, "q_indptr")
         self._check_tables(tables, lens, num_blocks)
         new = np.diff(indptr) if indptr.ndim == 1 else indptr
-        if indptr.shape != (len(lens) + 1,) or indptr[0] != 0 or (len(new) and new.min() < 0):
+        if indptr.shape != (len(lens) + 1,) or indptr[0] != 0 or (len(new) and extrema(new)[0] < 0):
             raise ShapeError(f"q_indptr must be [batch+1] = [{len(lens) + 1}] non-decreasing from 0; "
                              f"got shape {indptr.shape} starting {indptr[:1].tolist()}")
-        if np.any(new > lens):
+        if len(new) and extrema(new - lens)[1] > 0:
             b = int(np.argmax(new > lens))
             raise ShapeError(f"sequence {b} has {int(new[b])} new tokens but seq_lens[{b}]={int(lens[b])}; "
                              "seq_lens must count the new tokens too")
@@ -238,7 +238,8 @@ class PagedKernels:
             raise ShapeError(f"block_tables must be [batch, max_blocks] and seq_lens [batch]; got {tables.shape} "
                              f"and {lens.shape}")
         capacity = tables.shape[1] * self.spec.block_size
-        if len(lens) and (lens.min() < 1 or lens.max() > capacity):
+        low, high = extrema(lens) if len(lens) else (1, 1)
+        if low < 1 or high > capacity:
             b = int(np.argmax((lens < 1) | (lens > capacity)))
             raise ShapeError(f"seq_lens[{b}]={int(lens[b])} is outside 1..{capacity} (the table holds "
                              f"{tables.shape[1]} blocks of {self.spec.block_size}); grow block_tables")
@@ -248,7 +249,8 @@ class PagedKernels:
 
     def _check_ids(self, ids: np.ndarray, name: str, num_blocks: int) -> None:
         # The null block is id 0 (spec.NULL_BLOCK_ID): valid ids are 1..num_blocks - 1.
-        if ids.size and (ids.min() < 1 or ids.max() >= num_blocks):
+        low, high = extrema(ids) if ids.size else (1, 1)
+        if low < 1 or high >= num_blocks:
             bad = (ids < 0) | (ids >= num_blocks) | (ids == NULL_BLOCK_ID)
             raise ShapeError(f"{name} holds block id {int(ids[bad][0])}; valid ids are 1..{num_blocks - 1} "
                              f"(0 is the reserved null block)")
@@ -293,8 +295,18 @@ def _split_factor(config: dict[str, Any], work: int, seq_lens: np.ndarray, kind:
     """Splits that fill `parallelism` tasks beside `work` unsplit ones, at most `max_splits`, each
     split at least MIN_KEYS_PER_SPLIT keys of the longest sequence."""
     splits = min(config.get("max_splits", 1), max(1, math.ceil(parallelism / max(work, 1))))
-    longest = int(seq_lens.max()) if len(seq_lens) else 0
+    longest = int(extrema(seq_lens)[1]) if len(seq_lens) else 0
     return max(1, min(splits, longest // MIN_KEYS_PER_SPLIT[kind]))
+
+
+def extrema(values: np.ndarray) -> tuple:
+    """(min, max) of a non-empty array. Below 64 elements through a Python list: a numpy
+    reduction costs about 2 us a call, more than a small step's check (a decode step of one
+    sequence checks a dozen arrays of a few elements)."""
+    if values.size <= 64:
+        items = values.ravel().tolist()
+        return min(items), max(items)
+    return values.min(), values.max()
 
 
 def extend_q_tiles(config: dict[str, Any], new_tokens: np.ndarray, kind: str) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .errors import PackageError, ShapeError
-from .kernels import PagedKernels
+from .kernels import PagedKernels, extrema
 from .package import load_package, pick_target, read_manifest
 from .spec import AttentionSpec
 from .tensors import parse_device, to_numpy
@@ -131,8 +131,9 @@ class PagedModel:
 
 
 def _check_range(name: str, values: np.ndarray, end: int, why: str, low: int = 0) -> None:
-    # NOTE: min/max first (two reductions): masks and their `any` cost more than the step's
-    # attention on a batch of one; the mask is built only to name the bad value.
-    if len(values) and (values.min() < low or values.max() >= end):
+    # NOTE: min/max first (`extrema`): masks and their `any` cost more than the step's attention on
+    # a batch of one; the mask is built only to name the bad value.
+    lo, hi = extrema(values) if len(values) else (low, low)
+    if lo < low or hi >= end:
         bad = (values < low) | (values >= end)
         raise ShapeError(f"{name} holds {int(values[bad][0])}, outside [{low}, {end}): {why}")
