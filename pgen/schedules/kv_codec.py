@@ -3,12 +3,12 @@
 The same codec as `pgen_runtime.kv_quant` (which documents it), operation for operation in float32,
 so a kernel's codes equal NumPy's bit for bit. A quantized pool is one-byte codes with each block's
 float32 scales in the rows after its tokens; kernels read the scales through a float32 buffer that
-aliases the pool's memory (`scale_buffer`).
+aliases the pool's memory (`T.decl_buffer(..., "float32", data=kv_pool.data)`, indexed by
+`scale_index`).
 """
 
 from __future__ import annotations
 
-from tvm import tirx
 from tvm.script import tirx as T
 
 from pgen_runtime.spec import QUANTIZED_KV, AttentionSpec
@@ -68,7 +68,3 @@ def encode(spec: AttentionSpec, y):
 def qmax(spec: AttentionSpec) -> float:
     return QUANTIZED_KV[spec.kv_dtype][1]
 
-
-def scale_buffer(spec: AttentionSpec, pool: tirx.Buffer, num_blocks) -> tirx.Buffer:
-    """A float32 buffer over the memory of `pool` (kernels declare it with T.decl_buffer)."""
-    return tirx.decl_buffer((num_blocks * 2 * spec.num_kv_heads * scale_words(spec),), "float32", data=pool.data)

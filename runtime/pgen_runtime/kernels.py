@@ -80,8 +80,9 @@ class PagedKernels:
 
     def new_pool(self, num_blocks: int):
         """A zero-filled KV pool `spec.pool_shape(num_blocks)` ([num_blocks, 2, num_kv_heads,
-        block_size, head_dim] of kv_dtype; codes and scale rows for int8/fp8 KV) on the kernels' device (`tensors.zeros`); on the CPU in memory Linux may back with 2 MiB huge
-        pages (`tensors.host_zeros`)."""
+        block_size, head_dim] of kv_dtype; codes and scale rows for int8/fp8 KV) on the kernels'
+        device (`tensors.zeros`); on the CPU in memory Linux may back with 2 MiB huge pages
+        (`tensors.host_zeros`)."""
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer)) or num_blocks < 2:
             raise ConfigError(f"num_blocks={num_blocks!r} must be an integer >= 2 (block {NULL_BLOCK_ID} is "
                               "reserved as the null block); give the pool more blocks")
