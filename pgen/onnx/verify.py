@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pgen_runtime.errors import ConfigError, ModelImportError
-from pgen_runtime.reference import values
+from pgen_runtime.reference import gather_kv
 
 # Largest |Δlogit| accepted, relative to max(1, max |logit|) of onnxruntime's row.
 TOLERANCE = {"float32": 2e-3, "float16": 3e-2, "bfloat16": 6e-2}
@@ -165,13 +165,11 @@ def _step(tables, rows, new, done, bs, StepInputs):
 
 def _first_divergence(model, table: np.ndarray, ref: Reference, length: int, tol: float) -> str:
     """Which layer's cached K/V first differ from onnxruntime's presents for this sequence."""
-    bs = model.spec.block_size
-    pos = np.arange(length)
     for layer, pool in enumerate(model.pools):
-        paged = values(model.spec, np.asarray(pool))[table[pos // bs], :, :, pos % bs, :]  # [length, 2, Hkv, D]
+        paged = gather_kv(model.spec, np.asarray(pool), table, length)  # K, V [length, Hkv, D]
         for kv, name in ((0, "K"), (1, "V")):
             want = ref.presents[2 * layer + kv][:, :length].astype(np.float32)  # [Hkv, length, D]
-            got = paged[:, kv].transpose(1, 0, 2).astype(np.float32)
+            got = paged[kv].transpose(1, 0, 2).astype(np.float32)
             scale = max(1.0, float(np.max(np.abs(want))))
             bad = np.abs(got - want).max(axis=(0, 2)) / scale > tol
             if bad.any():

@@ -12,11 +12,15 @@ from .kv_quant import dequantize_pool
 from .spec import AttentionSpec
 
 
-def gather_kv(pool: np.ndarray, table: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """K and V of one sequence as float64 [length, Hkv, D], read through its block table."""
-    bs = pool.shape[3]
+def gather_kv(spec: AttentionSpec, pool: np.ndarray, table: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """K and V of one sequence as float64 [length, Hkv, D], read through its block table (the
+    values of its blocks only, where the pool is quantized: a tuning pool is hundreds of MiB)."""
+    bs = spec.block_size
     pos = np.arange(length)
     blocks = table[pos // bs]
+    if spec.kv_quantized:
+        used, blocks = np.unique(blocks, return_inverse=True)
+        pool = dequantize_pool(spec, pool[used])
     k = pool[blocks, 0, :, pos % bs, :].astype(np.float64)
     v = pool[blocks, 1, :, pos % bs, :].astype(np.float64)
     return k, v
@@ -41,11 +45,6 @@ def attend(spec: AttentionSpec, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos
     return np.einsum("hnl,lhd->nhd", p, vv)
 
 
-def values(spec: AttentionSpec, pool: np.ndarray) -> np.ndarray:
-    """The pool's K/V values [NB, 2, Hkv, block_size, D]: the pool itself, or its dequantized codes."""
-    return dequantize_pool(spec, pool) if spec.kv_quantized else pool
-
-
 def int8_queries(spec: AttentionSpec, q: np.ndarray) -> np.ndarray:
     """The queries an int8 KV cache is scored with: each (token, head) row, scaled as the CPU
     kernels scale it (scale, times log2(e) without a soft-cap), rounded to int8 codes of amax / 127
@@ -65,20 +64,20 @@ def queries(spec: AttentionSpec, q: np.ndarray) -> np.ndarray:
 
 
 def decode(spec, q, pool, tables, seq_lens):
-    pool, q = values(spec, pool), queries(spec, q)
+    q = queries(spec, q)
     out = np.empty(q.shape, np.float64)
     for b, length in enumerate(seq_lens):
-        k, v = gather_kv(pool, tables[b], int(length))
+        k, v = gather_kv(spec, pool, tables[b], int(length))
         out[b] = attend(spec, q[b : b + 1], k, v, np.array([length - 1]))[0]
     return out
 
 
 def extend(spec, q, pool, tables, q_indptr, seq_lens):
-    pool, q = values(spec, pool), queries(spec, q)
+    q = queries(spec, q)
     out = np.empty(q.shape, np.float64)
     for b, length in enumerate(seq_lens):
         lo, hi = int(q_indptr[b]), int(q_indptr[b + 1])
-        k, v = gather_kv(pool, tables[b], int(length))
+        k, v = gather_kv(spec, pool, tables[b], int(length))
         positions = np.arange(length - (hi - lo), length)
         out[lo:hi] = attend(spec, q[lo:hi], k, v, positions)
     return out

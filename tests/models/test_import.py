@@ -172,3 +172,22 @@ def _assert_generates_like_onnxruntime(onnx_path, package) -> None:
     out = LLM(package).generate([prompt], SamplingParams(max_tokens=8, return_logits=True))[0]
     assert out.token_ids == tokens
     np.testing.assert_allclose(np.stack(out.logits), np.stack(logits), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_verify_names_the_first_layer_whose_cache_diverges(kv_dtype, tmp_path):
+    # The package is checked against an export whose layer-1 V projection was changed: layer 0's
+    # cached K/V agree (int8 codes too, within the tolerance), layer 1's V is named.
+    from pgen.onnx import compile_model
+    from pgen.onnx.verify import verify
+    from pgen.tiny import TinyConfig, build_onnx
+    from onnx import numpy_helper
+
+    model = build_onnx(TinyConfig())
+    onnx.save(model, tmp_path / "tiny.onnx")
+    package = compile_model(tmp_path / "tiny.onnx", tmp_path / "tiny.pgenpkg", kv_dtype=kv_dtype, progress=lambda _: None)
+    weight = next(i for i in model.graph.initializer if i.name == "l1.v")
+    weight.CopyFrom(numpy_helper.from_array(3 * numpy_helper.to_array(weight), "l1.v"))
+    onnx.save(model, tmp_path / "changed.onnx")
+    with pytest.raises(ModelImportError, match="layer 1's cached V differs first at position 0, so layer 0's"):
+        verify(package, tmp_path / "changed.onnx", progress=lambda _: None)
