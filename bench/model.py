@@ -13,8 +13,12 @@ Models: `tiny` (pgen run's default, 0.3M parameters) and `qwen0.5b` (Qwen2.5-0.5
 896, 24 layers, 14 query / 2 KV heads of 64, FFN 4864; vocabulary cut to `--qwen-vocab`, default
 32768, since fp32 weights are embedded in model.so).
 
+- `--weight-dtypes float32,bfloat16` adds a second pgen package of the same file compiled with
+  `--weight-dtype bfloat16` (interleaved with the others), and the share of its greedy tokens equal
+  to the float32 package's.
+
     python bench/model.py [--models tiny,qwen0.5b] [--batches 1,8,32] [--prompt 32] [--tokens 32]
-                          [--repeats 3]
+                          [--repeats 3] [--weight-dtypes float32[,bfloat16]]
 
 Prints a table and writes bench/results/model.json.
 """
@@ -75,55 +79,80 @@ def ort_generate(session, prompts: np.ndarray, tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def pgen_generate(llm: LLM, prompts: np.ndarray, tokens: int) -> float:
+def pgen_generate(llm: LLM, prompts: np.ndarray, tokens: int, out: list | None = None) -> float:
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
     start = time.perf_counter()
     outputs = llm.generate([[int(t) for t in row] for row in prompts], params)
     seconds = time.perf_counter() - start
     assert all(len(o.token_ids) == tokens for o in outputs)
+    if out is not None:
+        out[:] = [list(o.token_ids) for o in outputs]
     return seconds
 
 
-def bench(name: str, config: TinyConfig, batches: list[int], prompt: int, tokens: int, repeats: int) -> list[dict]:
-    package = default_package(config, progress=lambda line: print(f"  {line}"))
+SYSTEM = {"float32": "pgen", "bfloat16": "pgen_bf16"}
+
+
+def bench(name: str, config: TinyConfig, batches: list[int], prompt: int, tokens: int, repeats: int,
+          weight_dtypes: tuple[str, ...] = ("float32",)) -> list[dict]:
+    llms = {}
+    for dtype in weight_dtypes:
+        package = default_package(config, progress=lambda line: print(f"  {line}"), weight_dtype=dtype)
+        llms[SYSTEM[dtype]] = LLM(package, max_num_seqs=max(batches), max_num_batched_tokens=max(batches) * prompt)
     onnx_path = models_root() / f"{config.name}.onnx"
     if not onnx_path.is_file():
         export(onnx_path, config)
     session = ort_session(onnx_path)
-    llm = LLM(package, max_num_seqs=max(batches), max_num_batched_tokens=max(batches) * prompt)
     rng = np.random.default_rng(0)
     rows = []
     for batch in batches:
         prompts = rng.integers(3, config.vocab, (batch, prompt)).astype(np.int64)
         lengths = [tokens, 1] if batch == 1 else [tokens]
-        times = {(system, n): [] for system in ("ort", "pgen") for n in lengths}
+        systems = ("ort", *llms)
+        times = {(system, n): [] for system in systems for n in lengths}
         # Untimed warm-up: the first run pays for page-faulting the weights in (model.so maps
         # them from disk) and for growing each system's memory pools to this batch.
         ort_generate(session, prompts, 2)
-        pgen_generate(llm, prompts, 2)
+        generated = {system: [] for system in llms}
+        for system, llm in llms.items():
+            pgen_generate(llm, prompts, tokens, generated[system])
         for _ in range(repeats):  # interleaved: the host's memory bandwidth drifts
             for n in lengths:
                 times["ort", n].append(ort_generate(session, prompts, n))
-                times["pgen", n].append(pgen_generate(llm, prompts, n))
+                for system, llm in llms.items():
+                    times[system, n].append(pgen_generate(llm, prompts, n))
         med = {k: statistics.median(v) for k, v in times.items()}
-        row = {"model": name, "batch": batch, "prompt": prompt, "tokens": tokens,
-               "ort_tok_s": batch * tokens / med["ort", tokens], "pgen_tok_s": batch * tokens / med["pgen", tokens]}
-        if batch == 1:
-            for system in ("ort", "pgen"):
+        row = {"model": name, "batch": batch, "prompt": prompt, "tokens": tokens}
+        for system in systems:
+            row[f"{system}_tok_s"] = batch * tokens / med[system, tokens]
+            if batch == 1:
                 row[f"{system}_ms_per_token"] = 1e3 * (med[system, tokens] - med[system, 1]) / (tokens - 1)
-        row["speedup"] = row["pgen_tok_s"] / row["ort_tok_s"]
+        for system in llms:
+            row[f"{system}_speedup"] = row[f"{system}_tok_s"] / row["ort_tok_s"]
+        if "pgen" in llms and "pgen_bf16" in llms:
+            pairs = [(a, b) for ra, rb in zip(generated["pgen"], generated["pgen_bf16"]) for a, b in zip(ra, rb)]
+            row["bf16_token_agreement"] = sum(a == b for a, b in pairs) / len(pairs)
         rows.append(row)
         print(f"  batch {batch}: {row}")
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | batch | ORT ms/token | pgen ms/token | ORT tok/s | pgen tok/s | pgen / ORT |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    systems = [s for s in SYSTEM.values() if any(f"{s}_tok_s" in r for r in rows)]
+    head = ["model", "batch", "ORT ms/token", *(f"{s} ms/token" for s in systems), "ORT tok/s",
+            *(f"{s} tok/s" for s in systems), *(f"{s} / ORT" for s in systems)]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in rows:
-        ms = (f"{r['ort_ms_per_token']:.2f} | {r['pgen_ms_per_token']:.2f}" if "ort_ms_per_token" in r else " | ")
-        lines.append(f"| {r['model']} | {r['batch']} | {ms} | {r['ort_tok_s']:.0f} | {r['pgen_tok_s']:.0f} | "
-                     f"{r['speedup']:.2f}x |")
+        cells = [r["model"], str(r["batch"])]
+        cells += [f"{r[f'{s}_ms_per_token']:.2f}" if f"{s}_ms_per_token" in r else "" for s in ("ort", *systems)]
+        cells += [f"{r[f'{s}_tok_s']:.0f}" for s in ("ort", *systems)]
+        cells += [f"{r[f'{s}_speedup']:.2f}x" for s in systems]
+        lines.append("| " + " | ".join(cells) + " |")
+    if any("bf16_token_agreement" in r for r in rows):
+        lines.append("")
+        lines.append("greedy tokens of the bf16 package equal to the float32 package's: " + ", ".join(
+            f"{r['model']} batch {r['batch']} {100 * r['bf16_token_agreement']:.0f}%" for r in rows
+            if "bf16_token_agreement" in r))
     return "\n".join(lines)
 
 
@@ -135,12 +164,17 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--qwen-vocab", type=int, default=32768)
+    ap.add_argument("--weight-dtypes", default="float32", help="float32, bfloat16 or both: one pgen package each")
     args = ap.parse_args()
+    weight_dtypes = tuple(args.weight_dtypes.split(","))
+    if not set(weight_dtypes) <= set(SYSTEM):
+        ap.error(f"--weight-dtypes: each of {weight_dtypes} must be one of {', '.join(SYSTEM)}")
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
     for name in args.models.split(","):
         print(f"{name}:")
-        rows += bench(name, configs(args.qwen_vocab)[name], batches, args.prompt, args.tokens, args.repeats)
+        rows += bench(name, configs(args.qwen_vocab)[name], batches, args.prompt, args.tokens, args.repeats,
+                      weight_dtypes)
     print(table(rows))
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({"host": platform.processor() or platform.machine(), "cpus": os.cpu_count(),

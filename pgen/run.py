@@ -27,17 +27,18 @@ def models_root() -> Path:
     return Path(os.environ.get("PGEN_CACHE_DIR", Path.home() / ".cache" / "pgen")) / "models"
 
 
-def default_package(config: TinyConfig = TinyConfig(), progress=print) -> Path:
+def default_package(config: TinyConfig = TinyConfig(), progress=print, weight_dtype: str = "float32") -> Path:
     """The default tiny model's package: reused when it is intact, else exported and compiled.
 
     Args:
         progress: called with one line per build step.
+        weight_dtype: the dense layers' weights (`compile_model`); bfloat16 is its own package.
     """
     from .onnx import compile_model
     from .onnx.compile import compiler_version
 
     root = models_root()
-    package = root / f"{config.name}.pgenpkg"
+    package = root / f"{config.name}{'' if weight_dtype == 'float32' else '-' + weight_dtype}.pgenpkg"
     if package.is_dir():
         try:
             _, manifest = read_manifest(package)
@@ -53,7 +54,7 @@ def default_package(config: TinyConfig = TinyConfig(), progress=print) -> Path:
         progress(f"[1/2] writing the ONNX graph of {config.name} (deterministic weights)")
         onnx_path = export(Path(tmp) / f"{config.name}.onnx", config)
         progress("[2/2] compiling it for the CPU (llvm): rewrite to the paged cache, Relax, kernels, package")
-        compile_model(onnx_path, package, target="llvm",
+        compile_model(onnx_path, package, target="llvm", weight_dtype=weight_dtype,
                       progress=lambda text: [progress(f"      {line}") for line in text.splitlines()])
     progress(f"built in {time.perf_counter() - start:.1f} s")
     return package

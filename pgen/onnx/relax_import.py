@@ -25,6 +25,7 @@ from pgen_runtime.spec import AttentionSpec
 from .. import schedules
 from ..schedules import cpu_dense
 from ..target import BuildTarget
+from . import weights
 from .rewrite import OP
 
 
@@ -225,18 +226,21 @@ def import_model(model: onnx.ModelProto, spec: AttentionSpec, target: BuildTarge
             raise ModelImportError(f"TVM's ONNX frontend failed on the rewritten graph: {err}") from err
 
 
-def build_executable(mod: tvm.IRModule, target: BuildTarget):
+def build_executable(mod: tvm.IRModule, target: BuildTarget, weight_dtype: str = "float32"):
     """tvm.compile for the target with pgen's model pipeline; returns the Relax executable."""
     tvm_target = tvm.target.Target(target.tvm_target())
     try:
-        return tvm.compile(mod, target=tvm_target, relax_pipeline=model_pipeline(target),
+        return tvm.compile(mod, target=tvm_target, relax_pipeline=model_pipeline(target, weight_dtype),
                            tir_pipeline=target.tir_pipeline)
     except Exception as err:
         raise BuildError(f"compiling the model for {target.name} failed: {err}") from err
 
 
-def model_pipeline(target: BuildTarget) -> tvm.transform.Pass:
+def model_pipeline(target: BuildTarget, weight_dtype: str = "float32") -> tvm.transform.Pass:
     """TVM's "zero" pipeline (legalize, fold, fuse), pgen's dense-layer schedule, then TVM's default.
+
+    `weight_dtype="bfloat16"`: the constant weights of the matmuls are rounded to bf16 first
+    (`weights.bf16_weights`, after folding transposed weights into constants).
 
     NOTE: `tvm.compile`'s default pipeline for a CPU target neither fuses nor schedules anything:
     every Relax op becomes its own scalar, single-threaded loop nest. Here elementwise tails fuse
@@ -263,8 +267,9 @@ def model_pipeline(target: BuildTarget) -> tvm.transform.Pass:
                 mod[gvar] = element_aligned_params(func)
         return mod
 
+    rounding = [relax.transform.FoldConstant(), weights.bf16_weights()] if weight_dtype == "bfloat16" else []
     # Sampling and sort/scan ops dispatch to their library kernels before "zero" legalizes them.
-    return tvm.transform.Sequential([checked_take(), backend.DispatchSampling(), backend.DispatchSortScan(),
+    return tvm.transform.Sequential([checked_take(), *rounding, backend.DispatchSampling(), backend.DispatchSortScan(),
                                      relax.get_pipeline("zero"), schedule_dense,
                                      # The weights' packing runs here, once: packed constants replace them.
                                      split_weight_packing(), relax.transform.FoldConstant(),

@@ -22,6 +22,9 @@ TOLERANCE = {"float32": 2e-3, "float16": 3e-2, "bfloat16": 6e-2}
 # A quantized KV cache against onnxruntime's float cache: the codes' own rounding (int8: half a
 # step of amax / 127 per element; fp8 e4m3: 2^-4 relative) carried through every layer.
 KV_TOLERANCE = {"int8": 3e-2, "fp8_e4m3": 1e-1}
+# bf16 weights (`--weight-dtype bfloat16`) against the export's float32 ones: each matmul's
+# weights and inputs rounded to 8 mantissa bits (2^-9 relative), carried through every layer.
+WEIGHT_TOLERANCE = {"float32": 0.0, "bfloat16": 6e-2}
 DECODE_STEPS = 4
 
 
@@ -116,7 +119,8 @@ def verify(package: str | Path, model_path: str | Path, prompts: list[list[int]]
     tables = (1 + np.arange(len(prompts) * per_seq, dtype=np.int32)).reshape(len(prompts), per_seq)
     if tables.max() >= len(model.pools[0]):
         raise ConfigError(f"verify: {tables.max() + 1} blocks needed, the pool has {len(model.pools[0])}")
-    tol = max(TOLERANCE[spec.dtype], KV_TOLERANCE.get(spec.kv_dtype, 0.0))
+    weight_dtype = model.info.get("weight_dtype", "float32")
+    tol = max(TOLERANCE[spec.dtype], KV_TOLERANCE.get(spec.kv_dtype, 0.0), WEIGHT_TOLERANCE[weight_dtype])
     worst = 0.0
     done = [0] * len(prompts)  # tokens of each prompt in the cache
     for step in range(decode_steps + 1):
@@ -135,7 +139,7 @@ def verify(package: str | Path, model_path: str | Path, prompts: list[list[int]]
                 raise ModelImportError(
                     f"the compiled model disagrees with onnxruntime: prompt {b} ({len(prompts[b])} tokens), "
                     f"{'prefill' if k == 0 else f'decode step {k}'}: max |logit difference| is {err:.3g} of the "
-                    f"logits' scale (tolerance {tol:g} for {spec.dtype}, KV {spec.kv_dtype}); {where}. The rewrite does not preserve "
+                    f"logits' scale (tolerance {tol:g} for {spec.dtype}, KV {spec.kv_dtype}, weights {weight_dtype}); {where}. The rewrite does not preserve "
                     "this export's attention: report it with the model, or compile with --no-verify")
         for b in rows:
             done[b] += len(new[b])

@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 from tvm import s_tir, tirx
+from tvm.script import tirx as T
 from tvm.s_tir.schedule import ScheduleError
 
 from .base import Knob, TargetInfo
@@ -34,19 +35,32 @@ from .base import Knob, TargetInfo
 _MAX_TILE_BYTES = 1024  # TVM 0.27 moves a CPU buffer of this size or more to the heap
 
 
+BF16_LANES = 16  # vdpbf16ps: 16 float32 lanes, each the sum of 2 bf16 products
+# vdpbf16ps has a latency of several cycles: 6 x 32 keeps 12 independent accumulators in flight
+# (4 x 32's 8 left it latency-bound: 505 against 575-625 GFLOP/s, Zen 5, docs/performance.md).
+BF16_TILE = (6, 32)
+
+
 def knobs(target: TargetInfo) -> tuple[Knob, ...]:
     lanes = target.vector_bits // 32
-    return (Knob("rows", (1, 2, 4, 6, 8), 4), Knob("cols", (lanes, 2 * lanes, 4 * lanes), 2 * lanes))
+    return (Knob("rows", (1, 2, 4, 6, 8), 4), Knob("cols", (lanes, 2 * lanes, 4 * lanes), 2 * lanes),
+            # bf16 weights (`pgen.onnx.weights`): pairs of products by AVX-512 BF16's vdpbf16ps, else
+            # widened weights and fp32 FMAs.
+            Knob("bf16_dot", (0, 1), int("avx512_bf16" in target.features)))
 
 
 def default(target: TargetInfo) -> dict[str, Any]:
     return {k.name: k.default for k in knobs(target)}
 
 
-def check(config: dict[str, Any], elem_bytes: int = 4) -> str | None:
+def check(config: dict[str, Any], elem_bytes: int = 4, target: TargetInfo | None = None) -> str | None:
     if config["rows"] * config["cols"] * elem_bytes >= _MAX_TILE_BYTES:
         return (f"a {config['rows']}x{config['cols']} tile is not under {_MAX_TILE_BYTES} bytes and would leave "
                 "the registers for the heap; lower rows or cols")
+    if config.get("bf16_dot") and target is not None and "avx512_bf16" not in target.features:
+        return "bf16_dot=1 needs a CPU with avx512_bf16 (vdpbf16ps); use bf16_dot=0"
+    if config.get("bf16_dot") and config["cols"] % BF16_LANES:
+        return f"bf16_dot=1 needs cols a multiple of {BF16_LANES}; got cols={config['cols']}"
     return None
 
 
@@ -99,8 +113,9 @@ def apply(func: tirx.PrimFunc, target: TargetInfo, config: dict[str, Any] | None
     """
     if target.kind != "llvm" or func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
         return None
-    config = config or default(target)
-    why = check(config)
+    given = config
+    config = {**default(target), **(config or {})}
+    why = check(config, target=target)
     if why is not None:
         raise ValueError(why)
     rows, cols = config["rows"], config["cols"]
@@ -113,19 +128,28 @@ def apply(func: tirx.PrimFunc, target: TargetInfo, config: dict[str, Any] | None
         return None
     n = n_extent.value
     weight = _constant_weight(sch, block, func, constant_params)
-    cols = min(cols, _round_up(n, target.vector_bits // 32))
+    bf16 = _is_bf16(sch.get(block))
+    pairs = bf16 and bool(config["bf16_dot"]) and weight is not None and _k_extent(sch, block) % 2 == 0
+    if pairs and not given:
+        rows, cols = BF16_TILE
+    cols = min(cols, _round_up(n, BF16_LANES if pairs else target.vector_bits // 32))
     # Rows pad to the tile too (a padded copy of A): a row predicate inside the k loop would make
     # every update a conditional store, and LLVM would keep the tile in memory, not in registers.
     sch.pad_einsum(block, [1] * (len(sch.get(block).iter_vars) - 3) + [rows, cols, 1])
     _inline_epilogue(sch, block)
     if weight is not None:
-        _pack_weight(sch, block, weight, cols)
+        _pack_weight(sch, block, weight, cols, pairs)
     *units, i, j, k = sch.get_loops(block)
     io, ii = sch.split(i, [None, rows])
     jo, ji = sch.split(j, [None, cols])
     # Column panels outside row tiles: with several row tiles (a batch of tokens) one thread
     # reads a weight panel once from memory and again from its L2 for every further row tile.
-    sch.reorder(jo, io, k, ii, ji)
+    if pairs:
+        k, k2 = sch.split(k, [None, 2])
+        jv, j16 = sch.split(ji, [None, BF16_LANES])
+        sch.reorder(jo, io, k, ii, jv, j16, k2)
+    else:
+        sch.reorder(jo, io, k, ii, ji)
     # NOTE: "global" scope, not "local": TVM 0.27 lowers a local buffer on the CPU to a heap
     # workspace (TVMBackendAllocWorkspace) whatever its size; a global one under 1 KiB, placed
     # inside the parallel loop, becomes a stack array that LLVM keeps in registers (2x faster).
@@ -143,9 +167,17 @@ def apply(func: tirx.PrimFunc, target: TargetInfo, config: dict[str, Any] | None
     for consumer in consumers or [local]:
         _vectorize_inner(sch, consumer)
     sch.unroll(ii)
-    sch.vectorize(ji)  # vectorize and parallel before decompose_reduction: the update alone is no reduction
-    sch.parallel(sch.fuse(*units, jo, io))
-    sch.decompose_reduction(block, k)
+    if pairs:
+        sch.unroll(jv)
+    else:
+        sch.vectorize(ji)  # vectorize and parallel before decompose_reduction: the update alone is no reduction
+    outer = sch.fuse(*units, jo, io)
+    sch.parallel(outer)
+    init = sch.decompose_reduction(block, k)
+    if pairs:
+        _vectorize_inner(sch, init)
+        sch.tensorize(j16, BF16_DOT_INTRIN)
+        sch.annotate(outer, "pragma_import_llvm", _DPBF16_LL)
     for pad in sch.get_child_blocks(sch.get_sblock("root")):
         if pad.same_as(block) or sch.get_producers(pad) or not sch.get(pad).name_hint.endswith("_pad") or \
                 sch.get(pad).annotations.get(PREPROC, False):
@@ -177,9 +209,12 @@ def _constant_weight(sch: s_tir.Schedule, block: s_tir.SBlockRV, func: tirx.Prim
     return None
 
 
-def _pack_weight(sch: s_tir.Schedule, block: s_tir.SBlockRV, weight: tirx.Buffer, cols: int) -> None:
+def _pack_weight(sch: s_tir.Schedule, block: s_tir.SBlockRV, weight: tirx.Buffer, cols: int,
+                 pairs: bool = False) -> None:
     """Read B through B_packed[j // cols, k, j % cols]: each column tile's k loop streams one
     contiguous panel (B itself is read at a stride of a whole row per k: a new page every few k).
+    With `pairs` (bf16 weights for vdpbf16ps), B_packed[j // cols, k // 2, j % cols, k % 2]: the
+    two weights of a k pair sit side by side in each 32-bit lane.
 
     The copy (pad_einsum's pad of B, else a cache_read) is the preprocessing block; its loops write
     the packed panels in order, in parallel over panels.
@@ -190,13 +225,75 @@ def _pack_weight(sch: s_tir.Schedule, block: s_tir.SBlockRV, weight: tirx.Buffer
     copy = next((p for p in sch.get_producers(block) if _buffer(sch.get(p).reads[0]).same_as(weight)), None)
     if copy is None:
         copy = sch.cache_read(block, index, "global")
-    sch.transform_layout(block, ("read", index), lambda kk, jj: (jj // cols, kk, jj % cols))
+    if pairs:
+        sch.transform_layout(block, ("read", index), lambda kk, jj: (jj // cols, kk // 2, jj % cols, kk % 2))
+    else:
+        sch.transform_layout(block, ("read", index), lambda kk, jj: (jj // cols, kk, jj % cols))
     k_loop, j_loop = sch.get_loops(copy)
     panel, lane = sch.split(j_loop, [None, cols])
     sch.reorder(panel, k_loop, lane)
     sch.parallel(panel)
-    sch.vectorize(lane)
+    if not pairs:
+        sch.vectorize(lane)
     sch.annotate(copy, PREPROC, True)
+
+
+def _is_bf16(block) -> bool:
+    """The reduction reads bf16 bit patterns (uint16), as `pgen.onnx.weights.dense_bf16` writes it."""
+    return all(_buffer(r).dtype == "uint16" for r in block.reads)
+
+
+def _k_extent(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> int:
+    extent = sch.get(block).iter_vars[-1].dom.extent
+    return extent.value if isinstance(extent, tirx.IntImm) else 1
+
+
+def _widen(bits):
+    return T.reinterpret("float32", T.shift_left(T.Cast("uint32", bits), T.uint32(16)))
+
+
+@T.prim_func(s_tir=True)
+def _bf16_dot_desc(A: T.Buffer((2,), "uint16", offset_factor=1, align=2), B: T.Buffer((16, 2), "uint16", offset_factor=1, align=2),
+                   C: T.Buffer((16,), "float32", offset_factor=1, align=4)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:2], B[0:16, 0:2])
+        T.writes(C[0:16])
+        for i, k in T.grid(16, 2):
+            with T.sblock("update"):
+                vi, vk = T.axis.remap("SR", [i, k])
+                C[vi] = C[vi] + _widen(A[vk]) * _widen(B[vi, vk])
+
+
+@T.prim_func(s_tir=True)
+def _bf16_dot_impl(A: T.Buffer((2,), "uint16", offset_factor=1, align=2), B: T.Buffer((16, 2), "uint16", offset_factor=1, align=2),
+                   C: T.Buffer((16,), "float32", offset_factor=1, align=4)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:2], B[0:16, 0:2])
+        T.writes(C[0:16])
+        # The pair as one int32 (a uint16x2 reinterpret goes through a stack slot): A's rows have
+        # an even length (the k pairs), so a pair starts at an even element.
+        pairs = T.decl_buffer((1,), "int32", data=A.data, elem_offset=A.elem_offset // 2)
+        C[T.Ramp(0, 1, 16)] = T.call_pure_extern("float32x16", "pgen_dpbf16ps", C.vload([0], "float32x16"),
+                                                 T.Broadcast(pairs[0], 16),
+                                                 T.reinterpret(B.vload([0, 0], "uint16x32"), dtype="int32x16"))
+
+
+# NOTE: TVM 0.27 legalizes `bfloat16` vectors to float32 and uint16, so TIR cannot pass LLVM's
+# `<32 x bfloat>` to the intrinsic itself: this always-inlined wrapper takes the pairs as i32
+# lanes. linkonce_odr: every dense function of a model imports it into one LLVM module.
+_DPBF16_LL = """
+define linkonce_odr <16 x float> @pgen_dpbf16ps(<16 x float> %acc, <16 x i32> %a, <16 x i32> %b) #0 {
+  %x = bitcast <16 x i32> %a to <32 x bfloat>
+  %y = bitcast <16 x i32> %b to <32 x bfloat>
+  %r = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %acc, <32 x bfloat> %x, <32 x bfloat> %y)
+  ret <16 x float> %r
+}
+declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
+attributes #0 = { alwaysinline nounwind "target-features"="+avx512bf16,+avx512f" }
+"""
+
+BF16_DOT_INTRIN = "pgen_bf16_dot_16x2"
+s_tir.TensorIntrin.register(BF16_DOT_INTRIN, _bf16_dot_desc, _bf16_dot_impl, override=True)
 
 
 def _round_up(x: int, m: int) -> int:

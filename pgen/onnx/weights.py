@@ -1,0 +1,116 @@
+"""bf16 weights for a compiled model's dense layers (`compile-model --weight-dtype bfloat16`).
+
+Every `matmul(x, W)` whose W is a float32 constant [K, N] (K even) becomes two TE functions:
+`bf16_bits(x)`, the activations rounded to bfloat16 (round to nearest even) and kept as their
+uint16 bit patterns, and `dense_bf16(bits, W_bits)`, whose reduction widens both operands back to
+float32 (`bits << 16`) and accumulates in float32. W_bits is converted here, at compile time, with
+the same rounding (`to_bf16_bits`), so the model embeds 2 bytes per weight instead of 4.
+
+The dtype stays an integer one on purpose: TVM 0.27's BF16 legalization would turn a `bfloat16`
+buffer's arithmetic back into float32 conversions everywhere, hiding the pairs that the dense rule
+(`schedules.cpu_dense`) feeds to AVX-512 BF16's `vdpbf16ps` (32 products per instruction, twice an
+fp32 FMA's). On a CPU without it the same function runs as float32 FMAs on widened weights, still
+reading half the bytes.
+
+Attention, norms, rotary and the cache stay in the export's dtype; only the weights of the
+matmuls, and the activations entering them, are rounded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax, te, tirx
+
+WEIGHT_DTYPES = ("float32", "bfloat16")
+DENSE_BF16 = "pgen.dense_bf16"  # a PrimFunc attribute: its reduction widens uint16 bf16 bits
+
+
+def to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), round to nearest even; NaN stays NaN."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = 0x7FC0
+    return rounded
+
+
+def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def widen(bits: tirx.PrimExpr) -> tirx.PrimExpr:
+    """bfloat16 bits (uint16) -> float32: the high half of the float's bits."""
+    return tirx.reinterpret("float32", tirx.shift_left(bits.astype("uint32"), tirx.const(16, "uint32")))
+
+
+def _round_bits(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    u = tirx.reinterpret("uint32", x)
+    one = tirx.const(1, "uint32")
+    rounded = tirx.shift_right(u + tirx.const(0x7FFF, "uint32") + tirx.bitwise_and(tirx.shift_right(u, tirx.const(16, "uint32")), one),
+                               tirx.const(16, "uint32"))
+    # A NaN's payload could carry into the exponent's rounding: keep it a quiet NaN.
+    return tirx.Select(x != x, tirx.const(0x7FC0, "uint16"), rounded.astype("uint16"))
+
+
+def _bits_te(x: te.Tensor) -> te.Tensor:
+    return te.compute(x.shape, lambda *i: _round_bits(x(*i)), name="bf16_bits")
+
+
+def _dense_te(a: te.Tensor, w: te.Tensor) -> te.Tensor:
+    k = te.reduce_axis((0, w.shape[0]), name="k")
+    *batch, _ = a.shape
+    return te.compute((*batch, w.shape[1]),
+                      lambda *i: te.sum(widen(a(*i[:-1], k)) * widen(w[k, i[-1]]), axis=k),
+                      name="dense_bf16")
+
+
+def bf16_weights() -> tvm.transform.Pass:
+    """The Relax pass: float32 constant-weight matmuls -> bf16 weights (see the module doc).
+
+    One `bf16_bits` per activation however many matmuls read it (Q/K/V, gate/up projections).
+    """
+    matmul = tvm.ir.Op.get("relax.matmul")
+
+    @relax.expr_functor.mutator
+    class _Mutator(relax.PyExprMutator):
+        def __init__(self, mod: tvm.IRModule):
+            super().__init__(mod)
+            self.mod_ = mod
+            self.bits: dict = {}
+
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not call.op.same_as(matmul) or len(call.args) != 2:
+                return call
+            x, w = call.args
+            if not isinstance(w, tvm.ir.expr.GenericConst):
+                return call
+            data = w.value.numpy()
+            if data.dtype != np.float32 or data.ndim != 2 or data.shape[0] % 2:
+                return call
+            if getattr(x.ty, "dtype", None) != "float32" or getattr(call.ty, "dtype", None) != "float32":
+                return call
+            key = x if isinstance(x, relax.Var) else None
+            bits = self.bits.get(key) if key is not None else None
+            if bits is None:
+                bits = self.builder_.emit(self.builder_.call_te(_bits_te, x, primfunc_name_hint="bf16_bits"))
+                if key is not None:
+                    self.bits[key] = bits
+            weight = relax.const(to_bf16_bits(data), "uint16")
+            return self.builder_.call_te(_dense_te, bits, weight, primfunc_name_hint="dense_bf16",
+                                         primfunc_attrs={DENSE_BF16: True, "op_pattern": 4})
+
+        def transform(self) -> tvm.IRModule:
+            for gvar, func in self.mod_.functions_items():
+                if isinstance(func, relax.Function):
+                    self.bits = {}
+                    self.builder_.update_func(gvar, self.visit_expr(func))
+            return self.builder_.get()
+
+    @tvm.transform.module_pass(opt_level=0, name="pgen.Bf16Weights")
+    def pass_(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        return _Mutator(mod).transform()
+
+    return pass_
