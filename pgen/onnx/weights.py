@@ -23,7 +23,6 @@ import tvm
 from tvm import relax, te, tirx
 
 WEIGHT_DTYPES = ("float32", "bfloat16")
-DENSE_BF16 = "pgen.dense_bf16"  # a PrimFunc attribute: its reduction widens uint16 bf16 bits
 
 
 def to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -48,8 +47,9 @@ def widen(bits: tirx.PrimExpr) -> tirx.PrimExpr:
 def _round_bits(x: tirx.PrimExpr) -> tirx.PrimExpr:
     u = tirx.reinterpret("uint32", x)
     one = tirx.const(1, "uint32")
-    rounded = tirx.shift_right(u + tirx.const(0x7FFF, "uint32") + tirx.bitwise_and(tirx.shift_right(u, tirx.const(16, "uint32")), one),
-                               tirx.const(16, "uint32"))
+    sixteen = tirx.const(16, "uint32")
+    lsb = tirx.bitwise_and(tirx.shift_right(u, sixteen), one)
+    rounded = tirx.shift_right(u + tirx.const(0x7FFF, "uint32") + lsb, sixteen)
     # A NaN's payload could carry into the exponent's rounding: keep it a quiet NaN.
     return tirx.Select(x != x, tirx.const(0x7FC0, "uint16"), rounded.astype("uint16"))
 
@@ -100,7 +100,7 @@ def bf16_weights() -> tvm.transform.Pass:
                     self.bits[key] = bits
             weight = relax.const(to_bf16_bits(data), "uint16")
             return self.builder_.call_te(_dense_te, bits, weight, primfunc_name_hint="dense_bf16",
-                                         primfunc_attrs={DENSE_BF16: True, "op_pattern": 4})
+                                         primfunc_attrs={"op_pattern": 4})  # OutEWiseFusable: epilogues fuse
 
         def transform(self) -> tvm.IRModule:
             for gvar, func in self.mod_.functions_items():

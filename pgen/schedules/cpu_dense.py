@@ -253,7 +253,8 @@ def _widen(bits):
 
 
 @T.prim_func(s_tir=True)
-def _bf16_dot_desc(A: T.Buffer((2,), "uint16", offset_factor=1, align=2), B: T.Buffer((16, 2), "uint16", offset_factor=1, align=2),
+def _bf16_dot_desc(A: T.Buffer((2,), "uint16", offset_factor=1, align=2),
+                   B: T.Buffer((16, 2), "uint16", offset_factor=1, align=2),
                    C: T.Buffer((16,), "float32", offset_factor=1, align=4)) -> None:
     with T.sblock("root"):
         T.reads(C[0:16], A[0:2], B[0:16, 0:2])
@@ -265,7 +266,8 @@ def _bf16_dot_desc(A: T.Buffer((2,), "uint16", offset_factor=1, align=2), B: T.B
 
 
 @T.prim_func(s_tir=True)
-def _bf16_dot_impl(A: T.Buffer((2,), "uint16", offset_factor=1, align=2), B: T.Buffer((16, 2), "uint16", offset_factor=1, align=2),
+def _bf16_dot_impl(A: T.Buffer((2,), "uint16", offset_factor=1, align=2),
+                   B: T.Buffer((16, 2), "uint16", offset_factor=1, align=2),
                    C: T.Buffer((16,), "float32", offset_factor=1, align=4)) -> None:
     with T.sblock("root"):
         T.reads(C[0:16], A[0:2], B[0:16, 0:2])

@@ -60,7 +60,8 @@ def test_bf16_dense_layers_match_numpy_on_rounded_operands(monkeypatch, bf16_dot
     w = rng.standard_normal((k, n)).astype(np.float32)
     extra = rng.standard_normal(n).astype(np.float32)
     lowered = _bf16_model(k, n, epilogue, w, extra)
-    dense = [f for gv, f in lowered.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and "dense_bf16" in gv.name_hint]
+    dense = [f for gv, f in lowered.functions.items()
+             if isinstance(f, tvm.tirx.PrimFunc) and "dense_bf16" in gv.name_hint]
     assert dense and all(f.attrs.get("tirx.is_scheduled", False) for f in dense)
     rounded = [gv.name_hint for gv, f in lowered.functions.items() if "bf16_bits" in gv.name_hint]
     assert len(rounded) == 1, rounded  # x is rounded once for both matmuls
