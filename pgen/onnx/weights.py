@@ -22,13 +22,17 @@ import numpy as np
 import tvm
 from tvm import relax, te, tirx
 
+from ..schedules.cpu_dense import widen_bf16
+
 WEIGHT_DTYPES = ("float32", "bfloat16")
 
 
 def to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns (uint16), round to nearest even; NaN stays NaN."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    # uint32 cannot overflow here but for NaNs (exponent all ones), which are set below.
+    with np.errstate(over="ignore"):
+        rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
     nan = np.isnan(x)
     if nan.any():
         rounded[nan] = 0x7FC0
@@ -37,11 +41,6 @@ def to_bf16_bits(x: np.ndarray) -> np.ndarray:
 
 def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def widen(bits: tirx.PrimExpr) -> tirx.PrimExpr:
-    """bfloat16 bits (uint16) -> float32: the high half of the float's bits."""
-    return tirx.reinterpret("float32", tirx.shift_left(bits.astype("uint32"), tirx.const(16, "uint32")))
 
 
 def _round_bits(x: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -62,7 +61,7 @@ def _dense_te(a: te.Tensor, w: te.Tensor) -> te.Tensor:
     k = te.reduce_axis((0, w.shape[0]), name="k")
     *batch, _ = a.shape
     return te.compute((*batch, w.shape[1]),
-                      lambda *i: te.sum(widen(a(*i[:-1], k)) * widen(w[k, i[-1]]), axis=k),
+                      lambda *i: te.sum(widen_bf16(a(*i[:-1], k)) * widen_bf16(w[k, i[-1]]), axis=k),
                       name="dense_bf16")
 
 

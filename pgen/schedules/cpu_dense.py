@@ -248,7 +248,9 @@ def _k_extent(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> int:
     return extent.value if isinstance(extent, tirx.IntImm) else 1
 
 
-def _widen(bits):
+def widen_bf16(bits):
+    """bfloat16 bits (uint16) -> float32, the high half of the float's bits. `pgen.onnx.weights`
+    writes its dense layers with this expression and the tensor intrinsic below matches it."""
     return T.reinterpret("float32", T.shift_left(T.Cast("uint32", bits), T.uint32(16)))
 
 
@@ -262,7 +264,7 @@ def _bf16_dot_desc(A: T.Buffer((2,), "uint16", offset_factor=1, align=2),
         for i, k in T.grid(16, 2):
             with T.sblock("update"):
                 vi, vk = T.axis.remap("SR", [i, k])
-                C[vi] = C[vi] + _widen(A[vk]) * _widen(B[vi, vk])
+                C[vi] = C[vi] + widen_bf16(A[vk]) * widen_bf16(B[vi, vk])
 
 
 @T.prim_func(s_tir=True)
