@@ -27,4 +27,34 @@ def fast_exp2(x):
     return T.if_then_else(x < T.float32(-125.0), T.float32(0), p * two_n)
 
 
-__all__ = ["fast_exp2"]
+# exp(r) for r in [-ln2/2, ln2/2]: Taylor terms up to degree 7, relative error < 1e-8.
+_EXP_COEFFS = tuple(1.0 / math.factorial(k) for k in range(8))
+# ln 2 split so that n * _LN2_HI is exact in float32 for |n| < 2**9 (Cody-Waite range reduction).
+_LN2_HI = 0.693145751953125
+_LN2_LO = 1.428606765330187e-06
+
+
+def fast_exp_nonpositive(x):
+    """exp of a float32 expression x <= 0 within a few ulp, without a libm call (vectorizes).
+
+    Range reduction is Cody-Waite (x = n ln2 + r with ln2 in two parts), so the result keeps
+    float32's precision where `fast_exp2(x * log2 e)` loses the rounding of the product
+    (about 1e-6 relative at x = -18). Inputs below -87 return 0 (the result would be denormal).
+    """
+    xc = T.max(x, T.float32(-87.0))
+    n = T.round(xc * T.float32(1.0 / math.log(2)))
+    r = xc - n * T.float32(_LN2_HI) - n * T.float32(_LN2_LO)
+    p = T.float32(_EXP_COEFFS[7])
+    for c in reversed(_EXP_COEFFS[:7]):
+        p = p * r + T.float32(c)
+    two_n = T.reinterpret("float32", T.shift_left(T.cast(n, "int32") + 127, 23))
+    return T.if_then_else(x < T.float32(-87.0), T.float32(0), p * two_n)
+
+
+def fast_sigmoid(x):
+    """1 / (1 + exp(-x)) of a float32 expression, from exp(-|x|) so that nothing overflows."""
+    e = fast_exp_nonpositive(-T.abs(x))
+    return T.if_then_else(x >= T.float32(0), T.float32(1) / (T.float32(1) + e), e / (T.float32(1) + e))
+
+
+__all__ = ["fast_exp2", "fast_exp_nonpositive", "fast_sigmoid"]

@@ -1,0 +1,61 @@
+"""Float32 sigmoid inline (`relax_import.fast_legalize`): as accurate as libm's, no libm call left
+in the SiLU epilogue of a dense layer, so the epilogue vectorizes."""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax, te
+
+from pgen.onnx.relax_import import model_pipeline
+from pgen.schedules.fast_math import fast_sigmoid
+from pgen.target import parse_targets
+
+(TARGET,) = parse_targets("llvm")
+
+
+def _reference(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
+
+
+def test_fast_sigmoid_matches_float64_over_the_whole_range():
+    n = 1 << 16
+    a = te.placeholder((n,), "float32", name="a")
+    run = tvm.compile(te.create_prim_func([a, te.compute((n,), lambda i: fast_sigmoid(a[i]))]), target="llvm")
+    x = np.concatenate([np.linspace(-200, 200, n - 8), [0.0, -0.0, 1e-30, -1e-30, 88.0, -88.0, np.inf, -np.inf]])
+    x = x.astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros(n, np.float32))
+    run(tvm.runtime.tensor(x), out)
+    ref = _reference(x)
+    normal = ref > 1e-37  # below it float32 flushes to 0 (or a denormal), as libm's does
+    np.testing.assert_allclose(out.numpy()[normal], ref[normal], rtol=3e-7, atol=0)
+    np.testing.assert_array_less(out.numpy()[~normal], 1e-37)
+    assert out.numpy()[-2] == 1.0 and out.numpy()[-1] == 0.0
+
+
+def test_silu_epilogue_of_a_dense_layer_has_no_libm_call_and_matches_numpy():
+    rng = np.random.default_rng(3)
+    k, n = 64, 96
+    w = (rng.standard_normal((k, n)) * 2).astype(np.float32)  # pre-activations up to about +-60
+    up = rng.standard_normal(n).astype(np.float32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([tvm.tirx.Var("num_tokens", "int64"), k], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(x, relax.const(w)))
+            out = bb.emit_output(relax.op.multiply(relax.op.multiply(y, relax.op.sigmoid(y)), relax.const(up)))
+        bb.emit_func_output(out)
+    with tvm.target.Target(TARGET.tvm_target()):
+        lowered = model_pipeline(TARGET)(bb.get())
+    names = [gv.name_hint for gv, f in lowered.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert any("matmul" in name and "sigmoid" in name for name in names), names  # still one fused kernel
+    executable = tvm.compile(lowered, target=tvm.target.Target(TARGET.tvm_target()))
+    asm = executable.mod.imports[0].inspect_source("asm") if executable.mod.imports else ""
+    assert "expf" not in asm
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    for tokens in (1, 5, 33):
+        xs = rng.standard_normal((tokens, k)).astype(np.float32)
+        pre = xs.astype(np.float64) @ w.astype(np.float64)
+        np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(xs)).numpy(), pre * _reference(pre) * up,
+                                   rtol=1e-5, atol=1e-5)
