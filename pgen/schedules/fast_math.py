@@ -52,9 +52,10 @@ def fast_exp_nonpositive(x):
 
 
 def fast_sigmoid(x):
-    """1 / (1 + exp(-x)) of a float32 expression, from exp(-|x|) so that nothing overflows."""
+    """1 / (1 + exp(-x)) of a float32 expression, from exp(-|x|) so that nothing overflows; NaN stays NaN."""
     e = fast_exp_nonpositive(-T.abs(x))
-    return T.if_then_else(x >= T.float32(0), T.float32(1) / (T.float32(1) + e), e / (T.float32(1) + e))
+    s = T.if_then_else(x >= T.float32(0), T.float32(1) / (T.float32(1) + e), e / (T.float32(1) + e))
+    return T.if_then_else(T.isnan(x), x, s)
 
 
 __all__ = ["fast_exp2", "fast_exp_nonpositive", "fast_sigmoid"]

@@ -23,15 +23,18 @@ def test_fast_sigmoid_matches_float64_over_the_whole_range():
     n = 1 << 16
     a = te.placeholder((n,), "float32", name="a")
     run = tvm.compile(te.create_prim_func([a, te.compute((n,), lambda i: fast_sigmoid(a[i]))]), target="llvm")
-    x = np.concatenate([np.linspace(-200, 200, n - 8), [0.0, -0.0, 1e-30, -1e-30, 88.0, -88.0, np.inf, -np.inf]])
+    x = np.concatenate([np.linspace(-200, 200, n - 9),
+                        [0.0, -0.0, 1e-30, -1e-30, 88.0, -88.0, np.nan, np.inf, -np.inf]])
     x = x.astype(np.float32)
     out = tvm.runtime.tensor(np.zeros(n, np.float32))
     run(tvm.runtime.tensor(x), out)
+    assert np.isnan(out.numpy()[-3])  # a NaN activation is not turned into a number
+    x, out = np.delete(x, -3), np.delete(out.numpy(), -3)
     ref = _reference(x)
     normal = ref > 1e-37  # below it float32 flushes to 0 (or a denormal), as libm's does
-    np.testing.assert_allclose(out.numpy()[normal], ref[normal], rtol=3e-7, atol=0)
-    np.testing.assert_array_less(out.numpy()[~normal], 1e-37)
-    assert out.numpy()[-2] == 1.0 and out.numpy()[-1] == 0.0
+    np.testing.assert_allclose(out[normal], ref[normal], rtol=3e-7, atol=0)
+    np.testing.assert_array_less(out[~normal], 1e-37)
+    assert out[-2] == 1.0 and out[-1] == 0.0
 
 
 def test_silu_epilogue_of_a_dense_layer_has_no_libm_call_and_matches_numpy():
