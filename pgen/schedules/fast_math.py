@@ -27,11 +27,23 @@ def fast_exp2(x):
     return T.if_then_else(x < T.float32(-125.0), T.float32(0), p * two_n)
 
 
-# exp(r) for r in [-ln2/2, ln2/2]: Taylor terms up to degree 7, relative error < 1e-8.
+# exp(r) - 1 for r in [-ln2/2, ln2/2]: Taylor terms up to degree 7, relative error < 1e-8.
 _EXP_COEFFS = tuple(1.0 / math.factorial(k) for k in range(8))
 # ln 2 split so that n * _LN2_HI is exact in float32 for |n| < 2**9 (Cody-Waite range reduction).
 _LN2_HI = 0.693145751953125
 _LN2_LO = 1.428606765330187e-06
+
+
+def _exp_parts(x):
+    """(2**n, q) with exp(x) = 2**n * (1 + q) for a float32 expression -87 <= x <= 0; q is computed
+    without its leading 1, so expm1 keeps its precision near 0."""
+    n = T.round(x * T.float32(1.0 / math.log(2)))
+    r = x - n * T.float32(_LN2_HI) - n * T.float32(_LN2_LO)
+    q = T.float32(_EXP_COEFFS[7])
+    for c in reversed(_EXP_COEFFS[2:7]):
+        q = q * r + T.float32(c)
+    q = (q * r + T.float32(1)) * r
+    return T.reinterpret("float32", T.shift_left(T.cast(n, "int32") + 127, 23)), q
 
 
 def fast_exp_nonpositive(x):
@@ -41,14 +53,8 @@ def fast_exp_nonpositive(x):
     float32's precision where `fast_exp2(x * log2 e)` loses the rounding of the product
     (about 1e-6 relative at x = -18). Inputs below -87 return 0 (the result would be denormal).
     """
-    xc = T.max(x, T.float32(-87.0))
-    n = T.round(xc * T.float32(1.0 / math.log(2)))
-    r = xc - n * T.float32(_LN2_HI) - n * T.float32(_LN2_LO)
-    p = T.float32(_EXP_COEFFS[7])
-    for c in reversed(_EXP_COEFFS[:7]):
-        p = p * r + T.float32(c)
-    two_n = T.reinterpret("float32", T.shift_left(T.cast(n, "int32") + 127, 23))
-    return T.if_then_else(x < T.float32(-87.0), T.float32(0), p * two_n)
+    two_n, q = _exp_parts(T.max(x, T.float32(-87.0)))
+    return T.if_then_else(x < T.float32(-87.0), T.float32(0), two_n + two_n * q)
 
 
 def fast_sigmoid(x):
@@ -58,4 +64,16 @@ def fast_sigmoid(x):
     return T.if_then_else(T.isnan(x), x, s)
 
 
-__all__ = ["fast_exp2", "fast_exp_nonpositive", "fast_sigmoid"]
+def fast_tanh(x):
+    """tanh of a float32 expression: -m / (2 + m) with m = expm1(-2|x|), odd by construction.
+
+    expm1 rather than exp: (1 - e) / (1 + e) cancels near 0 (relative error of order 1 at
+    x = 1e-3). |x| >= 10 returns +-1 (tanh(10) rounds to 1 in float32); NaN stays NaN.
+    """
+    two_n, q = _exp_parts(T.max(T.float32(-2) * T.abs(x), T.float32(-20.0)))
+    m = (two_n - T.float32(1)) + two_n * q
+    t = T.if_then_else(T.abs(x) >= T.float32(10.0), T.float32(1), -m / (T.float32(2) + m))
+    return T.if_then_else(T.isnan(x), x, T.if_then_else(x >= T.float32(0), t, -t))
+
+
+__all__ = ["fast_exp2", "fast_exp_nonpositive", "fast_sigmoid", "fast_tanh"]
