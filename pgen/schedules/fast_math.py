@@ -65,15 +65,16 @@ def fast_sigmoid(x):
 
 
 def fast_tanh(x):
-    """tanh of a float32 expression: -m / (2 + m) with m = expm1(-2|x|), odd by construction.
+    """tanh of a float32 expression: copysign(m / (2 - m), x) with m = -expm1(-2|x|).
 
     expm1 rather than exp: (1 - e) / (1 + e) cancels near 0 (relative error of order 1 at
-    x = 1e-3). |x| >= 10 returns +-1 (tanh(10) rounds to 1 in float32); NaN stays NaN.
+    x = 1e-3). Odd, signed zeros kept; |x| >= 10 returns +-1 (tanh(10) rounds to 1 in float32);
+    NaN stays NaN.
     """
     two_n, q = _exp_parts(T.max(T.float32(-2) * T.abs(x), T.float32(-20.0)))
-    m = (two_n - T.float32(1)) + two_n * q
-    t = T.if_then_else(T.abs(x) >= T.float32(10.0), T.float32(1), -m / (T.float32(2) + m))
-    return T.if_then_else(T.isnan(x), x, T.if_then_else(x >= T.float32(0), t, -t))
+    m = (T.float32(1) - two_n) - two_n * q
+    t = T.if_then_else(T.abs(x) >= T.float32(10.0), T.float32(1), m / (T.float32(2) - m))
+    return T.if_then_else(T.isnan(x), x, T.copysign(t, x))
 
 
 __all__ = ["fast_exp2", "fast_exp_nonpositive", "fast_sigmoid", "fast_tanh"]
