@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import onnx
 import tvm
-from tvm import relax
+from tvm import relax, te
 from tvm.relax.frontend.onnx import onnx_frontend
 
 from pgen_runtime.errors import BuildError, ModelImportError
@@ -24,6 +24,7 @@ from pgen_runtime.spec import AttentionSpec
 
 from .. import schedules
 from ..schedules import cpu_dense
+from ..schedules.fast_math import fast_sigmoid, fast_tanh
 from ..target import BuildTarget
 from . import weights
 from .rewrite import OP
@@ -287,9 +288,6 @@ def fast_legalize() -> tvm.transform.Pass:
     as libm's to within 1e-7 relative (tests/models/test_fast_math.py). Tanh is GPT-2's gelu_new
     and Gemma-2's logit soft-cap.
     """
-    from tvm import te
-
-    from ..schedules.fast_math import fast_sigmoid, fast_tanh
 
     def inline(name: str, fn):
         def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:

@@ -10,6 +10,11 @@ from tvm.script import tirx as T
 _EXP2_COEFFS = tuple(math.log(2) ** k / math.factorial(k) for k in range(7))
 
 
+def _pow2(n):
+    """2**n for an integral float32 expression -126 <= n <= 127, built in the exponent bits."""
+    return T.reinterpret("float32", T.shift_left(T.cast(n, "int32") + 127, 23))
+
+
 def fast_exp2(x):
     """exp2 of a float32 expression x <= 0, without a libm call, so loops over it vectorize.
 
@@ -23,8 +28,7 @@ def fast_exp2(x):
     p = T.float32(_EXP2_COEFFS[6])
     for c in reversed(_EXP2_COEFFS[:6]):
         p = p * f + T.float32(c)
-    two_n = T.reinterpret("float32", T.shift_left(T.cast(n, "int32") + 127, 23))
-    return T.if_then_else(x < T.float32(-125.0), T.float32(0), p * two_n)
+    return T.if_then_else(x < T.float32(-125.0), T.float32(0), p * _pow2(n))
 
 
 # exp(r) - 1 for r in [-ln2/2, ln2/2]: Taylor terms up to degree 7, relative error < 1e-8.
@@ -43,7 +47,7 @@ def _exp_parts(x):
     for c in reversed(_EXP_COEFFS[2:7]):
         q = q * r + T.float32(c)
     q = (q * r + T.float32(1)) * r
-    return T.reinterpret("float32", T.shift_left(T.cast(n, "int32") + 127, 23)), q
+    return _pow2(n), q
 
 
 def fast_exp_nonpositive(x):
