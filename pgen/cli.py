@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("compile-model", help="compile an ONNX decoder export (past/present KV) into a model package")
     p.add_argument("model", help="MODEL.onnx")
-    p.add_argument("--target", default="llvm")
+    p.add_argument("--target", default="llvm", help="llvm, cuda:sm_80,sm_90, or both (llvm,cuda:sm_80,sm_90)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--eos-token-id", type=int, default=None,
                    help="default: the export's eos_token_id metadata, else generation_config.json or config.json "
@@ -43,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="check every buffer access at run time (raises instead of reading out of bounds; slower)")
     p.add_argument("--kv-dtype", default=None, help="KV cache dtype (default: the model's): float32, float16, "
                    "bfloat16, or int8 / fp8_e4m3 (one-byte codes, a float32 scale per cached token and head)")
-    p.add_argument("--weight-dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="dtype of the dense layers' weights: bfloat16 halves their bytes and, on CPUs with "
-                   "AVX-512 BF16, doubles the matmuls' multiply rate (inputs rounded to bf16, fp32 accumulation)")
+    p.add_argument("--weight-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the dense layers' weights: bfloat16 (llvm) halves their bytes and, on CPUs with "
+                   "AVX-512 BF16, doubles the matmuls' multiply rate (inputs rounded to bf16, fp32 accumulation); "
+                   "float16 (CUDA) runs them on tensor cores")
     p.add_argument("-o", "--out", required=True, help="NAME.pgenpkg")
 
     p = sub.add_parser("tune", help="search the kernels' knobs on a device and write its tuning log")

@@ -47,6 +47,7 @@ _FATBIN_MAGIC = 0xBA55ED50
 _FATBIN_HEADER = struct.Struct("<IHHQ")  # magic, version, header size, size of what follows
 _ARCH_RE = re.compile(r"sm_\d+a?")
 _SASS_LINE = re.compile(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)")  # opcode
+_MMA_OPCODES = frozenset({"HMMA", "IMMA", "HGMMA", "IGMMA", "DMMA", "QGMMA"})
 _env_ready = False
 _compile_lock = threading.Lock()
 
@@ -56,7 +57,8 @@ class KernelResources:
     """What one kernel uses on one arch, read from its SASS.
 
     `local_stores`/`local_loads` count STL/LDL instructions: register spills plus local arrays,
-    so 0 proves there are no spills.
+    so 0 proves there are no spills. `mma_instructions` counts tensor-core instructions (HMMA,
+    IMMA, HGMMA): 0 means the kernel multiplies on the CUDA cores only.
     """
 
     name: str
@@ -68,6 +70,7 @@ class KernelResources:
     instructions: int
     local_stores: int
     local_loads: int
+    mma_instructions: int = 0
 
 
 def _cuda_roots() -> list[Path]:
@@ -144,16 +147,19 @@ def _elf_arch(cubin: bytes) -> str:
     return f"sm_{(flags >> 8) & 0xFF if cubin[8] >= 8 else flags & 0xFF}"
 
 
-def build_cuda(mod, archs: tuple[str, ...] = ("sm_80", "sm_90"), *, embed_ptx: bool = True):
-    """Compiles an IRModule of PrimFuncs into one library whose fatbin holds SASS for each arch.
+def build_cuda(mod, archs: tuple[str, ...] = ("sm_80", "sm_90"), *, embed_ptx: bool = True,
+               relax_pipeline=None):
+    """Compiles an IRModule into one library whose fatbin holds SASS for each arch.
 
     TVM generates CUDA source once, for the oldest arch; nvcc compiles it with one -gencode per
     arch (plus PTX of the newest when `embed_ptx`, so newer GPUs can JIT it).
 
     Args:
-        mod: a `tvm.IRModule` of scheduled PrimFuncs.
+        mod: a `tvm.IRModule` of scheduled PrimFuncs, or a Relax module (with `relax_pipeline`).
         archs: SM architectures, such as "sm_80" or "sm_90a".
         embed_ptx: also embed PTX for the newest arch.
+        relax_pipeline: the Relax pipeline of a module with Relax functions (a model); it runs
+            inside the target's scope, as TVM's GPU pipelines (dlight) expect.
 
     Returns:
         `(executable, cubins)`: the `tvm.compile` result (export it with `export_library`) and
@@ -192,17 +198,27 @@ def build_cuda(mod, archs: tuple[str, ...] = ("sm_80", "sm_90"), *, embed_ptx: b
         tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_fatbin, override=True)
         try:
             with tvm.target.Target({"kind": "cuda", "arch": archs[0]}) as target:
-                executable = tvm.compile(mod, target=target)
+                executable = tvm.compile(mod, target=target, **(
+                    {"relax_pipeline": relax_pipeline} if relax_pipeline is not None else {}))
         except Exception as err:  # TVM raises RuntimeError/ValueError/TVMError alike
             raise BuildError(f"CUDA build for {archs} failed: {err}") from err
         finally:
             tvm_ffi.register_global_func("tvm_callback_cuda_compile", previous, override=True)
-    device = [m for m in executable.mod.imports if m.kind == "cuda"]
+    device = [m for m in _imported(executable.mod) if m.kind == "cuda"]
     if not device or not all(m.is_runnable() for m in device) or set(cubins) != set(archs):
         raise BuildError(f"TVM produced no device code for {archs} (source-only CUDA module, or "
                          f"cubins for {sorted(cubins)}). Fix: call "
                          "pgen.cuda.ensure_cuda_build_env() first and check that nvcc runs")
     return executable, cubins
+
+
+def _imported(module) -> list:
+    """Every module `module` imports, transitively (a Relax executable imports its host code,
+    which imports the device code)."""
+    found = []
+    for child in module.imports:
+        found += [child, *_imported(child)]
+    return found
 
 
 def find_fatbins(blob: bytes) -> list[bytes]:
@@ -306,7 +322,8 @@ def sass_report(binary: bytes) -> dict[str, list[KernelResources]]:
             local_bytes=res.get("LOCAL", 0), stack_bytes=res.get("STACK", 0),
             instructions=sum(op != "NOP" for op in ops),
             local_stores=sum(op.startswith("STL") for op in ops),
-            local_loads=sum(op.startswith("LDL") for op in ops)))
+            local_loads=sum(op.startswith("LDL") for op in ops),
+            mma_instructions=sum(op.split(".")[0] in _MMA_OPCODES for op in ops)))
     return report
 
 

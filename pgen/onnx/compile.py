@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from pgen_runtime.errors import ConfigError, ModelImportError, SpecError
+from pgen_runtime.errors import BuildError, ConfigError, ModelImportError, SpecError
 from pgen_runtime.spec import KV_DTYPES, AttentionSpec
 from pgen_runtime.tokenizer import TOKENIZER_FILE
 
@@ -25,7 +25,7 @@ from ..package import assemble, publish
 from ..target import parse_targets
 from .relax_import import build_executable, import_model
 from .rewrite import Rewritten, rewrite
-from .weights import WEIGHT_DTYPES
+from .weights import WEIGHT_DTYPES, WEIGHT_DTYPES_BY_KIND
 
 MODEL_LIBRARY = "model.so"
 
@@ -81,7 +81,9 @@ def compile_model(model_path: str | Path, out: str | Path, target: str = "llvm",
     Args:
         model_path: the .onnx file.
         out: the package folder to write, NAME.pgenpkg (its parent must exist).
-        target: one target (`llvm`).
+        target: `llvm`, `cuda:sm_80,sm_90`, or both (`llvm,cuda:sm_80,sm_90`): one model library
+            and kernel library per target. A CUDA target's dense layers are scheduled by TVM's
+            dlight GPU rules, its attention is pgen's CUDA kernels on a pool in device memory.
         block_size: tokens per KV block.
         eos_token_id: stop token; defaults to the export's (`export_eos_token_id`), else none.
         name: package name (default: the folder's name without suffix).
@@ -91,12 +93,14 @@ def compile_model(model_path: str | Path, out: str | Path, target: str = "llvm",
         bounds_checks: build the model and its kernels with a check on every buffer access, which
             raises (naming the buffer and index) instead of reading out of bounds; for tests.
         verify: run the export with onnxruntime and the compiled model on a few prompts (a mixed
-            batch, prefill and decode) and refuse to write a package whose logits disagree.
+            batch, prefill and decode) and refuse to write a package whose logits disagree. A CUDA
+            target is verified on its GPU host (`python -m pgen_runtime.verify`).
         kv_dtype: the KV cache's dtype (default: the model's); "int8" or "fp8_e4m3" store one-byte
             codes with a scale per cached (token, head) row, about half of fp16's bytes (CPU only).
-        weight_dtype: "bfloat16" rounds the weights of the dense layers (matmuls with a constant
-            weight) and the activations entering them to bf16, accumulating in fp32: half the
-            weight bytes, and twice the multiply rate where the CPU has AVX-512 BF16.
+        weight_dtype: "bfloat16" (llvm) rounds the weights of the dense layers (matmuls with a
+            constant weight) and the activations entering them to bf16, accumulating in fp32: half
+            the weight bytes, and twice the multiply rate where the CPU has AVX-512 BF16.
+            "float16" (CUDA) runs those matmuls on fp16 operands on tensor cores, fp32 accumulation.
         progress: called with one line of text per step.
 
     Returns:
@@ -110,15 +114,19 @@ def compile_model(model_path: str | Path, out: str | Path, target: str = "llvm",
     """
     model_path, out = Path(model_path), Path(out)
     tokenizer = Path(tokenizer) if tokenizer is not None else None
-    (build_target,) = parse_targets(target)
-    build_target = dataclasses.replace(build_target, bounds_checks=bounds_checks)
-    if build_target.kind != "llvm":
-        raise ModelImportError(f"target {target!r}: compile-model builds for llvm only so far")
-    source = onnx.load(str(model_path))
+    targets = [dataclasses.replace(t, bounds_checks=bounds_checks) for t in parse_targets(target)]
+    if bounds_checks and any(t.kind == "cuda" for t in targets):
+        raise ConfigError("bounds_checks builds llvm targets only (CUDA code has no checked accesses); "
+                          "drop --bounds-checks or build --target llvm")
     if kv_dtype is not None and kv_dtype not in KV_DTYPES:
         raise SpecError(f"kv_dtype={kv_dtype!r} is not supported; use one of {', '.join(KV_DTYPES)}")
     if weight_dtype not in WEIGHT_DTYPES:
         raise SpecError(f"weight_dtype={weight_dtype!r} is not supported; use one of {', '.join(WEIGHT_DTYPES)}")
+    for t in targets:
+        if weight_dtype not in WEIGHT_DTYPES_BY_KIND[t.kind]:
+            raise SpecError(f"weight_dtype={weight_dtype!r} does not build for {t.name}; its weight dtypes are "
+                            f"{', '.join(WEIGHT_DTYPES_BY_KIND[t.kind])} (compile one package per target for others)")
+    source = onnx.load(str(model_path))
     rewritten = rewrite(source, block_size, sliding_window, kv_dtype)
     specs = layer_specs(rewritten, block_size, kv_dtype)
     spec = model_spec(specs)
@@ -127,20 +135,25 @@ def compile_model(model_path: str | Path, out: str | Path, target: str = "llvm",
     windows = sorted({str(s.sliding_window) for s in specs})
     progress(f"{model_path.name}: {len(rewritten.layers)} layers, spec {spec.uri}, windows {', '.join(windows)}, "
              f"vocab {rewritten.vocab_size}")
-    configs = {n: c.config for n, c in choose_configs(spec, build_target).items()}
-    executable = build_executable(import_model(rewritten.model, spec, build_target, configs), build_target,
-                                  weight_dtype)
-    kernels = build_library(spec, build_target)
-    progress(kernels.summary())
+    built = []  # per target: (kernel library, model executable, model cubins)
+    for build_target in targets:
+        configs = {n: c.config for n, c in choose_configs(spec, build_target).items()}
+        executable, cubins = build_executable(import_model(rewritten.model, spec, build_target, configs),
+                                              build_target, weight_dtype)
+        kernels = build_library(spec, build_target)
+        progress(kernels.summary())
+        built.append((kernels, executable, cubins))
     if eos_token_id is None:
         eos_token_id = export_eos_token_id(source, model_path)
 
     def fill(root: Path) -> dict:
-        manifest = assemble(spec, [kernels], root, name or out.name.split(".")[0])
-        target_entry = manifest["targets"][0]
-        library = str(Path(target_entry["library"]).with_name(MODEL_LIBRARY))
-        executable.export_library(str(root / library))
-        target_entry["model_library"] = library
+        manifest = assemble(spec, [k for k, _, _ in built], root, name or out.name.split(".")[0])
+        for target_entry, (_, executable, cubins) in zip(manifest["targets"], built):
+            library = Path(target_entry["library"]).with_name(MODEL_LIBRARY)
+            executable.export_library(str(root / library))
+            target_entry["model_library"] = str(library)
+            if cubins:
+                target_entry["model_sass"] = model_sass(cubins, target_entry["archs"])
         manifest["model"] = _model_section(rewritten, specs, eos_token_id, model_path)
         manifest["model"]["weight_dtype"] = weight_dtype
         if tokenizer is not None:
@@ -149,11 +162,37 @@ def compile_model(model_path: str | Path, out: str | Path, target: str = "llvm",
         return manifest
 
     def check(root: Path) -> None:
-        from .verify import verify as verify_package
+        from pgen_runtime.verify import verify as verify_package
 
-        verify_package(root, model_path, progress=progress)
+        if any(t.kind == "llvm" for t in targets):
+            verify_package(root, model_path, progress=progress)
+        unverified = [t.name for t in targets if t.kind == "cuda"]
+        if unverified:
+            progress(f"{', '.join(unverified)}: not verified here (this process compiles with TVM, which cannot "
+                     f"load a CUDA package beside it); on the GPU host run `python -m pgen_runtime.verify "
+                     f"{out} {model_path.name} --device cuda:0`")
 
     return publish(out, fill, progress=progress, check=check if verify else None)
+
+
+def model_sass(cubins: dict[str, bytes], archs: list[str]) -> dict[str, list[dict]]:
+    """Per arch, the SASS resources of every kernel of a model's device code (cuobjdump).
+
+    Raises:
+        BuildError: an arch of the target has no SASS in the model's cubins.
+    """
+    from .. import cuda
+
+    report = {}
+    for arch, cubin in sorted(cubins.items()):
+        report[arch] = [{"name": k.name, "registers": k.registers, "shared_bytes": k.shared_bytes,
+                         "local_bytes": k.local_bytes, "local_stores": k.local_stores, "local_loads": k.local_loads,
+                         "mma_instructions": k.mma_instructions}
+                        for k in cuda.sass_report(cubin).get(arch, [])]
+    missing = [a for a in archs if not report.get(a)]
+    if missing:
+        raise BuildError(f"the model's device code has no SASS for {missing}; check that nvcc builds those archs")
+    return report
 
 
 def export_eos_token_id(source: onnx.ModelProto, model_path: Path) -> int | None:

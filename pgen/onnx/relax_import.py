@@ -228,13 +228,41 @@ def import_model(model: onnx.ModelProto, spec: AttentionSpec, target: BuildTarge
 
 
 def build_executable(mod: tvm.IRModule, target: BuildTarget, weight_dtype: str = "float32"):
-    """tvm.compile for the target with pgen's model pipeline; returns the Relax executable."""
-    tvm_target = tvm.target.Target(target.tvm_target())
+    """tvm.compile for the target with pgen's model pipeline.
+
+    Returns:
+        `(executable, cubins)`: the Relax executable, and for a CUDA target `{arch: cubin}` of its
+        device code (empty for llvm).
+    """
     try:
+        if target.kind == "cuda":
+            from .. import cuda
+
+            return cuda.build_cuda(mod, target.archs, relax_pipeline=cuda_model_pipeline(target, weight_dtype))
+        tvm_target = tvm.target.Target(target.tvm_target())
         return tvm.compile(mod, target=tvm_target, relax_pipeline=model_pipeline(target, weight_dtype),
-                           tir_pipeline=target.tir_pipeline)
+                           tir_pipeline=target.tir_pipeline), {}
+    except BuildError:
+        raise
     except Exception as err:
         raise BuildError(f"compiling the model for {target.name} failed: {err}") from err
+
+
+def cuda_model_pipeline(target: BuildTarget, weight_dtype: str = "float32") -> tvm.transform.Pass:
+    """The model pipeline of a CUDA target: checked gathers, the weights' dtype, then TVM's CUDA
+    pipeline (legalize, fuse, dlight's GPU rules for every kernel pgen did not schedule itself,
+    memory planning). pgen's attention kernels are marked scheduled, so dlight leaves them alone.
+
+    `weight_dtype="float16"` or `"bfloat16"`: every matmul with a constant weight runs on rounded
+    weights and inputs (`weights.half_weights`), which dlight's matmul rule maps to tensor cores
+    (float16, on sm_70 and later) with float32 accumulation.
+    """
+    from tvm.relax.backend import cuda as cuda_backend
+
+    tvm_target = tvm.target.Target(target.tvm_target())
+    rounding = [relax.transform.FoldConstant(), weights.half_weights(weight_dtype)] if weight_dtype != "float32" else []
+    return tvm.transform.Sequential([checked_take(), *rounding, cuda_backend.get_default_pipeline(tvm_target)],
+                                    name="pgen.cuda_model_pipeline")
 
 
 def model_pipeline(target: BuildTarget, weight_dtype: str = "float32") -> tvm.transform.Pass:

@@ -24,7 +24,10 @@ from tvm import relax, te, tirx
 
 from ..schedules.cpu_dense import widen_bf16
 
-WEIGHT_DTYPES = ("float32", "bfloat16")
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
+# The weight dtypes each target kind compiles: bf16 through the CPU dense rule's AVX-512 BF16 path,
+# fp16 through dlight's tensor-core matmul rule on CUDA.
+WEIGHT_DTYPES_BY_KIND = {"llvm": ("float32", "bfloat16"), "cuda": ("float32", "float16")}
 
 
 def to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -109,6 +112,56 @@ def bf16_weights() -> tvm.transform.Pass:
             return self.builder_.get()
 
     @tvm.transform.module_pass(opt_level=0, name="pgen.Bf16Weights")
+    def pass_(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        return _Mutator(mod).transform()
+
+    return pass_
+
+
+def half_weights(dtype: str = "float16") -> tvm.transform.Pass:
+    """The Relax pass of a CUDA model: every float32 matmul with a constant weight runs on `dtype`
+    operands with float32 accumulation (`matmul(astype(x), W_half, out_dtype="float32")`).
+
+    The weight is converted here, at compile time (half its bytes in the package); dlight's
+    matmul rule tensorizes float16 x float16 -> float32 for tensor cores. The matmul's output
+    stays float32, so norms, rotary, attention and the LM head's logits keep the export's dtype.
+    """
+    if dtype != "float16":
+        raise ValueError(f"half_weights: dtype {dtype!r}; only float16 runs on dlight's tensor-core rule")
+    matmul = tvm.ir.Op.get("relax.matmul")
+
+    @relax.expr_functor.mutator
+    class _Mutator(relax.PyExprMutator):
+        def __init__(self, mod: tvm.IRModule):
+            super().__init__(mod)
+            self.mod_ = mod
+            self.cast: dict = {}
+
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not call.op.same_as(matmul) or len(call.args) != 2:
+                return call
+            x, w = call.args
+            if not isinstance(w, tvm.ir.expr.GenericConst) or w.value.numpy().dtype != np.float32:
+                return call
+            if getattr(x.ty, "dtype", None) != "float32" or getattr(call.ty, "dtype", None) != "float32":
+                return call
+            half = self.cast.get(x) if isinstance(x, relax.Var) else None
+            if half is None:
+                half = self.builder_.emit(relax.op.astype(x, dtype))
+                if isinstance(x, relax.Var):
+                    self.cast[x] = half  # one cast per activation (Q/K/V, gate/up)
+            weight = relax.const(w.value.numpy().astype(np.float16), dtype)
+            return relax.op.matmul(half, weight, out_dtype="float32")
+
+        def transform(self) -> tvm.IRModule:
+            for gvar, func in self.mod_.functions_items():
+                if isinstance(func, relax.Function):
+                    self.cast = {}
+                    self.builder_.update_func(gvar, self.visit_expr(func))
+            return self.builder_.get()
+
+    @tvm.transform.module_pass(opt_level=0, name="pgen.HalfWeights")
     def pass_(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         return _Mutator(mod).transform()
 

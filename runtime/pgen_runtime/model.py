@@ -16,7 +16,7 @@ from .errors import PackageError, ShapeError
 from .kernels import PagedKernels, extrema
 from .package import load_package, pick_target, read_manifest
 from .spec import AttentionSpec
-from .tensors import parse_device, to_numpy
+from .tensors import from_numpy, parse_device, to_numpy
 
 _POOLED_ALLOCATOR = 2
 
@@ -43,7 +43,8 @@ class PagedModel:
 
     Args:
         path: a package written by `pgen compile-model` (folder or .tar).
-        device: "cpu" (the only device model packages are built for so far).
+        device: "cpu", or "cuda:N" for a package compiled with a CUDA target (pools, weights and
+            every step's activations live in that GPU's memory; logits come back to the host).
         num_blocks: KV blocks per layer, the null block included; default: room for 4096 tokens.
 
     Raises:
@@ -54,20 +55,29 @@ class PagedModel:
         root, manifest = read_manifest(path)
         if "model" not in manifest:
             raise PackageError(f"{root} is a kernel package without a model; build one with pgen compile-model")
-        if parse_device(device).dlpack_device_type() != 1:
-            raise PackageError(f"device={device!r}: model packages run on the CPU so far; use device='cpu'")
-        self.kernels: PagedKernels = load_package(root, device)
+        try:
+            self.device = parse_device(device)
+        except ShapeError as err:
+            raise PackageError(str(err)) from None
+        cuda = self.device.dlpack_device_type() == 2
+        target = pick_target(manifest, root, cuda=cuda)  # before anything loads: a CPU package refuses cuda
+        if "model_library" not in target:
+            raise PackageError(f"{root}: target {target.get('name')} has no model library; rebuild the package "
+                               f"with pgen compile-model --target {target.get('name')}")
+        self.kernels: PagedKernels = load_package(root, device)  # checks the driver and the GPU's arch
         self.root = root
         self.manifest = manifest
         self.info: dict[str, Any] = manifest["model"]
         self.spec: AttentionSpec = self.kernels.spec
-        target = pick_target(manifest, root, cuda=False)
         import tvm_ffi
 
         try:
             executable = tvm_ffi.load_module(str(root / target["model_library"]))
             self._vm = executable["vm_load_executable"]()
-            self._vm["vm_initialization"](1, 0, _POOLED_ALLOCATOR)
+            if cuda:  # the model's device, then the host (shape computations, the VM's own tensors)
+                self._vm["vm_initialization"](2, self.device.index, _POOLED_ALLOCATOR, 1, 0, _POOLED_ALLOCATOR)
+            else:
+                self._vm["vm_initialization"](1, 0, _POOLED_ALLOCATOR)
             self._main = self._vm["main"]
         except Exception as err:  # tvm_ffi raises RuntimeError/ValueError alike
             raise PackageError(f"loading {target['model_library']} failed: {err}") from err
@@ -106,8 +116,11 @@ class PagedModel:
         args += [step.block_tables, step.slot_mapping, step.q_indptr, step.seq_lens, step.logits_indices]
         if self._has_splits:
             # The step's split-KV factor is the length of this input (a shape the kernel launch reads).
-            args.append(self._splits.setdefault(plan.num_splits, np.zeros(plan.num_splits, np.int32)))
-        return to_numpy(self._main(*[np.ascontiguousarray(a) for a in args]))
+            if plan.num_splits not in self._splits:
+                self._splits[plan.num_splits] = from_numpy(np.zeros(plan.num_splits, np.int32), self.device)
+            args.append(self._splits[plan.num_splits])
+        args = [from_numpy(a, self.device) if isinstance(a, np.ndarray) else a for a in args]
+        return to_numpy(self._main(*args))
 
     def check(self, step: StepInputs):
         """The step's extend plan, after checking every index the model will follow.

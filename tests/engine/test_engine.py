@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine_reference import beam_search, brute_force_best
-from pgen.onnx.verify import ort_generate
+from pgen_runtime.verify import ort_generate
 from pgen.tiny import EOS_TOKEN_ID
 from pgen_runtime import (ByteTokenizer, ConfigError, Engine, HFTokenizer, LLM, SamplingParams, ShapeError,
                           load_tokenizer)

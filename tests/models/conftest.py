@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from builders import EOS_TOKEN_ID, MAX_TOKENS, export, prompts  # noqa: E402
-from pgen.onnx.verify import ort_generate  # noqa: E402
+from pgen_runtime.verify import ort_generate  # noqa: E402
 
 @functools.cache
 def _built(family: str, variant: str, root: str, kv_dtype: str | None = None) -> tuple[Path, Path]:

@@ -162,7 +162,7 @@ def test_a_biased_head_runs_on_the_gathered_rows_only(built, tmp_path):
 
 
 def _assert_generates_like_onnxruntime(onnx_path, package) -> None:
-    from pgen.onnx.verify import ort_generate
+    from pgen_runtime.verify import ort_generate
 
     from pgen_runtime import LLM, SamplingParams
 
@@ -179,7 +179,7 @@ def test_verify_names_the_first_layer_whose_cache_diverges(kv_dtype, tmp_path):
     # The package is checked against an export whose layer-1 V projection was changed: layer 0's
     # cached K/V agree (int8 codes too, within the tolerance), layer 1's V is named.
     from pgen.onnx import compile_model
-    from pgen.onnx.verify import verify
+    from pgen_runtime.verify import verify
     from pgen.tiny import TinyConfig, build_onnx
     from onnx import numpy_helper
 

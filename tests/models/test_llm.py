@@ -47,7 +47,7 @@ def test_a_quantized_kv_cache_serves_the_same_tokens_in_every_setting(built, kv_
     # their block) and recomputing (which quantizes the same values again) must not change a token.
     # Against onnxruntime's float cache only the logits are compared: a random-weight model's
     # near-tied tokens part after a few steps with any rounding. verify's KV_TOLERANCE is the bound.
-    from pgen.onnx.verify import KV_TOLERANCE
+    from pgen_runtime.verify import KV_TOLERANCE
 
     _, package, reference = built("llama", "dynamo18", kv_dtype)
     runs = {}

@@ -27,7 +27,7 @@ pytest.importorskip("optimum.exporters.onnx")
 
 import hf_models  # noqa: E402
 from pgen.onnx import compile_model  # noqa: E402
-from pgen.onnx.verify import ort_generate  # noqa: E402
+from pgen_runtime.verify import ort_generate  # noqa: E402
 from pgen_runtime import LLM, SamplingParams  # noqa: E402
 
 MAX_TOKENS = 12

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pgen_runtime.errors import ConfigError, ModelImportError
-from pgen_runtime.reference import gather_kv
+from .errors import ConfigError, ModelImportError
+from .reference import gather_kv
+from .tensors import to_numpy
 
 # Largest |Δlogit| accepted, relative to max(1, max |logit|) of onnxruntime's row.
 TOLERANCE = {"float32": 2e-3, "float16": 3e-2, "bfloat16": 6e-2}
@@ -100,16 +101,17 @@ def default_prompts(vocab_size: int, window: int | None, seed: int = 0) -> list[
 
 
 def verify(package: str | Path, model_path: str | Path, prompts: list[list[int]] | None = None,
-           decode_steps: int = DECODE_STEPS, progress=print) -> float:
-    """Check `package` against onnxruntime on `model_path`; returns the largest relative error.
+           decode_steps: int = DECODE_STEPS, progress=print, device: str = "cpu") -> float:
+    """Check `package` on `device` against onnxruntime (on the CPU) on `model_path`; returns the
+    largest relative error.
 
     Raises:
         ModelImportError: logits differ beyond the dtype's tolerance; names the prompt, the step
             and the first layer whose K/V diverge.
     """
-    from pgen_runtime.model import PagedModel, StepInputs
+    from .model import PagedModel, StepInputs
 
-    model = PagedModel(package)
+    model = PagedModel(package, device)
     spec = model.spec
     prompts = prompts or default_prompts(model.vocab_size, spec.sliding_window)
     session = ort_session(model_path)
@@ -143,7 +145,7 @@ def verify(package: str | Path, model_path: str | Path, prompts: list[list[int]]
                     "this export's attention: report it with the model, or compile with --no-verify")
         for b in rows:
             done[b] += len(new[b])
-    progress(f"verified against onnxruntime: {len(prompts)} prompts, prefill + {decode_steps} decode steps "
+    progress(f"verified on {device} against onnxruntime: {len(prompts)} prompts, prefill + {decode_steps} decode steps "
              f"in mixed batches, largest logit error {worst:.2g} (tolerance {tol:g})")
     return worst
 
@@ -170,7 +172,7 @@ def _step(tables, rows, new, done, bs, StepInputs):
 def _first_divergence(model, table: np.ndarray, ref: Reference, length: int, tol: float) -> str:
     """Which layer's cached K/V first differ from onnxruntime's presents for this sequence."""
     for layer, pool in enumerate(model.pools):
-        paged = gather_kv(model.spec, np.asarray(pool), table, length)  # K, V [length, Hkv, D]
+        paged = gather_kv(model.spec, to_numpy(pool), table, length)  # K, V [length, Hkv, D]
         for kv, name in ((0, "K"), (1, "V")):
             want = ref.presents[2 * layer + kv][:, :length].astype(np.float32)  # [Hkv, length, D]
             got = paged[kv].transpose(1, 0, 2).astype(np.float32)
@@ -180,3 +182,22 @@ def _first_divergence(model, table: np.ndarray, ref: Reference, length: int, tol
                 where = f"layer {layer}'s cached {name} differs first at position {int(np.argmax(bad))}"
                 return where + ("" if layer == 0 else f", so layer {layer - 1}'s attention output diverges")
     return "every layer's cached K/V agree, so the last layer's attention output or the LM head diverges"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pgen_runtime.verify PKG MODEL.onnx [--device cuda:0]`: verify a model package on
+    this host's device (a CUDA package on its GPU host, where no TVM compiler is needed)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("package", help="NAME.pgenpkg written by pgen compile-model")
+    parser.add_argument("model", help="the ONNX export it was compiled from")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    parser.add_argument("--decode-steps", type=int, default=DECODE_STEPS)
+    args = parser.parse_args(argv)
+    verify(args.package, args.model, decode_steps=args.decode_steps, device=args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
