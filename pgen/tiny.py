@@ -63,7 +63,7 @@ class _Builder:
         return out
 
 
-def _weights(c: TinyConfig) -> dict[str, np.ndarray]:
+def weights(c: TinyConfig = TinyConfig()) -> dict[str, np.ndarray]:
     """Deterministic weights: std 1/sqrt(fan_in) for projections, 0.5 for embeddings (spread logits)."""
     rng = np.random.default_rng(c.seed)
 
@@ -156,7 +156,7 @@ def build_onnx(config: TinyConfig = TinyConfig()) -> onnx.ModelProto:
     if c.q_heads % c.kv_heads or c.head_dim % 2:
         raise ValueError(f"{c}: q_heads must be a multiple of kv_heads and head_dim even")
     b = _Builder()
-    for name, value in _weights(c).items():
+    for name, value in weights(c).items():
         b.const(value, name)
     inv_freq = 1.0 / 10000.0 ** (np.arange(0, c.head_dim, 2) / c.head_dim)
     angles = np.arange(c.max_positions)[:, None] * inv_freq[None]

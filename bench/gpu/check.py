@@ -1,5 +1,6 @@
 """The GPU check, device half: load pgen packages with only pgen_runtime + tvm_ffi, verify every kernel,
-time decode against torch SDPA and the measured copy bandwidth, and measure offline tuning bundles.
+time decode against torch SDPA and the measured copy bandwidth, run the CUDA model packages against
+onnxruntime's tokens and a torch decoder (`model_check.py`), and measure offline tuning bundles.
 
 Runs on an H100/H200 machine whose Python has torch but no apache-tvm. `bench/gpu/prepare.py` builds
 what it needs into .gpu/ on the build host; `bench/gpu/run.sh` is the one command to run there.
@@ -35,6 +36,7 @@ def main() -> int:
     parser.add_argument("--gpu-dir", default=".gpu")
     parser.add_argument("--out", required=True)
     parser.add_argument("--skip-tuning", action="store_true")
+    parser.add_argument("--skip-models", action="store_true", help="skip the CUDA model packages (models/)")
     parser.add_argument("--device", default="cuda:0", help="cpu runs the correctness checks on the llvm target")
     args = parser.parse_args()
     global DEV
@@ -71,6 +73,15 @@ def main() -> int:
             report["decode"] += time_decode(kernels, report["copy_gbps"], pkg.name)
         if gpu and "extend" in TIMED.get(pkg.name, ()):
             report["extend"] += time_extend(kernels, pkg.name)
+    if gpu and (root / "models").is_dir() and not args.skip_models:
+        from model_check import check_models  # bench/gpu/, beside this script
+
+        try:
+            report["model"] = check_models(root / "models", DEV)
+            report["checks"] += [{"kernel": f"model {c['mode']}", **c} for c in report["model"]["checks"]]
+        except Exception as err:  # noqa: BLE001  # report and go on with the tuning
+            report["errors"].append(f"model section: {err}")
+            print(traceback.format_exc(), flush=True)
     if gpu and not args.skip_tuning:
         for bundle in sorted((root / "bundles").glob("*")):
             print(f"\n== tuning bundle {bundle.name}", flush=True)

@@ -8,6 +8,9 @@
   runtime libraries likewise in the first bundle only. A spec with an H200 log gets the default
   and configs one knob away from that log's fastest (`emit_bundle`'s `refine_from`; `--sample`
   for a fresh sample instead);
+- models/: the tiny model compiled for cuda:sm_80,sm_90 with float32 and float16 weights, with
+  onnxruntime's greedy tokens and logits for a few prompts (run here: the device has no
+  onnxruntime) and the weights for the torch baseline (`model_check.py`);
 - runtime/: the pgen_runtime sources (the device has no pgen and no apache-tvm);
 - wheels/: apache-tvm-ffi for the device's Python 3.12.
 
@@ -61,6 +64,7 @@ def main() -> int:
     parser.add_argument("--tune", default=",".join(TUNE),
                         help="comma list of specs/<name>.toml to build tuning bundles for, each as "
                              "name[@dtype][/kernel+kernel] (all tunable kernels by default; '' for none)")
+    parser.add_argument("--no-models", action="store_true", help="skip the CUDA model packages (models/)")
     parser.add_argument("--sample", action="store_true",
                         help="bundle a seeded sample even where an H200 log could be refined")
     args = parser.parse_args()
@@ -99,8 +103,10 @@ def main() -> int:
         spec = pgen.AttentionSpec(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, block_size=16, dtype=dtype)
         package(spec, "cuda:sm_90", out / "packages" / f"wide-{spec.uri}.pgenpkg",
                 progress=lambda line: print(line.splitlines()[0], flush=True))
+    if not args.no_models:
+        prepare_models(out)
     # The carry is size-limited: packages after the first travel without the runtime libraries.
-    for pkg in sorted((out / "packages").glob("*.pgenpkg"))[1:]:
+    for pkg in [*sorted((out / "packages").glob("*.pgenpkg"))[1:], *sorted((out / "models").glob("*.pgenpkg"))]:
         shutil.rmtree(pkg / "lib")
     libs = None
     for entry in filter(None, args.tune.split(",")):
@@ -128,6 +134,31 @@ def main() -> int:
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"{out}: {size / 2**20:.1f} MiB ready; on the GPU run: bash bench/gpu/run.sh")
     return 0
+
+
+def prepare_models(out: Path) -> None:
+    """models/: the tiny model's CUDA packages, onnxruntime's reference run, the torch weights."""
+    import json
+
+    import numpy as np
+
+    from pgen import tiny
+    from pgen.onnx import compile_model
+    from pgen_runtime.verify import default_prompts, ort_generate
+
+    models = out / "models"
+    models.mkdir(parents=True)
+    config = tiny.TinyConfig()
+    onnx_path = tiny.export(out / "tiny.onnx")
+    for weights in ("float32", "float16"):
+        compile_model(onnx_path, models / f"tiny-cuda-{weights}.pgenpkg", target="cuda:sm_80,sm_90",
+                      weight_dtype=weights, progress=lambda line: print(line.splitlines()[0], flush=True))
+    prompts = default_prompts(config.vocab, None)
+    refs = [ort_generate(onnx_path, p, 16) for p in prompts]
+    (models / "reference.json").write_text(json.dumps({"prompts": [
+        {"prompt": p, "tokens": r.tokens, "logits": [r.logits[0].tolist()]} for p, r in zip(prompts, refs)]}))
+    (models / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    np.savez(models / "weights.npz", **tiny.weights(config))
 
 
 if __name__ == "__main__":

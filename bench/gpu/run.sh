@@ -9,10 +9,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/pgen-s
 # Packages and bundles after the first carry no runtime libraries (see prepare.py): give them
 # the first one's.
 first=""
-for b in .gpu/packages/*/ .gpu/bundles/*/; do
+for b in .gpu/packages/*/ .gpu/bundles/*/ .gpu/models/*/; do
   if [ -d "$b/lib" ]; then first="${first:-$b}"; fi
 done
-for b in .gpu/packages/*/ .gpu/bundles/*/; do
+for b in .gpu/packages/*/ .gpu/bundles/*/ .gpu/models/*/; do
   if [ -d "$b" ] && [ ! -d "$b/lib" ] && [ -n "$first" ]; then cp -r "$first/lib" "$b/lib"; fi
 done
 export PYTHONPATH="/tmp/pgen-site:$PWD/.gpu/runtime" PYTHONUNBUFFERED=1

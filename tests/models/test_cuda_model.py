@@ -6,6 +6,7 @@ What runs the package (tokens against onnxruntime on a GPU) is bench/gpu/check.p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -165,3 +166,37 @@ def test_weight_dtype_and_bounds_checks_name_their_target(tiny_onnx, tmp_path):
     with pytest.raises(ConfigError, match="bounds_checks builds llvm targets only"):
         compile_model(tiny_onnx, tmp_path / "c.pgenpkg", target="llvm,cuda:sm_80", bounds_checks=True)
     assert not any(tmp_path.glob("*.pgenpkg"))
+
+
+def test_gpu_model_section_runs_on_a_cpu_package(tiny_onnx, tmp_path, monkeypatch):
+    """bench/gpu's model section, dry-run on the CPU: its torch decoder reproduces onnxruntime's
+    tokens, and its checks pass on a CPU package of the same model (what the lent GPU runs is then
+    only the device)."""
+    torch = pytest.importorskip("torch")
+    gpu_dir = Path(__file__).resolve().parents[2] / "bench" / "gpu"
+    monkeypatch.syspath_prepend(str(gpu_dir))
+    import model_check
+
+    models = tmp_path / "models"
+    models.mkdir(parents=True)
+    compile_model(tiny_onnx, models / "tiny-cpu.pgenpkg", progress=lambda line: None)
+    from pgen_runtime.verify import default_prompts, ort_generate
+
+    config = tiny.TinyConfig()
+    prompts = default_prompts(config.vocab, None)[:2]
+    refs = [ort_generate(tiny_onnx, p, 8) for p in prompts]
+    (models / "reference.json").write_text(json.dumps({"prompts": [
+        {"prompt": p, "tokens": r.tokens, "logits": [r.logits[0].tolist()]} for p, r in zip(prompts, refs)]}))
+    (models / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    weights = tiny.weights(config)
+    baseline = model_check.TorchTiny(weights, dataclasses.asdict(config), "cpu", torch.float32)
+    for p, r in zip(prompts, refs):
+        assert baseline.generate(torch.tensor([p]), 8)[0].tolist() == r.tokens
+    import numpy as np
+
+    np.savez(models / "weights.npz", **weights)
+    monkeypatch.setattr(model_check, "BATCHES", (2,))
+    report = model_check.check_models(models, "cpu")
+    assert [c["ok"] for c in report["checks"]] == [True, True, True]
+    (timing,) = report["timings"]
+    assert timing["batch"] == 2 and timing["pgen_tok_s"] > 0 and timing["torch_tok_s"] > 0
