@@ -9,7 +9,8 @@ On the device:
 - correctness: each package generates greedily on cuda:0 for the reference prompts, alone and as
   one batch; float32 must give onnxruntime's tokens, float16 reports top-1 agreement and the
   largest logit difference (relative to the logits' scale) of the first step, where both see the
-  same prompt;
+  same prompt; seeded parallel samples in a pool too small for them (copy-on-write, swap to host
+  and back) must repeat the roomy pool's tokens;
 - speed: tokens/s of `LLM.generate` at batch 1/8/32/128 (32 new tokens after an 8-token prompt)
   against a plain torch decoder of the same graph and weights (SDPA, a static KV cache, greedy,
   the same dtype), both on this GPU in one run.
@@ -114,6 +115,7 @@ def check_models(root: Path, device: str) -> dict:
             report["checks"].append(row)
             print(f"  {mode:<6} {'ok  ' if ok else 'FAIL'} {same}/{len(prompts)} sequences equal onnxruntime's, "
                   f"top-1 agreement {row['top1_agreement']:.3f}", flush=True)
+        report["checks"].append(_preemption_check(pkg, device, llm, prompts))
         first = _first_step_error(pkg, device, reference)
         report["checks"].append({"package": pkg.name, "mode": "first-step logits", "max_rel_err": first,
                                  "ok": bool(first <= FIRST_STEP_TOLERANCE[weight_dtype])})
@@ -134,6 +136,23 @@ def check_models(root: Path, device: str) -> dict:
             print(f"  batch {batch:>3}: pgen {row['pgen_tok_s']:>9.0f} tok/s   torch (SDPA loop, {dtype}) "
                   f"{row['torch_tok_s']:>9.0f} tok/s   {row['speedup']:.2f}x", flush=True)
     return report
+
+
+def _preemption_check(pkg: Path, device: str, llm, prompts) -> dict:
+    """Seeded parallel samples (copy-on-write of the shared prompt blocks) in a pool too small for
+    the batch (swap to host memory and back) give the same tokens as in a roomy pool."""
+    from pgen_runtime import LLM, SamplingParams
+
+    params = SamplingParams(n=3, temperature=0.9, top_k=40, seed=7, max_tokens=20, ignore_eos=True)
+    roomy = llm.generate(prompts, params)
+    small = LLM(pkg, device=device, num_blocks=10, preemption_mode="swap", max_num_batched_tokens=32)
+    crowded = small.generate(prompts, params)
+    metrics = small.manager.metrics()
+    same = all([c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs] for a, b in zip(roomy, crowded))
+    ok = same and metrics.swaps_out > 0
+    print(f"  swap   {'ok  ' if ok else 'FAIL'} {metrics.swaps_out} swaps out, n=3 samples "
+          f"{'equal' if same else 'DIFFER'} with and without preemption", flush=True)
+    return {"package": pkg.name, "mode": "swap + copy-on-write", "swaps_out": int(metrics.swaps_out), "ok": bool(ok)}
 
 
 def _first_step_error(pkg: Path, device: str, reference) -> float:

@@ -43,7 +43,7 @@ class Engine:
 
     Args:
         package_path: a package written by `pgen compile-model`.
-        device: "cpu".
+        device: "cpu", or "cuda:N" for a package compiled with a CUDA target.
         num_blocks: KV blocks per layer (null block included); default: room for 4096 tokens.
         num_host_blocks: host blocks for swapped-out sequences; default: as many as num_blocks.
         max_num_batched_tokens: tokens per step (decode tokens plus prefill chunks).

@@ -179,7 +179,7 @@ class PagedKernels:
     def copy_blocks(self, kv_pool, pairs) -> None:
         """pool[dst] = pool[src] for each (src, dst) row of pairs [P, 2] (copy-on-write)."""
         self._check_pool(kv_pool)
-        self._check("pairs", pairs, (None, 2), "int32")
+        self._check("pairs", pairs, (None, 2), "int32", host_ok=True)
         if _readable(pairs):
             p = _host(pairs, "pairs")
             self._check_ids(p.reshape(-1), "pairs", _dim(kv_pool, 0))
@@ -187,7 +187,7 @@ class PagedKernels:
                 raise ShapeError("pairs: every destination must be distinct and no destination may also "
                                  "be a source; split dependent copies into separate calls")
         if _dim(pairs, 0):
-            self._fn["copy_blocks"](kv_pool, pairs)
+            self._fn["copy_blocks"](kv_pool, self._to_device(pairs))
 
     def swap_out(self, kv_pool, block_ids, host_buf) -> None:
         """host_buf[i] = pool[block_ids[i]]: gather blocks into one contiguous buffer."""
@@ -208,7 +208,7 @@ class PagedKernels:
         s = self.spec
         n = _dim(block_ids, 0, "block_ids")
         self._check_pool(kv_pool)
-        self._check("block_ids", block_ids, (n,), "int32")
+        self._check("block_ids", block_ids, (n,), "int32", host_ok=True)
         self._check("host_buf", buf, s.pool_shape(n), s.kv_storage_dtype)
         if _readable(block_ids):
             ids = _host(block_ids, "block_ids")
@@ -216,6 +216,7 @@ class PagedKernels:
             if name == "swap_in" and len(np.unique(ids)) != len(ids):
                 raise ShapeError("block_ids names a block twice; swap_in needs distinct destination blocks")
         if n:
+            block_ids = self._to_device(block_ids)
             args = (kv_pool, block_ids, buf) if name == "swap_out" else (buf, block_ids, kv_pool)
             self._fn[name](*args)
 
@@ -223,8 +224,18 @@ class PagedKernels:
         s = self.spec
         self._check("kv_pool", pool, s.pool_shape(), s.kv_storage_dtype)
 
-    def _check(self, name: str, array, shape: tuple, dtype: str) -> None:
+    def _to_device(self, array):
+        """A host index array (numpy) copied to the kernels' GPU; anything else as it is."""
+        if self._kind == "cuda" and isinstance(array, np.ndarray):
+            return from_numpy(np.ascontiguousarray(array), parse_device(self.device))
+        return array
+
+    def _check(self, name: str, array, shape: tuple, dtype: str, host_ok: bool = False) -> None:
+        """Shape, dtype and device of one argument; `host_ok`: a numpy array is accepted on any
+        device (an index array, checked here and copied to the GPU by `_to_device`)."""
         got_shape, got_dtype, device_type = _meta(array, name)
+        if host_ok and isinstance(array, np.ndarray):
+            device_type = self._device_type
         if len(got_shape) != len(shape) or any(d is not None and d != g for d, g in zip(shape, got_shape)):
             want = tuple("*" if d is None else d for d in shape)
             raise ShapeError(f"{name} has shape {tuple(got_shape)}; expected {want} (* = any size)")

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, OutOfBlocksError
+from .tensors import copy_from_bytes, empty, parse_device, to_numpy
 
 SWAP = "swap"
 RECOMPUTE = "recompute"
@@ -70,7 +71,12 @@ class HostPool:
         self._free_ids = list(range(num_blocks - 1, -1, -1))
         self._kv = kv
         pools = [] if kv is None else kv.pools
-        self.buffers = [np.empty((num_blocks, *pool.shape[1:]), dtype=pool.dtype) for pool in pools]
+        # A GPU's pools stage their blocks in device memory (the swap kernels gather and scatter
+        # there), then one copy moves them to or from these host buffers.
+        self._device = None if kv is None else parse_device(kv.kernels.device)
+        self._on_gpu = self._device is not None and self._device.dlpack_device_type() != 1
+        dtype = "uint16" if kv is not None and kv.kernels.spec.kv_storage_dtype == "bfloat16" and self._on_gpu else None
+        self.buffers = [np.empty((num_blocks, *tuple(pool.shape)[1:]), dtype=dtype or pool.dtype) for pool in pools]
 
     @property
     def num_free(self) -> int:
@@ -87,9 +93,14 @@ class HostPool:
         if self._kv is not None and device_ids:
             ids = np.asarray(device_ids, dtype=np.int32)
             for pool, buffer in zip(self._kv.pools, self.buffers):
-                staging = np.empty((len(ids), *pool.shape[1:]), dtype=pool.dtype)
-                self._kv.kernels.swap_out(pool, ids, staging)
-                buffer[host_ids] = staging
+                if self._on_gpu:
+                    staging = empty((len(ids), *tuple(pool.shape)[1:]), self._kv.kernels.spec.kv_storage_dtype, self._device)
+                    self._kv.kernels.swap_out(pool, ids, staging)
+                    buffer[host_ids] = to_numpy(staging).view(buffer.dtype)
+                else:
+                    staging = np.empty((len(ids), *pool.shape[1:]), dtype=pool.dtype)
+                    self._kv.kernels.swap_out(pool, ids, staging)
+                    buffer[host_ids] = staging
         return host_ids
 
     def load(self, host_ids: list[int], device_ids: list[int]) -> None:
@@ -98,7 +109,12 @@ class HostPool:
         if self._kv is not None and device_ids:
             ids = np.asarray(device_ids, dtype=np.int32)
             for pool, buffer in zip(self._kv.pools, self.buffers):
-                self._kv.kernels.swap_in(np.ascontiguousarray(buffer[host_ids]), ids, pool)
+                blocks = np.ascontiguousarray(buffer[host_ids])
+                if self._on_gpu:
+                    staged = empty(blocks.shape, self._kv.kernels.spec.kv_storage_dtype, self._device)
+                    copy_from_bytes(staged, blocks)
+                    blocks = staged
+                self._kv.kernels.swap_in(blocks, ids, pool)
         self.release(host_ids)
 
     def release(self, host_ids: list[int]) -> None:

@@ -274,6 +274,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("package", help="NAME.pgenpkg written by pgen compile-model (or pgen run)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda:N for a package with a CUDA target")
     parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks per layer (default: 4096 tokens)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=256)
     parser.add_argument("--max-num-seqs", type=int, default=256)
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m pgen_runtime.serv
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        serve(args.package, args.host, args.port, num_blocks=args.num_blocks,
+        serve(args.package, args.host, args.port, device=args.device, num_blocks=args.num_blocks,
               max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
               max_model_len=args.max_model_len)
     except PgenError as err:
