@@ -13,12 +13,13 @@ Models: `tiny` (pgen run's default, 0.3M parameters) and `qwen0.5b` (Qwen2.5-0.5
 896, 24 layers, 14 query / 2 KV heads of 64, FFN 4864; vocabulary cut to `--qwen-vocab`, default
 32768, since fp32 weights are embedded in model.so).
 
-- `--weight-dtypes float32,bfloat16` adds a second pgen package of the same file compiled with
-  `--weight-dtype bfloat16` (interleaved with the others), and the share of its greedy tokens equal
-  to the float32 package's.
+- `--weight-dtypes float32,bfloat16,int8` adds pgen packages of the same file compiled with
+  `--weight-dtype bfloat16` / `int8` (interleaved with the others), and the share of their greedy tokens equal
+  to the float32 package's. With int8, onnxruntime also runs its own int8 version of the file
+  (`quantize_dynamic`, per-channel int8 weights), so int8 is compared with int8 too.
 
     python bench/model.py [--models tiny,qwen0.5b] [--batches 1,8,32] [--prompt 32] [--tokens 32]
-                          [--repeats 3] [--weight-dtypes float32[,bfloat16]]
+                          [--repeats 3] [--weight-dtypes float32[,bfloat16][,int8]]
 
 Prints a table and writes bench/results/model.json.
 """
@@ -90,7 +91,7 @@ def pgen_generate(llm: LLM, prompts: np.ndarray, tokens: int, out: list | None =
     return seconds
 
 
-SYSTEM = {"float32": "pgen", "bfloat16": "pgen_bf16"}
+SYSTEM = {"float32": "pgen", "bfloat16": "pgen_bf16", "int8": "pgen_int8"}
 
 
 def bench(name: str, config: TinyConfig, batches: list[int], prompt: int, tokens: int, repeats: int,
@@ -102,23 +103,27 @@ def bench(name: str, config: TinyConfig, batches: list[int], prompt: int, tokens
     onnx_path = models_root() / f"{config.name}.onnx"
     if not onnx_path.is_file():
         export(onnx_path, config)
-    session = ort_session(onnx_path)
+    sessions = {"ort": ort_session(onnx_path)}
+    if "int8" in weight_dtypes:  # int8 against int8: onnxruntime's own dynamic quantization of the file
+        sessions["ort_int8"] = ort_session(ort_int8_model(onnx_path))
     rng = np.random.default_rng(0)
     rows = []
     for batch in batches:
         prompts = rng.integers(3, config.vocab, (batch, prompt)).astype(np.int64)
         lengths = [tokens, 1] if batch == 1 else [tokens]
-        systems = ("ort", *llms)
+        systems = (*sessions, *llms)
         times = {(system, n): [] for system in systems for n in lengths}
         # Untimed warm-up: the first run pays for page-faulting the weights in (model.so maps
         # them from disk) and for growing each system's memory pools to this batch.
-        ort_generate(session, prompts, 2)
+        for session in sessions.values():
+            ort_generate(session, prompts, 2)
         generated = {system: [] for system in llms}
         for system, llm in llms.items():
             pgen_generate(llm, prompts, tokens, generated[system])
         for _ in range(repeats):  # interleaved: the host's memory bandwidth drifts
             for n in lengths:
-                times["ort", n].append(ort_generate(session, prompts, n))
+                for system, session in sessions.items():
+                    times[system, n].append(ort_generate(session, prompts, n))
                 for system, llm in llms.items():
                     times[system, n].append(pgen_generate(llm, prompts, n))
         med = {k: statistics.median(v) for k, v in times.items()}
@@ -127,18 +132,32 @@ def bench(name: str, config: TinyConfig, batches: list[int], prompt: int, tokens
             row[f"{system}_tok_s"] = batch * tokens / med[system, tokens]
             if batch == 1:
                 row[f"{system}_ms_per_token"] = 1e3 * (med[system, tokens] - med[system, 1]) / (tokens - 1)
-        for system in llms:
+        for system in (*llms, *(s for s in sessions if s != "ort")):
             row[f"{system}_speedup"] = row[f"{system}_tok_s"] / row["ort_tok_s"]
-        if "pgen" in llms and "pgen_bf16" in llms:
-            pairs = [(a, b) for ra, rb in zip(generated["pgen"], generated["pgen_bf16"]) for a, b in zip(ra, rb)]
-            row["bf16_token_agreement"] = sum(a == b for a, b in pairs) / len(pairs)
+        if "ort_int8" in sessions and "pgen_int8" in llms:
+            row["pgen_int8_vs_ort_int8"] = row["pgen_int8_tok_s"] / row["ort_int8_tok_s"]
+        for dtype in ("bfloat16", "int8"):
+            if "pgen" in llms and SYSTEM[dtype] in llms:
+                pairs = [(a, b) for ra, rb in zip(generated["pgen"], generated[SYSTEM[dtype]]) for a, b in zip(ra, rb)]
+                row[f"{SYSTEM[dtype]}_token_agreement"] = sum(a == b for a, b in pairs) / len(pairs)
         rows.append(row)
         print(f"  batch {batch}: {row}")
     return rows
 
 
+def ort_int8_model(path: Path) -> Path:
+    """`path` quantized by onnxruntime's `quantize_dynamic` (int8 weights per column, activations
+    quantized per step: ORT's MatMulInteger / DynamicQuantizeLinear), cached beside it."""
+    out = path.with_name(path.stem + "-ort-int8.onnx")
+    if not out.is_file():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, per_channel=True)
+    return out
+
+
 def table(rows: list[dict]) -> str:
-    systems = [s for s in SYSTEM.values() if any(f"{s}_tok_s" in r for r in rows)]
+    systems = [s for s in ("ort_int8", *SYSTEM.values()) if any(f"{s}_tok_s" in r for r in rows)]
     head = ["model", "batch", "ORT ms/token", *(f"{s} ms/token" for s in systems), "ORT tok/s",
             *(f"{s} tok/s" for s in systems), *(f"{s} / ORT" for s in systems)]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
@@ -148,11 +167,17 @@ def table(rows: list[dict]) -> str:
         cells += [f"{r[f'{s}_tok_s']:.0f}" for s in ("ort", *systems)]
         cells += [f"{r[f'{s}_speedup']:.2f}x" for s in systems]
         lines.append("| " + " | ".join(cells) + " |")
-    if any("bf16_token_agreement" in r for r in rows):
+    if any("pgen_int8_vs_ort_int8" in r for r in rows):
         lines.append("")
-        lines.append("greedy tokens of the bf16 package equal to the float32 package's: " + ", ".join(
-            f"{r['model']} batch {r['batch']} {100 * r['bf16_token_agreement']:.0f}%" for r in rows
-            if "bf16_token_agreement" in r))
+        lines.append("pgen int8 / onnxruntime int8 (quantize_dynamic): " + ", ".join(
+            f"{r['model']} batch {r['batch']} {r['pgen_int8_vs_ort_int8']:.2f}x" for r in rows
+            if "pgen_int8_vs_ort_int8" in r))
+    for system in ("pgen_bf16", "pgen_int8"):
+        key = f"{system}_token_agreement"
+        if any(key in r for r in rows):
+            lines.append("")
+            lines.append(f"greedy tokens of {system} equal to the float32 package's: " + ", ".join(
+                f"{r['model']} batch {r['batch']} {100 * r[key]:.0f}%" for r in rows if key in r))
     return "\n".join(lines)
 
 
@@ -164,7 +189,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--qwen-vocab", type=int, default=32768)
-    ap.add_argument("--weight-dtypes", default="float32", help="float32, bfloat16 or both: one pgen package each")
+    ap.add_argument("--weight-dtypes", default="float32", help="comma list of float32, bfloat16, int8: one pgen package each")
     args = ap.parse_args()
     weight_dtypes = tuple(args.weight_dtypes.split(","))
     if not set(weight_dtypes) <= set(SYSTEM):

@@ -43,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="check every buffer access at run time (raises instead of reading out of bounds; slower)")
     p.add_argument("--kv-dtype", default=None, help="KV cache dtype (default: the model's): float32, float16, "
                    "bfloat16, or int8 / fp8_e4m3 (one-byte codes, a float32 scale per cached token and head)")
-    p.add_argument("--weight-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    p.add_argument("--weight-dtype", default="float32", choices=("float32", "bfloat16", "int8", "float16"),
                    help="dtype of the dense layers' weights: bfloat16 (llvm) halves their bytes and, on CPUs with "
                    "AVX-512 BF16, doubles the matmuls' multiply rate (inputs rounded to bf16, fp32 accumulation); "
+                   "int8 (CPUs with AVX-512 VNNI) quantizes weights per column and inputs per token (W8A8); "
                    "float16 (CUDA) runs them on tensor cores")
     p.add_argument("-o", "--out", required=True, help="NAME.pgenpkg")
 

@@ -22,6 +22,7 @@ from pgen_runtime.tokenizer import TOKENIZER_FILE
 
 from ..build import build_library, choose_configs
 from ..package import assemble, publish
+from ..schedules import cpu_dense
 from ..target import parse_targets
 from .relax_import import build_executable, import_model
 from .rewrite import Rewritten, rewrite
@@ -100,6 +101,8 @@ def compile_model(model_path: str | Path, out: str | Path, target: str = "llvm",
         weight_dtype: "bfloat16" (llvm) rounds the weights of the dense layers (matmuls with a
             constant weight) and the activations entering them to bf16, accumulating in fp32: half
             the weight bytes, and twice the multiply rate where the CPU has AVX-512 BF16.
+            "int8" (llvm, AVX-512 VNNI) quantizes those weights per output column and their inputs
+            per token row to int8, int32 sums by vpdpbusd, rescaled in the epilogue (W8A8).
             "float16" (CUDA) runs those matmuls on fp16 operands on tensor cores, fp32 accumulation.
         progress: called with one line of text per step.
 
@@ -126,6 +129,10 @@ def compile_model(model_path: str | Path, out: str | Path, target: str = "llvm",
         if weight_dtype not in WEIGHT_DTYPES_BY_KIND[t.kind]:
             raise SpecError(f"weight_dtype={weight_dtype!r} does not build for {t.name}; its weight dtypes are "
                             f"{', '.join(WEIGHT_DTYPES_BY_KIND[t.kind])} (compile one package per target for others)")
+        if weight_dtype == "int8" and not cpu_dense.has_vnni(t.info):
+            raise SpecError(f"weight_dtype='int8' needs AVX-512 VNNI (vpdpbusd), which this host's CPU "
+                            f"({t.mcpu}) lacks; use --weight-dtype bfloat16 or float32 here, or compile on a "
+                            "host with avx512_vnni for hosts that have it")
     source = onnx.load(str(model_path))
     rewritten = rewrite(source, block_size, sliding_window, kv_dtype)
     specs = layer_specs(rewritten, block_size, kv_dtype)

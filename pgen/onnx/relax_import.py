@@ -283,7 +283,9 @@ def model_pipeline(target: BuildTarget, weight_dtype: str = "float32") -> tvm.tr
     def schedule_dense(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         constants = constant_arguments(mod)
         for gvar, func in list(mod.functions.items()):
-            if isinstance(func, tvm.tirx.PrimFunc):
+            if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and func.attrs.get(weights.ACT_QUANT):
+                mod[gvar] = cpu_dense.schedule_act_quant(func)
+            elif isinstance(func, tvm.tirx.PrimFunc):
                 scheduled = cpu_dense.apply(func, target.info, constant_params=constants.get(gvar.name_hint, frozenset()))
                 if scheduled is not None:
                     mod[gvar] = scheduled
@@ -296,7 +298,8 @@ def model_pipeline(target: BuildTarget, weight_dtype: str = "float32") -> tvm.tr
                 mod[gvar] = element_aligned_params(func)
         return mod
 
-    rounding = [relax.transform.FoldConstant(), weights.bf16_weights()] if weight_dtype == "bfloat16" else []
+    rounding = {"bfloat16": [relax.transform.FoldConstant(), weights.bf16_weights()],
+                "int8": [relax.transform.FoldConstant(), weights.int8_weights()]}.get(weight_dtype, [])
     # Sampling and sort/scan ops dispatch to their library kernels before "zero" legalizes them;
     # "zero" then finds every op legalized already (`fast_legalize`) and annotates, folds and fuses.
     return tvm.transform.Sequential([checked_take(), *rounding, backend.DispatchSampling(), backend.DispatchSortScan(),

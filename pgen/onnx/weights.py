@@ -1,4 +1,6 @@
-"""bf16 weights for a compiled model's dense layers (`compile-model --weight-dtype bfloat16`).
+"""bf16, int8 and fp16 weights for a compiled model's dense layers (`compile-model --weight-dtype`).
+
+bfloat16 (CPU):
 
 Every `matmul(x, W)` whose W is a float32 constant [K, N] (K even) becomes two TE functions:
 `bf16_bits(x)`, the activations rounded to bfloat16 (round to nearest even) and kept as their
@@ -24,10 +26,10 @@ from tvm import relax, te, tirx
 
 from ..schedules.cpu_dense import widen_bf16
 
-WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
-# The weight dtypes each target kind compiles: bf16 through the CPU dense rule's AVX-512 BF16 path,
-# fp16 through dlight's tensor-core matmul rule on CUDA.
-WEIGHT_DTYPES_BY_KIND = {"llvm": ("float32", "bfloat16"), "cuda": ("float32", "float16")}
+WEIGHT_DTYPES = ("float32", "bfloat16", "int8", "float16")
+# The weight dtypes each target kind compiles: bf16 and int8 through the CPU dense rule's AVX-512
+# BF16 and VNNI paths, fp16 through dlight's tensor-core matmul rule on CUDA.
+WEIGHT_DTYPES_BY_KIND = {"llvm": ("float32", "bfloat16", "int8"), "cuda": ("float32", "float16")}
 
 
 def to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -166,3 +168,128 @@ def half_weights(dtype: str = "float16") -> tvm.transform.Pass:
         return _Mutator(mod).transform()
 
     return pass_
+
+
+# ---- int8 weights and activations (W8A8) ------------------------------------------------------
+
+INT8_MAX = 127
+ACT_OFFSET = 128  # vpdpbusd multiplies unsigned by signed bytes: codes are stored offset to [1, 255]
+QUANT_LANES = 16  # the activation quantizer's partial maxima: one vector of float32 lanes
+
+
+def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float32 [K, N] -> (int8 codes [K, N], float32 scale [N], int32 offset term [N]).
+
+    Symmetric per output column: scale = max |W[:, n]| / 127 (1 for an all-zero column), codes in
+    [-127, 127]. The offset term is 128 * sum_k codes[k, n], what the activations' +128 adds.
+    """
+    amax = np.abs(w).max(axis=0)
+    scale = np.where(amax > 0, amax / INT8_MAX, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(w / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return codes, scale, (ACT_OFFSET * codes.astype(np.int64).sum(axis=0)).astype(np.int32)
+
+
+def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The activation quantizer in numpy (what `act_quant` computes): per row, scale = max |x| /
+    127 (1 for an all-zero row) and codes = rint(x / scale) + 128 as uint8."""
+    amax = np.abs(x).max(axis=-1)
+    scale = np.where(amax > 0, amax / INT8_MAX, 1.0).astype(np.float32)
+    q = np.clip(np.rint(x / scale[..., None]), -INT8_MAX, INT8_MAX) + ACT_OFFSET
+    return q.astype(np.uint8), scale
+
+
+def _act_quant_te(x: te.Tensor) -> list[te.Tensor]:
+    """x [.., M, K] -> codes [.., M, K] uint8 and scale [.., M] float32 (see `quantize_rows`).
+
+    The row maximum goes through QUANT_LANES partial maxima (lane l covers k = l, l + 16, ...) so
+    that `schedules.cpu_dense.schedule_act_quant` can vectorize it over the lanes."""
+    *lead, k_dim = x.shape
+    lanes = QUANT_LANES if int(k_dim) % QUANT_LANES == 0 else 1
+    c = te.reduce_axis((0, int(k_dim) // lanes), name="c")
+    part = te.compute((*lead, lanes), lambda *i: te.max(tirx.abs(x(*i[:-1], c * lanes + i[-1])), axis=c),
+                      name="act_amax_part")
+    l_axis = te.reduce_axis((0, lanes), name="l")
+    amax = te.compute(tuple(lead), lambda *i: te.max(part(*i, l_axis), axis=l_axis), name="act_amax")
+    scale = te.compute(tuple(lead), lambda *i: tirx.Select(amax(*i) > 0, amax(*i) / tirx.const(INT8_MAX, "float32"),
+                                                           tirx.const(1.0, "float32")), name="act_scale")
+
+    def code(*i):
+        q = tirx.round(x(*i) / scale(*i[:-1]))
+        q = tirx.max(tirx.min(q, tirx.const(INT8_MAX, "float32")), tirx.const(-INT8_MAX, "float32"))
+        return (q + tirx.const(ACT_OFFSET, "float32")).astype("int32").astype("uint8")
+
+    codes = te.compute(x.shape, code, name="act_codes")
+    return [codes, scale]
+
+
+def _dense_int8_te(codes: te.Tensor, scale: te.Tensor, w: te.Tensor, w_scale: te.Tensor,
+                   offset: te.Tensor) -> te.Tensor:
+    k = te.reduce_axis((0, w.shape[0]), name="k")
+    *batch, _ = codes.shape
+    acc = te.compute((*batch, w.shape[1]),
+                     lambda *i: te.sum(codes(*i[:-1], k).astype("int32") * w[k, i[-1]].astype("int32"), axis=k),
+                     name="dense_int8")
+    return te.compute(acc.shape, lambda *i: (acc(*i) - offset[i[-1]]).astype("float32") * scale(*i[:-1]) *
+                      w_scale[i[-1]], name="dense_int8_scale")
+
+
+def int8_weights() -> tvm.transform.Pass:
+    """The Relax pass of `--weight-dtype int8` (CPU): float32 constant-weight matmuls (K a multiple
+    of 4) -> int8 weights per output column and int8 activations per token row, int32 sums by
+    AVX-512 VNNI's vpdpbusd (64 byte products per instruction: twice vdpbf16ps's, at half its
+    weight bytes), rescaled to float32 in the matmul's epilogue.
+
+    One `act_quant` per activation however many matmuls read it (Q/K/V, gate/up).
+    """
+    matmul = tvm.ir.Op.get("relax.matmul")
+
+    @relax.expr_functor.mutator
+    class _Mutator(relax.PyExprMutator):
+        def __init__(self, mod: tvm.IRModule):
+            super().__init__(mod)
+            self.mod_ = mod
+            self.quant: dict = {}
+
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not call.op.same_as(matmul) or len(call.args) != 2:
+                return call
+            x, w = call.args
+            if not isinstance(w, tvm.ir.expr.GenericConst):
+                return call
+            data = w.value.numpy()
+            if data.dtype != np.float32 or data.ndim != 2 or data.shape[0] % 4:
+                return call
+            if getattr(x.ty, "dtype", None) != "float32" or getattr(call.ty, "dtype", None) != "float32":
+                return call
+            key = x if isinstance(x, relax.Var) else None
+            quant = self.quant.get(key) if key is not None else None
+            if quant is None:
+                # Opaque: FuseOps leaves it whole, so the dense rule finds and schedules it.
+                quant = self.builder_.emit(self.builder_.call_te(
+                    _act_quant_te, x, primfunc_name_hint="act_quant",
+                    primfunc_attrs={"op_pattern": 8, ACT_QUANT: True}))
+                if key is not None:
+                    self.quant[key] = quant
+            codes, scale = (self.builder_.emit(relax.TupleGetItem(quant, i)) for i in range(2))
+            w_codes, w_scale, offset = quantize_weight(data)
+            return self.builder_.call_te(_dense_int8_te, codes, scale, relax.const(w_codes, "int8"),
+                                         relax.const(w_scale), relax.const(offset, "int32"),
+                                         primfunc_name_hint="dense_int8",
+                                         primfunc_attrs={"op_pattern": 4})  # OutEWiseFusable: epilogues fuse
+
+        def transform(self) -> tvm.IRModule:
+            for gvar, func in self.mod_.functions_items():
+                if isinstance(func, relax.Function):
+                    self.quant = {}
+                    self.builder_.update_func(gvar, self.visit_expr(func))
+            return self.builder_.get()
+
+    @tvm.transform.module_pass(opt_level=0, name="pgen.Int8Weights")
+    def pass_(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        return _Mutator(mod).transform()
+
+    return pass_
+
+
+ACT_QUANT = "pgen.act_quant"  # a PrimFunc attribute: the activation quantizer of int8 weights

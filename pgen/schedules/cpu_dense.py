@@ -41,12 +41,22 @@ BF16_LANES = 16  # vdpbf16ps: 16 float32 lanes, each the sum of 2 bf16 products
 BF16_TILE = (6, 32)
 
 
+INT8_LANES = 16  # vpdpbusd: 16 int32 lanes, each the sum of 4 u8 x s8 products
+INT8_TILE = (6, 32)
+
+
 def knobs(target: TargetInfo) -> tuple[Knob, ...]:
     lanes = target.vector_bits // 32
     return (Knob("rows", (1, 2, 4, 6, 8), 4), Knob("cols", (lanes, 2 * lanes, 4 * lanes), 2 * lanes),
             # bf16 weights (`pgen.onnx.weights`): pairs of products by AVX-512 BF16's vdpbf16ps, else
             # widened weights and fp32 FMAs.
             Knob("bf16_dot", (0, 1), int("avx512_bf16" in target.features)))
+
+
+def has_vnni(target: TargetInfo) -> bool:
+    """Whether int8 weights (`pgen.onnx.weights.int8_weights`) build for `target`: they need
+    AVX-512 VNNI's vpdpbusd."""
+    return target.kind == "llvm" and "avx512_vnni" in target.features
 
 
 def default(target: TargetInfo) -> dict[str, Any]:
@@ -78,7 +88,9 @@ def _matmul_block(sch: s_tir.Schedule) -> s_tir.SBlockRV | None:
         return None
     if any(not _is_one(iv.dom.extent) for iv in stmt.iter_vars[:-3]):
         return None
-    if len(stmt.reads) != 2 or len(stmt.writes) != 1 or not _is_float32(stmt.writes[0]):
+    if len(stmt.reads) != 2 or len(stmt.writes) != 1:
+        return None
+    if not _is_float32(stmt.writes[0]) and not (_is_int8(stmt) and _buffer(stmt.writes[0]).dtype == "int32"):
         return None
     if blocks.index(block) != 0 or not all(_is_elementwise(sch.get(b)) for b in blocks[1:]):
         return None
@@ -130,22 +142,27 @@ def apply(func: tirx.PrimFunc, target: TargetInfo, config: dict[str, Any] | None
     weight = _constant_weight(sch, block, func, constant_params)
     bf16 = _is_bf16(sch.get(block))
     pairs = bf16 and bool(config["bf16_dot"]) and weight is not None and _k_extent(sch, block) % 2 == 0
+    quads = _is_int8(sch.get(block))
+    if quads and (weight is None or _k_extent(sch, block) % 4 or not has_vnni(target)):
+        return None  # int8 weights are only written for constant [K % 4 == 0] weights on VNNI hosts
     if pairs and not given:
         rows, cols = BF16_TILE
-    cols = min(cols, _round_up(n, BF16_LANES if pairs else target.vector_bits // 32))
+    if quads:
+        rows, cols = (config["rows"], config["cols"]) if given else INT8_TILE
+    cols = min(cols, _round_up(n, BF16_LANES if pairs or quads else target.vector_bits // 32))
     # Rows pad to the tile too (a padded copy of A): a row predicate inside the k loop would make
     # every update a conditional store, and LLVM would keep the tile in memory, not in registers.
     sch.pad_einsum(block, [1] * (len(sch.get(block).iter_vars) - 3) + [rows, cols, 1])
     _inline_epilogue(sch, block)
     if weight is not None:
-        _pack_weight(sch, block, weight, cols, pairs)
+        _pack_weight(sch, block, weight, cols, 4 if quads else 2 if pairs else 1)
     *units, i, j, k = sch.get_loops(block)
     io, ii = sch.split(i, [None, rows])
     jo, ji = sch.split(j, [None, cols])
     # Column panels outside row tiles: with several row tiles (a batch of tokens) one thread
     # reads a weight panel once from memory and again from its L2 for every further row tile.
-    if pairs:
-        k, k2 = sch.split(k, [None, 2])
+    if pairs or quads:
+        k, k2 = sch.split(k, [None, 4 if quads else 2])
         jv, j16 = sch.split(ji, [None, BF16_LANES])
         sch.reorder(jo, io, k, ii, jv, j16, k2)
     else:
@@ -167,7 +184,7 @@ def apply(func: tirx.PrimFunc, target: TargetInfo, config: dict[str, Any] | None
     for consumer in consumers or [local]:
         _vectorize_inner(sch, consumer)
     sch.unroll(ii)
-    if pairs:
+    if pairs or quads:
         sch.unroll(jv)
     else:
         sch.vectorize(ji)  # vectorize and parallel before decompose_reduction: the update alone is no reduction
@@ -178,6 +195,10 @@ def apply(func: tirx.PrimFunc, target: TargetInfo, config: dict[str, Any] | None
         _vectorize_inner(sch, init)
         sch.tensorize(j16, BF16_DOT_INTRIN)
         sch.annotate(outer, "pragma_import_llvm", _DPBF16_LL)
+    elif quads:
+        _vectorize_inner(sch, init)
+        sch.tensorize(j16, INT8_DOT_INTRIN)
+        sch.annotate(outer, "pragma_import_llvm", _DPBUSD_LL)
     for pad in sch.get_child_blocks(sch.get_sblock("root")):
         if pad.same_as(block) or sch.get_producers(pad) or not sch.get(pad).name_hint.endswith("_pad") or \
                 sch.get(pad).annotations.get(PREPROC, False):
@@ -210,11 +231,12 @@ def _constant_weight(sch: s_tir.Schedule, block: s_tir.SBlockRV, func: tirx.Prim
 
 
 def _pack_weight(sch: s_tir.Schedule, block: s_tir.SBlockRV, weight: tirx.Buffer, cols: int,
-                 pairs: bool = False) -> None:
+                 group: int = 1) -> None:
     """Read B through B_packed[j // cols, k, j % cols]: each column tile's k loop streams one
     contiguous panel (B itself is read at a stride of a whole row per k: a new page every few k).
-    With `pairs` (bf16 weights for vdpbf16ps), B_packed[j // cols, k // 2, j % cols, k % 2]: the
-    two weights of a k pair sit side by side in each 32-bit lane.
+    With `group` 2 (bf16 weights for vdpbf16ps) or 4 (int8 weights for vpdpbusd),
+    B_packed[j // cols, k // group, j % cols, k % group]: the weights of a k group sit side by
+    side in each 32-bit lane.
 
     The copy (pad_einsum's pad of B, else a cache_read) is the preprocessing block; its loops write
     the packed panels in order, in parallel over panels.
@@ -225,15 +247,16 @@ def _pack_weight(sch: s_tir.Schedule, block: s_tir.SBlockRV, weight: tirx.Buffer
     copy = next((p for p in sch.get_producers(block) if _buffer(sch.get(p).reads[0]).same_as(weight)), None)
     if copy is None:
         copy = sch.cache_read(block, index, "global")
-    if pairs:
-        sch.transform_layout(block, ("read", index), lambda kk, jj: (jj // cols, kk // 2, jj % cols, kk % 2))
+    if group > 1:
+        sch.transform_layout(block, ("read", index),
+                             lambda kk, jj: (jj // cols, kk // group, jj % cols, kk % group))
     else:
         sch.transform_layout(block, ("read", index), lambda kk, jj: (jj // cols, kk, jj % cols))
     k_loop, j_loop = sch.get_loops(copy)
     panel, lane = sch.split(j_loop, [None, cols])
     sch.reorder(panel, k_loop, lane)
     sch.parallel(panel)
-    if not pairs:
+    if group == 1:
         sch.vectorize(lane)
     sch.annotate(copy, PREPROC, True)
 
@@ -241,6 +264,11 @@ def _pack_weight(sch: s_tir.Schedule, block: s_tir.SBlockRV, weight: tirx.Buffer
 def _is_bf16(block) -> bool:
     """The reduction reads bf16 bit patterns (uint16), as `pgen.onnx.weights.dense_bf16` writes it."""
     return all(_buffer(r).dtype == "uint16" for r in block.reads)
+
+
+def _is_int8(block) -> bool:
+    """The reduction multiplies uint8 activation codes by int8 weights (`dense_int8`)."""
+    return sorted(_buffer(r).dtype for r in block.reads) == ["int8", "uint8"]
 
 
 def _k_extent(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> int:
@@ -300,6 +328,50 @@ BF16_DOT_INTRIN = "pgen_bf16_dot_16x2"
 s_tir.TensorIntrin.register(BF16_DOT_INTRIN, _bf16_dot_desc, _bf16_dot_impl, override=True)
 
 
+@T.prim_func(s_tir=True)
+def _int8_dot_desc(A: T.Buffer((4,), "uint8", offset_factor=1, align=1),
+                   B: T.Buffer((16, 4), "int8", offset_factor=1, align=1),
+                   C: T.Buffer((16,), "int32", offset_factor=1, align=4)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for i, k in T.grid(16, 4):
+            with T.sblock("update"):
+                vi, vk = T.axis.remap("SR", [i, k])
+                C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk])
+
+
+@T.prim_func(s_tir=True)
+def _int8_dot_impl(A: T.Buffer((4,), "uint8", offset_factor=1, align=1),
+                   B: T.Buffer((16, 4), "int8", offset_factor=1, align=1),
+                   C: T.Buffer((16,), "int32", offset_factor=1, align=4)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        # The quad as one int32 (a uint8x4 reinterpret goes through a stack slot): A's rows have a
+        # length that is a multiple of 4 (the k quads), so a quad starts at a multiple of 4.
+        quads = T.decl_buffer((1,), "int32", data=A.data, elem_offset=A.elem_offset // 4)
+        C[T.Ramp(0, 1, 16)] = T.call_pure_extern("int32x16", "pgen_vpdpbusd", C.vload([0], "int32x16"),
+                                                 T.Broadcast(quads[0], 16),
+                                                 T.reinterpret(B.vload([0, 0], "int8x64"), dtype="int32x16"))
+
+
+# vpdpbusd: per 32-bit lane, acc + the 4 products of a's unsigned bytes by b's signed bytes.
+_DPBUSD_LL = """
+define linkonce_odr <16 x i32> @pgen_vpdpbusd(<16 x i32> %acc, <16 x i32> %a, <16 x i32> %b) #0 {
+  %x = bitcast <16 x i32> %a to <64 x i8>
+  %y = bitcast <16 x i32> %b to <64 x i8>
+  %r = call <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32> %acc, <64 x i8> %x, <64 x i8> %y)
+  ret <16 x i32> %r
+}
+declare <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32>, <64 x i8>, <64 x i8>)
+attributes #0 = { alwaysinline nounwind "target-features"="+avx512vnni,+avx512f" }
+"""
+
+INT8_DOT_INTRIN = "pgen_int8_dot_16x4"
+s_tir.TensorIntrin.register(INT8_DOT_INTRIN, _int8_dot_desc, _int8_dot_impl, override=True)
+
+
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
@@ -327,3 +399,33 @@ def _vectorize_inner(sch: s_tir.Schedule, block: s_tir.SBlockRV) -> None:
         sch.vectorize(loops[-1])
     except ScheduleError:
         pass
+
+
+def schedule_act_quant(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """The activation quantizer of int8 weights (`pgen.onnx.weights._act_quant_te`): rows in
+    parallel, each row's partial maxima, scale and codes computed by the thread of that row, the
+    maxima and the codes vectorized over 16 float32 lanes.
+
+    Unscheduled, its loops are scalar (the lane-strided maximum does not vectorize on its own).
+    """
+    sch = s_tir.Schedule(func)
+    part, amax, scale, codes = (sch.get_sblock(n) for n in ("act_amax_part", "act_amax", "act_scale", "act_codes"))
+    # scale and codes are both outputs: the row loop is scale's, the codes move under it.
+    rows = sch.get_loops(scale)
+    row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
+    for block in (amax, part):
+        sch.compute_at(block, row, preserve_unit_loops=True)
+    sch.reverse_compute_at(codes, row, preserve_unit_loops=True)
+    k = sch.get_loops(codes)[-1]
+    *_, lane, c = sch.get_loops(part)
+    sch.reorder(c, lane)
+    _, k_lane = sch.split(k, [None, QUANT_VECTOR])
+    sch.vectorize(k_lane)
+    sch.parallel(row)  # before decompose_reduction: parallel needs whole reduction blocks below it
+    init = sch.decompose_reduction(part, c)
+    for block in (init, part):
+        _vectorize_inner(sch, block)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+QUANT_VECTOR = 16
