@@ -42,7 +42,10 @@ BF16_TILE = (6, 32)
 
 
 INT8_LANES = 16  # vpdpbusd: 16 int32 lanes, each the sum of 4 u8 x s8 products
-INT8_TILE = (6, 32)
+# 4 x 32 against 6 x 32 (bf16's), one 896 x 4864 layer with SiLU, Zen 4, 2 cores, interleaved:
+# 181 / 128 GOP/s at 1 token (fewer padded rows), 688 / 512 at 8, 752 / 678 at 32, 779 / 762 at 256;
+# 8 x 16 and 2 x 64 were within 5% from 8 tokens up (docs/performance.md).
+INT8_TILE = (4, 32)
 
 
 def knobs(target: TargetInfo) -> tuple[Knob, ...]:
