@@ -261,8 +261,49 @@ def cuda_model_pipeline(target: BuildTarget, weight_dtype: str = "float32") -> t
 
     tvm_target = tvm.target.Target(target.tvm_target())
     rounding = [relax.transform.FoldConstant(), weights.half_weights(weight_dtype)] if weight_dtype != "float32" else []
-    return tvm.transform.Sequential([checked_take(), *rounding, cuda_backend.get_default_pipeline(tvm_target)],
+    return tvm.transform.Sequential([checked_take(), drop_empty_concat_operands(), relax.transform.DeadCodeElimination(),
+                                     *rounding, cuda_backend.get_default_pipeline(tvm_target)],
                                     name="pgen.cuda_model_pipeline")
+
+
+def drop_empty_concat_operands() -> tvm.transform.Pass:
+    """`concat` without its operands of size 0 along the axis (the one left, if one is).
+
+    NOTE: a rotary over the whole head still concatenates the head's pass-through part,
+    `x[..., rot:]` of width 0 (Phi-3's optimum export). The CPU loops over it zero times, but
+    dlight's GPU fallback fuses the empty loop and divides by its extent (TVM 0.27: "Divide by
+    zero" in FloorMod), so on CUDA the empty slice must not reach a kernel; DeadCodeElimination
+    then removes it.
+    """
+    concat = tvm.ir.Op.get("relax.concat")
+
+    def empty(x: relax.Expr, axis: int) -> bool:
+        shape = getattr(x.ty, "shape", None)
+        if shape is None:
+            return False
+        dim = shape[axis if axis >= 0 else len(shape) + axis]
+        return isinstance(dim, tvm.tirx.IntImm) and dim.value == 0
+
+    @relax.expr_functor.mutator
+    class _Mutator(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not call.op.same_as(concat) or not isinstance(call.args[0], relax.Tuple):
+                return call
+            fields, axis = list(call.args[0].fields), int(call.attrs.axis)
+            kept = [f for f in fields if not empty(f, axis)]
+            if len(kept) == len(fields) or not kept:
+                return call
+            return kept[0] if len(kept) == 1 else relax.op.concat(kept, axis)
+
+    @tvm.transform.module_pass(opt_level=0, name="pgen.DropEmptyConcatOperands")
+    def pass_(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        for gvar, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                mod[gvar] = _Mutator().visit_expr(func)
+        return mod
+
+    return pass_
 
 
 def model_pipeline(target: BuildTarget, weight_dtype: str = "float32") -> tvm.transform.Pass:

@@ -209,3 +209,26 @@ def test_gpu_model_section_runs_on_a_cpu_package(tiny_onnx, tmp_path, monkeypatc
     assert all(c["ok"] for c in report["checks"]), report["checks"]
     (timing,) = report["timings"]
     assert timing["batch"] == 2 and timing["pgen_tok_s"] > 0 and timing["torch_tok_s"] > 0
+
+
+@pytest.mark.cuda
+def test_cuda_pipeline_builds_a_concat_with_an_empty_operand(cuda_toolchain):
+    """A rotary over the whole head concatenates an empty pass-through slice (Phi-3's optimum
+    export); dlight's GPU fallback divided by its zero extent until the pipeline dropped it."""
+    import tvm
+    from tvm import relax
+
+    from pgen import cuda
+    from pgen.onnx.relax_import import cuda_model_pipeline
+    from pgen.target import parse_targets
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([tvm.tirx.Var("n", "int64"), 32], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            rest = bb.emit(relax.op.strided_slice(x, [1], [32], [32]))  # [n, 0]
+            out = bb.emit_output(relax.op.concat([relax.op.multiply(x, relax.const(2.0)), rest], 1))
+        bb.emit_func_output(out)
+    (target,) = parse_targets("cuda:sm_80")
+    _, cubins = cuda.build_cuda(bb.get(), ("sm_80",), relax_pipeline=cuda_model_pipeline(target))
+    assert set(cubins) == {"sm_80"}
