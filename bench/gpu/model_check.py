@@ -3,7 +3,8 @@
 `prepare.py` writes .gpu/models/: the tiny model (`pgen.tiny`) compiled for cuda:sm_80,sm_90 with
 float32 and float16 weights, `reference.json` (onnxruntime's greedy tokens and logits of a few
 prompts, run on the build host: the device has no onnxruntime) and `weights.npz` with `config.json`
-(the same weights, for the torch baseline).
+(the same weights, for the torch baseline); and real exports of transformers models, each package
+with its own NAME.reference.json (checked, not timed).
 
 On the device:
 - correctness: each package generates greedily on cuda:0 for the reference prompts, alone and as
@@ -94,11 +95,14 @@ def check_models(root: Path, device: str) -> dict:
     """Correctness and tokens/s of every CUDA model package in `root` (prepare.py's models/)."""
     from pgen_runtime import LLM, SamplingParams
 
-    reference = json.loads((root / "reference.json").read_text())
     config = json.loads((root / "config.json").read_text())
     weights = dict(np.load(root / "weights.npz"))
     report = {"checks": [], "timings": []}
     for pkg in sorted(root.glob("*.pgenpkg")):
+        # A real export's package has its own reference (NAME.reference.json) and is not timed.
+        own = root / (pkg.name.removesuffix(".pgenpkg") + ".reference.json")
+        timed = not own.is_file()
+        reference = json.loads((own if own.is_file() else root / "reference.json").read_text())
         weight_dtype = json.loads((pkg / "manifest.json").read_text())["model"]["weight_dtype"]
         print(f"\n== model {pkg.name} (weights {weight_dtype}) on {device}", flush=True)
         llm = LLM(pkg, device=device)
@@ -120,6 +124,8 @@ def check_models(root: Path, device: str) -> dict:
         report["checks"].append({"package": pkg.name, "mode": "first-step logits", "max_rel_err": first,
                                  "ok": bool(first <= FIRST_STEP_TOLERANCE[weight_dtype])})
         print(f"  first-step logits: max |diff| / scale = {first:.2e}", flush=True)
+        if not timed:
+            continue
         dtype = torch.float32 if weight_dtype == "float32" else torch.float16
         baseline = TorchTiny(weights, config, device, dtype)
         for batch in BATCHES:

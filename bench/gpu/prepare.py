@@ -10,7 +10,8 @@
   for a fresh sample instead);
 - models/: the tiny model compiled for cuda:sm_80,sm_90 with float32 and float16 weights, with
   onnxruntime's greedy tokens and logits for a few prompts (run here: the device has no
-  onnxruntime) and the weights for the torch baseline (`model_check.py`);
+  onnxruntime) and the weights for the torch baseline (`model_check.py`); and REAL_MODELS,
+  transformers models exported by optimum / torch dynamo, with their onnxruntime references;
 - runtime/: the pgen_runtime sources (the device has no pgen and no apache-tvm);
 - wheels/: apache-tvm-ffi for the device's Python 3.12.
 
@@ -25,6 +26,7 @@ import dataclasses
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,6 +55,9 @@ DECODE_CHECKS = (("llama3-8b", "float16", "mma0", SIMT), ("llama3-8b", "float16"
                  ("qwen2.5-0.5b", "float16", "mma_warps2", {**MMA, "mma_warps": 2}),
                  ("mistral-7b", "float16", "mma_warps8", {**MMA, "mma_warps": 8}),
                  ("phi3-mini", "float16", "mma_warps2", {**MMA, "mma_warps": 2}))
+# Real exports in the model section (fp32 CUDA packages, tokens against onnxruntime): Gemma-2's
+# soft-cap and local/global windows, Mistral's sliding window, GPT-2's learned positions.
+REAL_MODELS = (("gemma2", "optimum"), ("mistral", "dynamo"), ("gpt2", "optimum"))
 # GQA groups past 8 query heads use the fragments' second 8 rows (no shipped spec has one).
 WIDE_GROUPS = ((48, 4, 128, "float16"), (64, 4, 64, "bfloat16"))
 
@@ -144,7 +149,7 @@ def prepare_models(out: Path) -> None:
 
     from pgen import tiny
     from pgen.onnx import compile_model
-    from pgen_runtime.verify import default_prompts, ort_generate
+    from pgen_runtime.verify import default_prompts
 
     models = out / "models"
     models.mkdir(parents=True)
@@ -153,12 +158,34 @@ def prepare_models(out: Path) -> None:
     for weights in ("float32", "float16"):
         compile_model(onnx_path, models / f"tiny-cuda-{weights}.pgenpkg", target="cuda:sm_80,sm_90",
                       weight_dtype=weights, progress=lambda line: print(line.splitlines()[0], flush=True))
-    prompts = default_prompts(config.vocab, None)
-    refs = [ort_generate(onnx_path, p, 16) for p in prompts]
-    (models / "reference.json").write_text(json.dumps({"prompts": [
-        {"prompt": p, "tokens": r.tokens, "logits": [r.logits[0].tolist()]} for p, r in zip(prompts, refs)]}))
+    write_reference(onnx_path, default_prompts(config.vocab, None), models / "reference.json")
     (models / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
     np.savez(models / "weights.npz", **tiny.weights(config))
+    # Real exports of transformers models (random weights, the test matrix's configs): a soft-cap
+    # with local/global windows, a sliding window, learned positions. Correctness only.
+    sys.path.insert(0, str(REPO / "tests" / "models"))
+    import hf_models
+
+    with tempfile.TemporaryDirectory() as exports:
+        for family, exporter in REAL_MODELS:
+            path = hf_models.export(family, exporter, "sdpa", exports)
+            package = compile_model(path, models / f"{family}-{exporter}-cuda-float32.pgenpkg",
+                                    target="cuda:sm_80,sm_90", progress=lambda line: print(line.splitlines()[0], flush=True))
+            manifest = json.loads((package / "manifest.json").read_text())
+            windows = [w for w in (layer.get("sliding_window") for layer in manifest["model"]["layers"]) if w]
+            prompts = default_prompts(manifest["model"]["vocab_size"], min(windows) if windows else None)
+            write_reference(path, prompts, models / f"{family}-{exporter}-cuda-float32.reference.json")
+
+
+def write_reference(onnx_path: Path, prompts: list[list[int]], out: Path, tokens: int = 16) -> None:
+    """onnxruntime's greedy tokens of each prompt and the logits of its first step, as JSON."""
+    import json
+
+    from pgen_runtime.verify import ort_generate
+
+    refs = [ort_generate(onnx_path, p, tokens) for p in prompts]
+    out.write_text(json.dumps({"prompts": [{"prompt": p, "tokens": r.tokens, "logits": [r.logits[0].tolist()]}
+                                           for p, r in zip(prompts, refs)]}))
 
 
 if __name__ == "__main__":

@@ -203,9 +203,16 @@ def test_gpu_model_section_runs_on_a_cpu_package(tiny_onnx, tmp_path, monkeypatc
     import numpy as np
 
     np.savez(models / "weights.npz", **weights)
+    # A package with its own reference (a real export's) is checked against it and not timed.
+    import shutil
+
+    shutil.copytree(models / "tiny-cpu.pgenpkg", models / "other.pgenpkg")
+    shutil.copy(models / "reference.json", models / "other.reference.json")
     monkeypatch.setattr(model_check, "BATCHES", (2,))
     report = model_check.check_models(models, "cpu")
-    assert [c["mode"] for c in report["checks"]] == ["alone", "batch", "swap + copy-on-write", "first-step logits"]
+    modes = ["alone", "batch", "swap + copy-on-write", "first-step logits"]
+    assert [(c["package"], c["mode"]) for c in report["checks"]] == [
+        *((name, mode) for name in ("other.pgenpkg", "tiny-cpu.pgenpkg") for mode in modes)]
     assert all(c["ok"] for c in report["checks"]), report["checks"]
     (timing,) = report["timings"]
     assert timing["batch"] == 2 and timing["pgen_tok_s"] > 0 and timing["torch_tok_s"] > 0
