@@ -253,9 +253,9 @@ def cuda_model_pipeline(target: BuildTarget, weight_dtype: str = "float32") -> t
     pipeline (legalize, fuse, dlight's GPU rules for every kernel pgen did not schedule itself,
     memory planning). pgen's attention kernels are marked scheduled, so dlight leaves them alone.
 
-    `weight_dtype="float16"` or `"bfloat16"`: every matmul with a constant weight runs on rounded
-    weights and inputs (`weights.half_weights`), which dlight's matmul rule maps to tensor cores
-    (float16, on sm_70 and later) with float32 accumulation.
+    `weight_dtype="float16"`: every matmul with a constant weight runs on fp16 weights and inputs
+    (`weights.half_weights`), which dlight's matmul rule maps to tensor cores (sm_70 and later)
+    with float32 accumulation.
     """
     from tvm.relax.backend import cuda as cuda_backend
 
