@@ -142,16 +142,22 @@ def compile_model(model_path: str | Path, out: str | Path, target: str = "llvm",
     windows = sorted({str(s.sliding_window) for s in specs})
     progress(f"{model_path.name}: {len(rewritten.layers)} layers, spec {spec.uri}, windows {', '.join(windows)}, "
              f"vocab {rewritten.vocab_size}")
-    built = []  # per target: (kernel library, model executable, model cubins)
+    if eos_token_id is None:
+        eos_token_id = export_eos_token_id(source, model_path)
+    del source
+    modules = []
     for build_target in targets:
         configs = {n: c.config for n, c in choose_configs(spec, build_target).items()}
-        executable, cubins = build_executable(import_model(rewritten.model, spec, build_target, configs),
-                                              build_target, weight_dtype)
+        modules.append(import_model(rewritten.model, spec, build_target, configs))
+    # The weights live on as the modules' constants: the ONNX copies of them go (a 0.5B model's
+    # export is 2 GB; the compile's peak memory is several copies of it).
+    del rewritten.model.graph.initializer[:]
+    built = []  # per target: (kernel library, model executable, model cubins)
+    for build_target in targets:
+        executable, cubins = build_executable(modules.pop(0), build_target, weight_dtype)
         kernels = build_library(spec, build_target)
         progress(kernels.summary())
         built.append((kernels, executable, cubins))
-    if eos_token_id is None:
-        eos_token_id = export_eos_token_id(source, model_path)
 
     def fill(root: Path) -> dict:
         manifest = assemble(spec, [k for k, _, _ in built], root, name or out.name.split(".")[0])
