@@ -1,6 +1,7 @@
 """bf16, int8 and fp16 weights for a compiled model's dense layers (`compile-model --weight-dtype`).
 
-bfloat16 (CPU):
+`int8_weights` (CPU, W8A8 with AVX-512 VNNI) and `half_weights` (CUDA, fp16 on tensor cores)
+are described where they are defined. bfloat16 (CPU, `bf16_weights`):
 
 Every `matmul(x, W)` whose W is a float32 constant [K, N] (K even) becomes two TE functions:
 `bf16_bits(x)`, the activations rounded to bfloat16 (round to nearest even) and kept as their
