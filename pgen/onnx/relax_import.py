@@ -296,11 +296,17 @@ def drop_empty_concat_operands() -> tvm.transform.Pass:
                 return call
             return kept[0] if len(kept) == 1 else relax.op.concat(kept, axis)
 
-    @tvm.transform.module_pass(opt_level=0, name="pgen.DropEmptyConcatOperands")
+    return _each_relax_function("pgen.DropEmptyConcatOperands", _Mutator)
+
+
+def _each_relax_function(name: str, mutator) -> tvm.transform.Pass:
+    """A module pass that rewrites every Relax function with a fresh `mutator()`."""
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
     def pass_(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         for gvar, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
-                mod[gvar] = _Mutator().visit_expr(func)
+                mod[gvar] = mutator().visit_expr(func)
         return mod
 
     return pass_
@@ -439,14 +445,7 @@ def checked_take() -> tvm.transform.Pass:
                 return relax.op.take(call.args[0], call.args[1], call.attrs.axis, mode="clip")
             return call
 
-    @tvm.transform.module_pass(opt_level=0, name="pgen.CheckedTake")
-    def checked(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        for gvar, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                mod[gvar] = _Checked().visit_expr(func)
-        return mod
-
-    return checked
+    return _each_relax_function("pgen.CheckedTake", _Checked)
 
 
 def element_aligned_params(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:

@@ -71,54 +71,71 @@ def _dense_te(a: te.Tensor, w: te.Tensor) -> te.Tensor:
                       name="dense_bf16")
 
 
-def bf16_weights() -> tvm.transform.Pass:
-    """The Relax pass: float32 constant-weight matmuls -> bf16 weights (see the module doc).
+def _constant_weight_pass(name: str, convert_input, dense, k_multiple: int | None) -> tvm.transform.Pass:
+    """A Relax pass over every float32 `matmul(x, W)` whose W is a float32 constant: 2-D with K a
+    multiple of `k_multiple` (None: any constant weight).
 
-    One `bf16_bits` per activation however many matmuls read it (Q/K/V, gate/up projections).
+    `convert_input(builder, x)` returns x in the layer's operand form and runs once per activation
+    however many matmuls read it (Q/K/V, gate/up projections); `dense(builder, converted, W)` (W as
+    numpy) returns the matmul's replacement.
     """
     matmul = tvm.ir.Op.get("relax.matmul")
+
+    def eligible(x, w, call) -> bool:
+        if not isinstance(w, tvm.ir.expr.GenericConst):
+            return False
+        data = w.value.numpy()
+        if data.dtype != np.float32 or (k_multiple is not None and (data.ndim != 2 or data.shape[0] % k_multiple)):
+            return False
+        return getattr(x.ty, "dtype", None) == "float32" and getattr(call.ty, "dtype", None) == "float32"
 
     @relax.expr_functor.mutator
     class _Mutator(relax.PyExprMutator):
         def __init__(self, mod: tvm.IRModule):
             super().__init__(mod)
             self.mod_ = mod
-            self.bits: dict = {}
+            self.converted: dict = {}
 
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            if not call.op.same_as(matmul) or len(call.args) != 2:
+            if not call.op.same_as(matmul) or len(call.args) != 2 or not eligible(*call.args, call):
                 return call
             x, w = call.args
-            if not isinstance(w, tvm.ir.expr.GenericConst):
-                return call
-            data = w.value.numpy()
-            if data.dtype != np.float32 or data.ndim != 2 or data.shape[0] % 2:
-                return call
-            if getattr(x.ty, "dtype", None) != "float32" or getattr(call.ty, "dtype", None) != "float32":
-                return call
             key = x if isinstance(x, relax.Var) else None
-            bits = self.bits.get(key) if key is not None else None
-            if bits is None:
-                bits = self.builder_.emit(self.builder_.call_te(_bits_te, x, primfunc_name_hint="bf16_bits"))
+            converted = self.converted.get(key) if key is not None else None
+            if converted is None:
+                converted = convert_input(self.builder_, x)
                 if key is not None:
-                    self.bits[key] = bits
-            weight = relax.const(to_bf16_bits(data), "uint16")
-            return self.builder_.call_te(_dense_te, bits, weight, primfunc_name_hint="dense_bf16",
-                                         primfunc_attrs={"op_pattern": 4})  # OutEWiseFusable: epilogues fuse
+                    self.converted[key] = converted
+            return dense(self.builder_, converted, w.value.numpy())
 
         def transform(self) -> tvm.IRModule:
             for gvar, func in self.mod_.functions_items():
                 if isinstance(func, relax.Function):
-                    self.bits = {}
+                    self.converted = {}
                     self.builder_.update_func(gvar, self.visit_expr(func))
             return self.builder_.get()
 
-    @tvm.transform.module_pass(opt_level=0, name="pgen.Bf16Weights")
+    @tvm.transform.module_pass(opt_level=0, name=name)
     def pass_(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         return _Mutator(mod).transform()
 
     return pass_
+
+
+def bf16_weights() -> tvm.transform.Pass:
+    """The Relax pass: float32 constant-weight matmuls -> bf16 weights (see the module doc).
+
+    One `bf16_bits` per activation however many matmuls read it (Q/K/V, gate/up projections).
+    """
+    def bits(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
+        return bb.emit(bb.call_te(_bits_te, x, primfunc_name_hint="bf16_bits"))
+
+    def dense(bb: relax.BlockBuilder, x_bits: relax.Expr, w: np.ndarray) -> relax.Expr:
+        return bb.call_te(_dense_te, x_bits, relax.const(to_bf16_bits(w), "uint16"), primfunc_name_hint="dense_bf16",
+                          primfunc_attrs={"op_pattern": 4})  # OutEWiseFusable: epilogues fuse
+
+    return _constant_weight_pass("pgen.Bf16Weights", bits, dense, k_multiple=2)
 
 
 def half_weights(dtype: str = "float16") -> tvm.transform.Pass:
@@ -131,44 +148,14 @@ def half_weights(dtype: str = "float16") -> tvm.transform.Pass:
     """
     if dtype != "float16":
         raise ValueError(f"half_weights: dtype {dtype!r}; only float16 runs on dlight's tensor-core rule")
-    matmul = tvm.ir.Op.get("relax.matmul")
 
-    @relax.expr_functor.mutator
-    class _Mutator(relax.PyExprMutator):
-        def __init__(self, mod: tvm.IRModule):
-            super().__init__(mod)
-            self.mod_ = mod
-            self.cast: dict = {}
+    def cast(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
+        return bb.emit(relax.op.astype(x, dtype))
 
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if not call.op.same_as(matmul) or len(call.args) != 2:
-                return call
-            x, w = call.args
-            if not isinstance(w, tvm.ir.expr.GenericConst) or w.value.numpy().dtype != np.float32:
-                return call
-            if getattr(x.ty, "dtype", None) != "float32" or getattr(call.ty, "dtype", None) != "float32":
-                return call
-            half = self.cast.get(x) if isinstance(x, relax.Var) else None
-            if half is None:
-                half = self.builder_.emit(relax.op.astype(x, dtype))
-                if isinstance(x, relax.Var):
-                    self.cast[x] = half  # one cast per activation (Q/K/V, gate/up)
-            weight = relax.const(w.value.numpy().astype(np.float16), dtype)
-            return relax.op.matmul(half, weight, out_dtype="float32")
+    def dense(bb: relax.BlockBuilder, x_half: relax.Expr, w: np.ndarray) -> relax.Expr:
+        return relax.op.matmul(x_half, relax.const(w.astype(np.float16), dtype), out_dtype="float32")
 
-        def transform(self) -> tvm.IRModule:
-            for gvar, func in self.mod_.functions_items():
-                if isinstance(func, relax.Function):
-                    self.cast = {}
-                    self.builder_.update_func(gvar, self.visit_expr(func))
-            return self.builder_.get()
-
-    @tvm.transform.module_pass(opt_level=0, name="pgen.HalfWeights")
-    def pass_(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return _Mutator(mod).transform()
-
-    return pass_
+    return _constant_weight_pass("pgen.HalfWeights", cast, dense, k_multiple=None)
 
 
 # ---- int8 weights and activations (W8A8) ------------------------------------------------------
@@ -242,55 +229,19 @@ def int8_weights() -> tvm.transform.Pass:
 
     One `act_quant` per activation however many matmuls read it (Q/K/V, gate/up).
     """
-    matmul = tvm.ir.Op.get("relax.matmul")
+    def quantize(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
+        # Opaque: FuseOps leaves it whole, so the dense rule finds and schedules it.
+        return bb.emit(bb.call_te(_act_quant_te, x, primfunc_name_hint="act_quant",
+                                  primfunc_attrs={"op_pattern": 8, ACT_QUANT: True}))
 
-    @relax.expr_functor.mutator
-    class _Mutator(relax.PyExprMutator):
-        def __init__(self, mod: tvm.IRModule):
-            super().__init__(mod)
-            self.mod_ = mod
-            self.quant: dict = {}
+    def dense(bb: relax.BlockBuilder, quant: relax.Expr, w: np.ndarray) -> relax.Expr:
+        codes, scale = (bb.emit(relax.TupleGetItem(quant, i)) for i in range(2))
+        w_codes, w_scale, offset = quantize_weight(w)
+        return bb.call_te(_dense_int8_te, codes, scale, relax.const(w_codes, "int8"), relax.const(w_scale),
+                          relax.const(offset, "int32"), primfunc_name_hint="dense_int8",
+                          primfunc_attrs={"op_pattern": 4})  # OutEWiseFusable: epilogues fuse
 
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if not call.op.same_as(matmul) or len(call.args) != 2:
-                return call
-            x, w = call.args
-            if not isinstance(w, tvm.ir.expr.GenericConst):
-                return call
-            data = w.value.numpy()
-            if data.dtype != np.float32 or data.ndim != 2 or data.shape[0] % 4:
-                return call
-            if getattr(x.ty, "dtype", None) != "float32" or getattr(call.ty, "dtype", None) != "float32":
-                return call
-            key = x if isinstance(x, relax.Var) else None
-            quant = self.quant.get(key) if key is not None else None
-            if quant is None:
-                # Opaque: FuseOps leaves it whole, so the dense rule finds and schedules it.
-                quant = self.builder_.emit(self.builder_.call_te(
-                    _act_quant_te, x, primfunc_name_hint="act_quant",
-                    primfunc_attrs={"op_pattern": 8, ACT_QUANT: True}))
-                if key is not None:
-                    self.quant[key] = quant
-            codes, scale = (self.builder_.emit(relax.TupleGetItem(quant, i)) for i in range(2))
-            w_codes, w_scale, offset = quantize_weight(data)
-            return self.builder_.call_te(_dense_int8_te, codes, scale, relax.const(w_codes, "int8"),
-                                         relax.const(w_scale), relax.const(offset, "int32"),
-                                         primfunc_name_hint="dense_int8",
-                                         primfunc_attrs={"op_pattern": 4})  # OutEWiseFusable: epilogues fuse
-
-        def transform(self) -> tvm.IRModule:
-            for gvar, func in self.mod_.functions_items():
-                if isinstance(func, relax.Function):
-                    self.quant = {}
-                    self.builder_.update_func(gvar, self.visit_expr(func))
-            return self.builder_.get()
-
-    @tvm.transform.module_pass(opt_level=0, name="pgen.Int8Weights")
-    def pass_(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        return _Mutator(mod).transform()
-
-    return pass_
+    return _constant_weight_pass("pgen.Int8Weights", quantize, dense, k_multiple=4)
 
 
 ACT_QUANT = "pgen.act_quant"  # a PrimFunc attribute: the activation quantizer of int8 weights

@@ -11,11 +11,12 @@ import tvm
 from tvm import relax
 
 from pgen.onnx import compile_model
-from pgen.onnx.relax_import import model_pipeline
 from pgen.onnx.weights import from_bf16_bits, to_bf16_bits
 from pgen.schedules import cpu_dense
 from pgen.target import parse_targets
 from pgen_runtime.errors import SpecError
+
+from dense_models import two_matmul_model  # tests/models/, on sys.path (conftest.py)
 
 (TARGET,) = parse_targets("llvm")
 HAS_BF16 = "avx512_bf16" in TARGET.info.features
@@ -32,23 +33,6 @@ def test_rounding_is_round_to_nearest_even_like_ml_dtypes():
     assert np.isnan(from_bf16_bits(to_bf16_bits(np.array([np.nan], np.float32)))).all()
 
 
-def _bf16_model(k: int, n: int, epilogue: str, w: np.ndarray, extra: np.ndarray):
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType([tvm.tirx.Var("num_tokens", "int64"), k], "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.matmul(x, relax.const(w)))
-            if epilogue == "bias":
-                y = bb.emit(relax.op.add(y, relax.const(extra)))
-            elif epilogue == "silu":
-                y = bb.emit(relax.op.multiply(relax.op.multiply(y, relax.op.sigmoid(y)), relax.const(extra)))
-            z = bb.emit(relax.op.matmul(x, relax.const(w)))  # a second matmul of x: one rounding of x
-            out = bb.emit_output(relax.op.add(y, z))
-        bb.emit_func_output(out)
-    with tvm.target.Target(TARGET.tvm_target()):
-        return model_pipeline(TARGET, "bfloat16")(bb.get())
-
-
 @pytest.mark.parametrize("bf16_dot", [0, 1])
 @pytest.mark.parametrize("k,n,epilogue", [(128, 128, "none"), (64, 259, "bias"), (96, 64, "silu")])
 def test_bf16_dense_layers_match_numpy_on_rounded_operands(monkeypatch, bf16_dot, k, n, epilogue):
@@ -59,7 +43,7 @@ def test_bf16_dense_layers_match_numpy_on_rounded_operands(monkeypatch, bf16_dot
     rng = np.random.default_rng(k + n)
     w = rng.standard_normal((k, n)).astype(np.float32)
     extra = rng.standard_normal(n).astype(np.float32)
-    lowered = _bf16_model(k, n, epilogue, w, extra)
+    lowered = two_matmul_model(k, n, epilogue, w, extra, "bfloat16", TARGET)
     dense = [f for gv, f in lowered.functions.items()
              if isinstance(f, tvm.tirx.PrimFunc) and "dense_bf16" in gv.name_hint]
     assert dense and all(f.attrs.get("tirx.is_scheduled", False) for f in dense)

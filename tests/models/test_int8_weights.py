@@ -10,11 +10,12 @@ from tvm import relax
 
 from pgen import tiny
 from pgen.onnx import compile_model
-from pgen.onnx.relax_import import model_pipeline
 from pgen.onnx.weights import ACT_OFFSET, INT8_MAX, quantize_rows, quantize_weight
 from pgen.schedules import cpu_dense
 from pgen.target import parse_targets
 from pgen_runtime.errors import SpecError
+
+from dense_models import two_matmul_model  # tests/models/, on sys.path (conftest.py)
 
 (TARGET,) = parse_targets("llvm")
 VNNI = cpu_dense.has_vnni(TARGET.info)
@@ -36,30 +37,13 @@ def test_quantizers_round_to_half_a_step():
     assert np.all(np.abs((q.astype(np.float32) - ACT_OFFSET) * sx[:, None] - x) <= sx[:, None] / 2 * (1 + 1e-6))
 
 
-def _int8_model(k: int, n: int, epilogue: str, w: np.ndarray, extra: np.ndarray):
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType([tvm.tirx.Var("num_tokens", "int64"), k], "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.matmul(x, relax.const(w)))
-            if epilogue == "bias":
-                y = bb.emit(relax.op.add(y, relax.const(extra)))
-            elif epilogue == "silu":
-                y = bb.emit(relax.op.multiply(relax.op.multiply(y, relax.op.sigmoid(y)), relax.const(extra)))
-            z = bb.emit(relax.op.matmul(x, relax.const(w)))  # a second matmul of x: one quantizer
-            out = bb.emit_output(relax.op.add(y, z))
-        bb.emit_func_output(out)
-    with tvm.target.Target(TARGET.tvm_target()):
-        return model_pipeline(TARGET, "int8")(bb.get())
-
-
 @needs_vnni
 @pytest.mark.parametrize("k,n,epilogue", [(128, 128, "none"), (64, 259, "bias"), (96, 64, "silu")])
 def test_int8_dense_layers_match_numpy_on_the_same_codes(k, n, epilogue):
     rng = np.random.default_rng(k + n)
     w = rng.standard_normal((k, n)).astype(np.float32)
     extra = rng.standard_normal(n).astype(np.float32)
-    lowered = _int8_model(k, n, epilogue, w, extra)
+    lowered = two_matmul_model(k, n, epilogue, w, extra, "int8", TARGET)
     prims = {gv.name_hint: f for gv, f in lowered.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
     assert [name for name in prims if name.startswith("act_quant")] == ["act_quant"]  # x quantized once
     assert all(f.attrs.get("tirx.is_scheduled", False) for name, f in prims.items() if "dense_int8" in name)
