@@ -184,22 +184,20 @@ def test_gpu_model_section_runs_on_a_cpu_package(tiny_onnx, tmp_path, monkeypatc
     gpu_dir = Path(__file__).resolve().parents[2] / "bench" / "gpu"
     monkeypatch.syspath_prepend(str(gpu_dir))
     import model_check
+    import prepare
 
     models = tmp_path / "models"
     models.mkdir(parents=True)
     compile_model(tiny_onnx, models / "tiny-cpu.pgenpkg", progress=lambda line: None)
-    from pgen_runtime.verify import default_prompts, ort_generate
+    from pgen_runtime.verify import default_prompts
 
     config = tiny.TinyConfig()
-    prompts = default_prompts(config.vocab, None)[:2]
-    refs = [ort_generate(tiny_onnx, p, 8) for p in prompts]
-    (models / "reference.json").write_text(json.dumps({"prompts": [
-        {"prompt": p, "tokens": r.tokens, "logits": [r.logits[0].tolist()]} for p, r in zip(prompts, refs)]}))
+    prepare.write_reference(tiny_onnx, default_prompts(config.vocab, None)[:2], models / "reference.json", tokens=8)
     (models / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
     weights = tiny.weights(config)
     baseline = model_check.TorchTiny(weights, dataclasses.asdict(config), "cpu", torch.float32)
-    for p, r in zip(prompts, refs):
-        assert baseline.generate(torch.tensor([p]), 8)[0].tolist() == r.tokens
+    for ref in json.loads((models / "reference.json").read_text())["prompts"]:
+        assert baseline.generate(torch.tensor([ref["prompt"]]), 8)[0].tolist() == ref["tokens"]
     import numpy as np
 
     np.savez(models / "weights.npz", **weights)
