@@ -92,7 +92,8 @@ def fill_pool(spec, pool, row: np.ndarray) -> None:
         pool[...] = row.astype(spec.kv_dtype)
         return
     codes, scale = kv_quant.quantize_rows(spec, row)
-    pool[:, :, :, : spec.block_size] = codes
+    slab = np.broadcast_to(codes, (spec.block_size, spec.head_dim))
+    kv_quant.set_pool_codes(spec, pool, np.stack([slab, slab]))
     raw = np.zeros(spec.kv_scale_rows * spec.head_dim, np.uint8)
     raw[: 4 * spec.block_size] = np.full(spec.block_size, scale, np.float32).view(np.uint8)
     pool[:, :, :, spec.block_size:] = raw.view(pool.dtype).reshape(spec.kv_scale_rows, spec.head_dim)

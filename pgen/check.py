@@ -40,7 +40,9 @@ def check_spec(spec_path: str | Path | None = None, progress: Callable[[str], No
     for name, run in _runs(kernels, case).items():
         got, ms = run()
         if name in ("decode", "extend"):
-            err = float(np.abs(got.astype(np.float64) - want[name]).max() / np.abs(want[name]).max())
+            # beyond what an int8 cache's u8 P·V weights may add (reference.weight_rounding_allowance)
+            off = np.maximum(np.abs(got.astype(np.float64) - want[name]) - want[f"{name}_allowance"], 0.0)
+            err = float(off.max() / np.abs(want[name]).max())
             ok = err <= TOLERANCE[spec.dtype]
         else:  # data movement must be bit exact, NaN payloads included
             err = float(np.count_nonzero(got.view(np.uint8) != want[name].view(np.uint8)))

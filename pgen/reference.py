@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pgen_runtime.reference import attend, decode, extend, gather_kv, int8_queries  # noqa: F401  # re-exported
+from pgen_runtime.reference import attend, decode, extend, gather_kv, int8_queries, weight_rounding_allowance  # noqa: F401  # re-exported
 from pgen_runtime import kv_quant
 from pgen_runtime.kernel_table import KERNEL_NAMES
 from pgen_runtime.spec import NULL_BLOCK_ID, AttentionSpec
@@ -21,6 +21,7 @@ def cache_write(spec: AttentionSpec, k, v, pool, slot_mapping):
     pool = pool.copy()
     bs = spec.block_size
     scales = kv_quant.pool_scales(spec, pool) if spec.kv_quantized else None
+    codes = kv_quant.pool_codes(spec, pool) if spec.kv_quantized else None
     for t, slot in enumerate(slot_mapping):
         if slot < 0:
             continue
@@ -28,8 +29,9 @@ def cache_write(spec: AttentionSpec, k, v, pool, slot_mapping):
             if scales is None:
                 pool[slot // bs, c, :, slot % bs] = rows
             else:
-                pool[slot // bs, c, :, slot % bs], scales[slot // bs, c, :, slot % bs] = kv_quant.quantize_rows(spec, rows)
+                codes[slot // bs, c, :, slot % bs], scales[slot // bs, c, :, slot % bs] = kv_quant.quantize_rows(spec, rows)
     if scales is not None:
+        kv_quant.set_pool_codes(spec, pool, codes)
         kv_quant.set_pool_scales(spec, pool, scales)
     return pool
 
@@ -96,7 +98,8 @@ def paged_case(spec: AttentionSpec, seq_lens, new_tokens=None, seed: int = 0, sp
 
 def expected(spec: AttentionSpec, case: dict) -> dict:
     """What `run_kernels` must return for `case`, per kernel of the kernel table: float64
-    attention, exact bytes for the rest."""
+    attention, exact bytes for the rest; and per attention kernel `NAME_allowance`, the error its
+    rounding of P·V's weights may add (`weight_rounding_allowance`)."""
     pool, ids = case["pool"], case["swap_ids"]
     results = {
         "decode": lambda: decode(spec, case["q_decode"], pool, case["block_tables"], case["seq_lens"]),
@@ -106,4 +109,9 @@ def expected(spec: AttentionSpec, case: dict) -> dict:
         "swap_out": lambda: pool[ids],
         "swap_in": lambda: pool,
     }
-    return {name: results[name]() for name in KERNEL_NAMES}
+    want = {name: results[name]() for name in KERNEL_NAMES}
+    # What an int8 cache's u8 P·V weights may add beyond the dtype's tolerance (zeros otherwise).
+    want["decode_allowance"] = weight_rounding_allowance(spec, case["q_decode"], pool, case["block_tables"], case["seq_lens"])
+    want["extend_allowance"] = weight_rounding_allowance(spec, case["q_extend"], pool, case["block_tables"],
+                                                         case["seq_lens"], case["q_indptr"])
+    return want

@@ -108,7 +108,8 @@ def attention_func(spec: AttentionSpec, body):
     KV is quantized); block tables int32 [B, MB]; q_indptr [B + 1] (decode passes 0..B);
     `num_splits` and `max_q_tiles` are the launch's split-KV and query-tile counts, which the
     runtime chooses per call. The body also sees `kv_scales`, the pool's memory as float32 words,
-    where a quantized pool keeps its scales (`kv_codec`).
+    where a quantized pool keeps its scales (`kv_codec`), and `kv_bytes`, the pool as one flat
+    buffer (an int8 pool's interleaved code vectors may span slab rows).
     """
     hq, hkv, d, rows = spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.pool_rows
     dtype, kv_dtype = spec.dtype, spec.kv_storage_dtype
@@ -137,6 +138,7 @@ def attention_func(spec: AttentionSpec, body):
         seq_lens = T.match_buffer(lens_h, (B,), "int32", align=4)
         out = T.match_buffer(out_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
         kv_scales = T.decl_buffer((NB * words,), "float32", data=kv_pool.data)  # noqa: F841  # the body's
+        kv_bytes = T.decl_buffer((NB * 2 * hkv * rows * d,), kv_dtype, data=kv_pool.data)  # noqa: F841  # the pool flat
         body(q, kv_pool, block_tables, q_indptr, seq_lens, out, num_splits, max_q_tiles, B, NT)
 
     return attention

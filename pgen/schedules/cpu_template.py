@@ -6,8 +6,10 @@ pool block at a time: scores for the block (one of three QK loops), an online-so
 P·V. Long contexts are split across tasks (flash-decoding) and merged through a float32 workspace.
 
 The stages read top to bottom: `_body` (the parallel task loop) -> `_task_range` -> `_load_queries`
--> `_block_loop` (-> `_qk_per_key` | `_qk_transposed` | `_qk_key_group`, `_softmax`, `_pv`) ->
-`_store_rows`, then `_merge_splits`. Each is TVMScript expanded in place (`base.stage`): it uses
+-> `_block_loop` (-> `_qk_per_key` | `_qk_transposed` | `_qk_key_group` | `_qk_int8_lanes`,
+`_softmax`, `_pv` | `_pv_int8`) -> `_store_rows`, then `_merge_splits`. The int8 loops read an
+int8 pool's interleaved codes (spec.KV_LAYOUT_INT8) with VNNI dots; every other loop reads any
+pool through `kv_codec.code_loader`. Each is TVMScript expanded in place (`base.stage`): it uses
 the buffers of the block it is expanded in and the values `_plan` computes.
 
 NOTE: rows past a sequence's length, and slots of unused blocks, may hold anything (tests poison
@@ -27,7 +29,7 @@ from pgen_runtime.spec import AttentionSpec
 
 from .base import Knob, TargetInfo, elem_bytes, instantiate
 from .fast_math import fast_exp2
-from .kv_codec import code_loader, row_scaler
+from .kv_codec import code_loader, row_scaler, scale_index
 
 LOG2E = math.log2(math.e)
 NEG = -3.0e38
@@ -66,6 +68,11 @@ def _merge_all(vecs, lanes: int):
         vecs = [_merge(vecs[2 * i], vecs[2 * i + 1], lanes, level) for i in range(len(vecs) // 2)]
         level += 1
     return vecs[0]
+
+
+def broadcast4(codes):
+    """64 bytes: the 4 one-byte `codes` repeated in each 32-bit lane (vpdpbusd's operand type)."""
+    return T.reinterpret("int8x64", T.Broadcast(T.reinterpret("int32", codes), 16))
 
 
 def _butterfly(x, lanes: int, step: int):
@@ -123,11 +130,23 @@ def _plan(spec: AttentionSpec, decode: bool, config: dict[str, Any]) -> dict[str
     # as unsigned by flipping their sign bit (code + 128), which adds 128 * sum(q codes) to every
     # dot; the key-by-key loop of 16-lane vectors only (the other loops score the same int8
     # queries in float32). See int8_dot_supported.
-    qk_i8 = (bool(config.get("qk_int8", 0)) and vl == 16 and not qk_t and not config.get("qk_key_group", 0))
+    qk_i8 = (bool(config.get("qk_int8", 0)) and vl == 16 and not qk_t and not config.get("qk_key_group", 0)
+             and bs % 16 == 0)
+    # int8 KV, P·V as integer dots too (pv_int8): per row and block, the weights P times V's row
+    # scales are rounded to u8 codes of the block's largest / 255, and 4 keys' weights (one 32-bit
+    # broadcast) times 16 dims' 4 V codes (one load of the interleaved V) are one vpdpbusd; each
+    # block's int32 sums are scaled into the float32 accumulators. It adds the weights' rounding
+    # (at most half a code, 1/510 of the block's largest weight, per weight) to the error.
+    pv_i8 = bool(config.get("pv_int8", 0)) and vl == 16 and bs % 4 == 0 and spec.kv_dtype == "int8"
+    slab = spec.pool_rows * d  # bytes of one (block, K/V, head) slab of a quantized pool
+    # qk_int8 also requests the scale rows of the block `ahead` on (K's and V's, at its first chunk).
+    pf_scales = bool(config.get("prefetch", 1)) and bool(config.get("prefetch_scales", 0))
+    i8_step = max(d // 4 // 16, 1)  # qk_int8: dims' steps between two keys' memory requests
+    i8_kps = -(-16 // (d // 4 // i8_step))  # and keys per such step
     # NOTE: an int8 cache always scores int8 queries (pgen_runtime.reference.int8_queries), with
     # VNNI or without, so results do not depend on the host or this knob.
     q_i8 = spec.kv_dtype == "int8"
-    chains = 1 if qk_i8 else config.get("qk_chains", 1)  # accumulators per row in the key-by-key QK loop
+    chains = config.get("qk_chains", 1)  # accumulators per row in the key-by-key QK loop
     xrow = bool(config.get("qk_row_merge", 0)) and rtile in (2, 4, 8) and vl >= rtile
     seg = vl // rtile if xrow else 1
     # Key groups (qk_key_group): scores of `kq` keys x rtile rows at once, one accumulator vector
@@ -392,6 +411,10 @@ def _block_loop():
                     red = T.sblock_alloc_buffer((rtile, bs), "float32")
                     part = T.sblock_alloc_buffer((rtile, vl), "float32")
                     parti = T.sblock_alloc_buffer((rtile, 16), "int32")
+                    pw = T.sblock_alloc_buffer((rtile, bs if pv_i8 else 1), "uint8")  # u8 codes of P weights
+                    wsc = T.sblock_alloc_buffer((rtile, 2), "float32")  # their 255 / largest, largest / 255
+                    itile = T.sblock_alloc_buffer((rtile, hc * 16 if pv_i8 else 1), "int32")
+                    itile2 = T.sblock_alloc_buffer((rtile, hc * 16 if pv_i8 else 1), "int32")
                     part2 = T.sblock_alloc_buffer((rtile, vl), "float32")
                     tree = T.sblock_alloc_buffer((rtile, vl), "float32")
                     tile = T.sblock_alloc_buffer((rtile, hc * vl), "float32")
@@ -431,12 +454,17 @@ def _block_loop():
                         qk_transposed()
                     elif qkg:
                         qk_key_group()
+                    elif qk_i8:
+                        qk_int8_lanes()
                     else:
                         qk_per_key()
                     if touch_v:
                         WT[task] = touch[0]
                     softmax()
-                    pv()
+                    if pv_i8:
+                        pv_int8()
+                    else:
+                        pv()
 
 def _qk_transposed():
     """Scores of vector_lanes keys at once (qk_transpose)."""
@@ -545,35 +573,57 @@ def _qk_key_group():
                         capped(row_scaled(s[r, ch * vl + v], kv_scales, page[0], 0, h0[0] + hh, ch * vl + v)),
                         T.float32(NEG))
 
-def _int8_dots(t):
-    """part[r] = the 16 int32 lane sums of key t's K codes (+128) times row r's query codes, as float32."""
-    for r in T.unroll(rtile):
-        for v in T.vectorized(16):
-            parti[r, v] = T.int32(0)
-    for c in T.serial(d // 64):
-        for r in T.unroll(rtile):
-            parti[r, T.Ramp(0, 1, 16)] = T.call_llvm_pure_intrin(
-                "int32x16", "llvm.x86.avx512.vpdpbusd.512", parti[r, T.Ramp(0, 1, 16)],
-                T.bitwise_xor(kv_pool[page[0], 0, h0[0] + hh, t, T.Ramp(c * 64, 1, 64)], T.Broadcast(T.int8(-128), 64)),
-                qw[R[0] + r, T.Ramp(c * 64, 1, 64)])
-    for r in T.unroll(rtile):
-        for v in T.vectorized(16):
-            part[r, v] = T.cast(parti[r, v], "float32")
+def _qk_int8_lanes():
+    """Scores of 16 keys at once, one lane per key, from an int8 pool's interleaved K (qk_int8):
+    per 4 dims, one 64-byte load holds the 16 keys' codes, read as unsigned by flipping their sign
+    bit (code + 128, which adds 128 * sum(q codes), subtracted per row), and each row adds their
+    products with its 4 query codes (one 32-bit broadcast) in one vpdpbusd."""
+    for ch in T.serial(bs // 16):
+        if ch * 16 < t_hi[0] and ch * 16 + 16 > t_lo[0]:
+            # NOTE: the chunk's keys outside [t_lo, t_hi) are inside the block: their codes are
+            # read (any byte is a finite code), their scales (maybe NaN) only under the mask.
+            for r in T.unroll(rtile):
+                for v in T.vectorized(16):
+                    parti[r, v] = T.int32(0)
+            for dg in T.serial(d // 4):
+                # The 16 keys' memory requests spread over the dims' steps (a burst of them at
+                # the chunk's start was slower from DRAM).
+                if pf_scales:
+                    if dg == 0 and ch == 0 and rt == 0 and cur[0] + ahead < cur[1]:
+                        for kv, ln in T.grid(2, spec.kv_scale_rows):
+                            T.evaluate(T.call_llvm_intrin(
+                                "void", "llvm.prefetch.p0",
+                                T.address_of(kv_pool[block_tables[b[0], cur[0] + ahead], kv, h0[0] + hh, bs + ln, 0]),
+                                T.int32(0), T.int32(locality), T.int32(1)))
+                if dg % i8_step == 0:
+                    for kk in T.unroll(i8_kps):
+                        if dg // i8_step * i8_kps + kk < 16:
+                            key_loads(ch * 16 + dg // i8_step * i8_kps + kk, prefetch, ahead, locality, 0, lines)
+                for r in T.unroll(rtile):
+                    parti[r, T.Ramp(0, 1, 16)] = T.call_llvm_pure_intrin(
+                        "int32x16", "llvm.x86.avx512.vpdpbusd.512", parti[r, T.Ramp(0, 1, 16)],
+                        T.bitwise_xor(kv_bytes[T.Ramp(((page[0] * 2) * hkv + h0[0] + hh) * slab + (dg * bs + ch * 16) * 4, 1, 64)],
+                                      T.Broadcast(T.int8(-128), 64)),
+                        broadcast4(qw[R[0] + r, T.Ramp(dg * 4, 1, 4)]))
+            for r in T.unroll(rtile):
+                for v in T.vectorized(16):
+                    s[r, ch * 16 + v] = T.Select(
+                        visible(cur[0] * bs + ch * 16 + v, rt * rtile + r, length, n_new, i0, i1),
+                        capped(row_scaled((T.cast(parti[r, v], "float32") - qsc[R[0] + r, 1]) * qsc[R[0] + r, 0],
+                                          kv_scales, page[0], 0, h0[0] + hh, ch * 16 + v)),
+                        T.float32(NEG))
 
 def _qk_per_key():
     """Scores key by key (the default QK loop)."""
     for t in T.serial(t_lo[0], t_hi[0]):
         key_loads(t, prefetch, ahead, locality, 0, lines)
-        if qk_i8:
-            int8_dots(t)
         for r in T.unroll(rtile):
-            if not qk_i8:
-                for v in T.vectorized(vl):
-                    part[r, v] = T.float32(0)
+            for v in T.vectorized(vl):
+                part[r, v] = T.float32(0)
             if chains == 2:
                 for v in T.vectorized(vl):
                     part2[r, v] = T.float32(0)
-        for c in T.serial(0 if qk_i8 else nd // chains):
+        for c in T.serial(nd // chains):
             for r in T.unroll(rtile):
                 for v in T.vectorized(vl):
                     part[r, v] = part[r, v] + qf[R[0] + r, c * chains * vl + v] * kv_code(kv_pool, page[0], 0, h0[0] + hh, t, c * chains * vl + v)
@@ -581,7 +631,7 @@ def _qk_per_key():
                 for r in T.unroll(rtile):
                     for v in T.vectorized(vl):
                         part2[r, v] = part2[r, v] + qf[R[0] + r, (c * 2 + 1) * vl + v] * kv_code(kv_pool, page[0], 0, h0[0] + hh, t, (c * 2 + 1) * vl + v)
-        if nd % chains != 0 and not qk_i8:
+        if nd % chains != 0:
             for r in T.unroll(rtile):
                 for v in T.vectorized(vl):
                     part[r, v] = part[r, v] + qf[R[0] + r, (nd - 1) * vl + v] * kv_code(kv_pool, page[0], 0, h0[0] + hh, t, (nd - 1) * vl + v)
@@ -612,8 +662,6 @@ def _qk_per_key():
         for r in T.unroll(rtile):
             # key position (cur[0] * bs + t) vs this row's position, causal and windowed
             if visible(cur[0] * bs + t, rt * rtile + r, length, n_new, i0, i1):
-                if qk_i8:
-                    tree[0 if xrow else r, r * seg if xrow else 0] = (tree[0 if xrow else r, r * seg if xrow else 0] - qsc[R[0] + r, 1]) * qsc[R[0] + r, 0]
                 if has_cap:
                     s[r, t] = T.tanh(row_scaled(tree[0 if xrow else r, r * seg if xrow else 0], kv_scales, page[0], 0, h0[0] + hh, t) * inv_cap) * cap_log2e
                 else:
@@ -686,6 +734,55 @@ def _pv():
                     for v in T.vectorized(vl):
                         acc[R[0] + r, (cg * cgrp + c) * vl + v] = tile2[r, (c - hc) * vl + v]
 
+def _pv_int8():
+    """P·V of the block as integer dots (pv_int8) into the rows' accumulators."""
+    for r in T.serial(rtile):
+        # Weights times V's row scales (a masked key has weight 0, and its scale may be NaN).
+        for t in T.vectorized(bs):
+            s[r, t] = T.Select(s[r, t] > T.float32(0), s[r, t] * kv_scales[scale_index(spec, page[0], 1, h0[0] + hh, t)],
+                               T.float32(0))
+        for t in T.vectorized(bs):
+            red[r, t] = s[r, t]
+        tree_reduce(red, r, True, bs)
+        wsc[r, 0] = T.Select(red[r, 0] > T.float32(0), T.float32(255) / red[r, 0], T.float32(0))
+        wsc[r, 1] = red[r, 0] / T.float32(255)
+        for t in T.vectorized(bs):
+            pw[r, t] = T.cast(T.round(s[r, t] * wsc[r, 0]), "uint8")
+    for cg in T.serial(nd // cgrp):
+        for r in T.unroll(rtile):
+            for v in T.vectorized(hc * 16):
+                itile[r, v] = T.int32(0)
+                itile2[r, v] = T.int32(0)
+        for tq in T.serial(bs // 4):
+            if pf_head and rt == 0 and (passes * k_lines == lines or cg == 0):
+                for tt, kk, ln in T.grid(4, pf_kinds, k_lines):
+                    T.evaluate(T.call_llvm_intrin(
+                        "void", "llvm.prefetch.p0",
+                        T.address_of(kv_pool[nxt[0], kk, nxt[1], tq * 4 + tt, (cg * k_lines + ln) % lines * per_line]),
+                        T.int32(0), T.int32(head_locality), T.int32(1)))
+            for c in T.unroll(cgrp):
+                for r in T.unroll(rtile):
+                    if c < hc:
+                        itile[r, T.Ramp(c * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                            "int32x16", "llvm.x86.avx512.vpdpbusd.512", itile[r, T.Ramp(c * 16, 1, 16)],
+                            broadcast4(pw[r, T.Ramp(tq * 4, 1, 4)]),
+                            kv_bytes[T.Ramp(((page[0] * 2 + 1) * hkv + h0[0] + hh) * slab + (tq * d + (cg * cgrp + c) * 16) * 4, 1, 64)])
+                    else:
+                        itile2[r, T.Ramp((c - hc) * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                            "int32x16", "llvm.x86.avx512.vpdpbusd.512", itile2[r, T.Ramp((c - hc) * 16, 1, 16)],
+                            broadcast4(pw[r, T.Ramp(tq * 4, 1, 4)]),
+                            kv_bytes[T.Ramp(((page[0] * 2 + 1) * hkv + h0[0] + hh) * slab + (tq * d + (cg * cgrp + c) * 16) * 4, 1, 64)])
+        for r in T.unroll(rtile):
+            for c in T.unroll(cgrp):
+                if c < hc:
+                    for v in T.vectorized(16):
+                        acc[R[0] + r, (cg * cgrp + c) * 16 + v] = (acc[R[0] + r, (cg * cgrp + c) * 16 + v] * sca[r, 1]
+                                                                   + T.cast(itile[r, c * 16 + v], "float32") * wsc[r, 1])
+                else:
+                    for v in T.vectorized(16):
+                        acc[R[0] + r, (cg * cgrp + c) * 16 + v] = (acc[R[0] + r, (cg * cgrp + c) * 16 + v] * sca[r, 1]
+                                                                   + T.cast(itile2[r, (c - hc) * 16 + v], "float32") * wsc[r, 1])
+
 def _store_rows():
     """The task's rows: normalized into `out`, or its split's partials into the workspace."""
     for hh, r in T.grid(hpt, rows):
@@ -733,8 +830,8 @@ def _merge_splits():
 # Every stage by the name the others call it by (each sees the plan's values and the other stages).
 _STAGES = {
     "body": _body, "task_range": _task_range, "load_queries": _load_queries, "block_loop": _block_loop,
-    "key_loads": _key_loads, "quantize_query": _quantize_query, "int8_dots": _int8_dots, "qk_per_key": _qk_per_key, "qk_transposed": _qk_transposed,
-    "qk_key_group": _qk_key_group, "softmax": _softmax, "pv": _pv, "tree_reduce": _tree_reduce,
+    "key_loads": _key_loads, "quantize_query": _quantize_query, "qk_int8_lanes": _qk_int8_lanes, "qk_per_key": _qk_per_key, "qk_transposed": _qk_transposed,
+    "qk_key_group": _qk_key_group, "softmax": _softmax, "pv": _pv, "pv_int8": _pv_int8, "tree_reduce": _tree_reduce,
     "store_rows": _store_rows, "merge_splits": _merge_splits,
 }
 
@@ -780,20 +877,28 @@ def qk_knobs(spec: AttentionSpec, target: TargetInfo, rtile: int, row_merge: boo
         knobs.append(Knob("qk_key_group", (0, 1), 0))  # keys x rows per group: faster from cache only
     if int8_dot_supported(spec, target):
         knobs.append(Knob("qk_int8", (0, 1), 1))  # int8 KV: scores as VNNI integer dots (4x fewer operations)
+        knobs.append(Knob("prefetch_scales", (0, 1), 1))  # and requests for the next blocks' scale rows
+    if int8_dot_supported(spec, target, "pv"):
+        knobs.append(Knob("pv_int8", (0, 1), 1))  # int8 KV: P·V as VNNI integer dots of u8 weights
     return tuple(knobs)
 
 
-def int8_dot_supported(spec: AttentionSpec, target: TargetInfo) -> bool:
-    """Whether the integer-dot QK loop (qk_int8) can build: int8 KV, head_dim a multiple of 64 (one
-    512-bit load per 64 codes), and a host with AVX-512 VNNI."""
-    return spec.kv_dtype == "int8" and spec.head_dim % 64 == 0 and "avx512_vnni" in target.features
+def int8_dot_supported(spec: AttentionSpec, target: TargetInfo, loop: str = "qk") -> bool:
+    """Whether an integer-dot loop of an int8 pool can build: a host with AVX-512 VNNI, and for the
+    QK loop (qk_int8) block_size a multiple of 16 (one 64-byte load holds 16 keys' codes of 4
+    dims), for P·V (pv_int8) a multiple of 4 (one 32-bit lane holds 4 keys' codes of a dim)."""
+    return (spec.kv_dtype == "int8" and spec.block_size % (16 if loop == "qk" else 4) == 0
+            and "avx512_vnni" in target.features)
 
 
 def check(spec: AttentionSpec, target: TargetInfo, config: dict[str, Any], rows: int) -> str | None:
     """Why `config` cannot build on `target` for a task of `rows` query rows per KV head, or None."""
     if config.get("qk_int8") and not int8_dot_supported(spec, target):
-        return (f"qk_int8 needs kv_dtype int8 (not {spec.kv_dtype}), head_dim a multiple of 64 (not "
-                f"{spec.head_dim}) and a host with AVX-512 VNNI")
+        return (f"qk_int8 needs kv_dtype int8 (not {spec.kv_dtype}), block_size a multiple of 16 (not "
+                f"{spec.block_size}) and a host with AVX-512 VNNI")
+    if config.get("pv_int8") and not int8_dot_supported(spec, target, "pv"):
+        return (f"pv_int8 needs kv_dtype int8 (not {spec.kv_dtype}), block_size a multiple of 4 (not "
+                f"{spec.block_size}) and a host with AVX-512 VNNI")
     if spec.head_dim % config["vector_lanes"]:
         return f"head_dim {spec.head_dim} is not a multiple of vector_lanes {config['vector_lanes']}"
     if spec.num_kv_heads % config["kv_heads_per_task"]:

@@ -89,7 +89,8 @@ def cache_write_quantized(spec: AttentionSpec, lanes: int):
                     kv_scales[kv_codec.scale_index(spec, slot // bs, c, h, slot % bs)] = amax[0] / T.float32(top)
                     for x in T.serial(steps):
                         for ln in T.vectorized(lanes):
-                            kv_pool[slot // bs, c, h, slot % bs, x * lanes + ln] = kv_codec.encode(
+                            kv_pool[slot // bs, c, h, kv_codec.code_row(spec, c, slot % bs, x * lanes + ln),
+                                    kv_codec.code_col(spec, c, slot % bs, x * lanes + ln)] = kv_codec.encode(
                                 spec, T.min(T.max(row[x * lanes + ln] * inv, T.float32(-top)), T.float32(top)))
 
     return func

@@ -27,11 +27,44 @@ def scale_index(spec: AttentionSpec, blk, c, h, t):
     return ((blk * 2 + c) * spec.num_kv_heads + h) * scale_words(spec) + spec.block_size * spec.head_dim // 4 + t
 
 
+def code_offset(spec: AttentionSpec, c, t, x):
+    """Byte offset in its slab's code bytes of the code of token row t, element x, of K (c = 0) or V
+    (c = 1; c may be an expression): t * head_dim + x, except in an int8 pool, whose slabs are
+    4-interleaved (spec.KV_LAYOUT_INT8, kv_quant.pack_codes)."""
+    bs, d = spec.block_size, spec.head_dim
+    if spec.kv_dtype != "int8":
+        return t * d + x
+    q = min(4, bs)
+    k_off = (x // 4 * bs + t) * 4 + x % 4
+    v_off = (t // q * d + x) * q + t % q
+    if isinstance(c, int):
+        return k_off if c == 0 else v_off
+    return T.Select(c == 0, k_off, v_off)
+
+
+def code_row(spec: AttentionSpec, c, t, x):
+    """The slab row (pool axis 3) holding the code of (token row t, element x); see code_offset."""
+    return t if spec.kv_dtype != "int8" else code_offset(spec, c, t, x) // spec.head_dim
+
+
+def code_col(spec: AttentionSpec, c, t, x):
+    """The slab column (pool axis 4) holding the code of (token row t, element x)."""
+    return x if spec.kv_dtype != "int8" else code_offset(spec, c, t, x) % spec.head_dim
+
+
+def code_at(spec: AttentionSpec, pool, blk, c, h, t, x):
+    """The pool element holding the code of (token row t, element x) of (blk, c, h)."""
+    return pool[blk, c, h, code_row(spec, c, t, x), code_col(spec, c, t, x)]
+
+
 def code_loader(spec: AttentionSpec):
-    """f(pool, blk, c, h, t, x): pool[blk, c, h, t, x] (c = 0 for K, 1 for V) as float32, before its
-    row's scale: the value itself for a float pool, the code's value for a quantized one."""
+    """f(pool, blk, c, h, t, x): element x of token row t of (blk, c, h) (c = 0 for K, 1 for V) as
+    float32, before its row's scale: the value itself for a float pool, the code's value for a
+    quantized one."""
     if spec.kv_dtype == "fp8_e4m3":
         return lambda pool, blk, c, h, t, x: decode_e4m3(pool[blk, c, h, t, x])
+    if spec.kv_dtype == "int8":
+        return lambda pool, blk, c, h, t, x: T.cast(code_at(spec, pool, blk, c, h, t, x), "float32")
     return lambda pool, blk, c, h, t, x: T.cast(pool[blk, c, h, t, x], "float32")
 
 

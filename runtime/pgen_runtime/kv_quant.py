@@ -3,7 +3,9 @@
 Each cached (token, head) row of K or V gets its own float32 scale, amax(|row|) / QMAX (QMAX = 127
 for int8, 448 for fp8 e4m3), and codes = round(row * (QMAX / amax)) (int8: to nearest even, clamped
 to +-127; fp8: e4m3 "fn" to nearest even, clamped to +-448). A row of zeros has scale 0. A value is
-code * scale. The scales live in the pool, after each block's token rows (spec.KV_LAYOUT_QUANTIZED).
+code * scale. The scales live in the pool, after each block's token rows (spec.KV_LAYOUT_QUANTIZED);
+an int8 pool stores each slab's code bytes 4-interleaved for integer dot products
+(spec.KV_LAYOUT_INT8, `pack_codes`), so read and write codes through `pool_codes` / `set_pool_codes`.
 
 References, tests and tools use these functions; `pgen.schedules.kv_codec` is the same codec in TIR.
 """
@@ -79,10 +81,62 @@ def set_pool_scales(spec: AttentionSpec, pool: np.ndarray, scales: np.ndarray) -
     pool[:, :, :, spec.block_size:, :] = raw.reshape(nb, 2, hkv, rows - spec.block_size, d)
 
 
+def v_quad(spec: AttentionSpec) -> int:
+    """Tokens interleaved per 32-bit lane in an int8 pool's V slabs: min(4, block_size)."""
+    return min(4, spec.block_size)
+
+
+def pack_codes(spec: AttentionSpec, codes: np.ndarray, kv: int) -> np.ndarray:
+    """The stored bytes [..., block_size, head_dim] of a slab's codes [..., block_size, head_dim] in
+    token-row order, for K (kv=0) or V (kv=1): an int8 pool's 4-interleaved order
+    (spec.KV_LAYOUT_INT8), the codes themselves for fp8."""
+    if spec.kv_dtype != "int8":
+        return codes
+    bs, d = spec.block_size, spec.head_dim
+    lead = codes.shape[:-2]
+    if kv == 0:  # [BS, D/4, 4] -> [D/4, BS, 4]
+        packed = codes.reshape(*lead, bs, d // 4, 4).swapaxes(-3, -2)
+    else:  # [BS/Q, Q, D] -> [BS/Q, D, Q]
+        q = v_quad(spec)
+        packed = codes.reshape(*lead, bs // q, q, d).swapaxes(-2, -1)
+    return np.ascontiguousarray(packed).reshape(*lead, bs, d)
+
+
+def unpack_codes(spec: AttentionSpec, stored: np.ndarray, kv: int) -> np.ndarray:
+    """Token-row codes [..., block_size, head_dim] of a slab's stored bytes (inverse of pack_codes)."""
+    if spec.kv_dtype != "int8":
+        return stored
+    bs, d = spec.block_size, spec.head_dim
+    lead = stored.shape[:-2]
+    if kv == 0:
+        rows = stored.reshape(*lead, d // 4, bs, 4).swapaxes(-3, -2)
+    else:
+        q = v_quad(spec)
+        rows = stored.reshape(*lead, bs // q, d, q).swapaxes(-2, -1)
+    return np.ascontiguousarray(rows).reshape(*lead, bs, d)
+
+
+def pool_codes(spec: AttentionSpec, pool: np.ndarray) -> np.ndarray:
+    """The codes [num_blocks, 2, Hkv, block_size, head_dim] of a quantized pool in token-row order
+    (a copy)."""
+    _check(spec, pool)
+    stored = pool[:, :, :, : spec.block_size, :]
+    return np.stack([unpack_codes(spec, stored[:, kv], kv) for kv in (0, 1)], axis=1)
+
+
+def set_pool_codes(spec: AttentionSpec, pool: np.ndarray, codes: np.ndarray) -> None:
+    """Write token-row codes [num_blocks, 2, Hkv, block_size, head_dim] into a quantized pool, in
+    place (a single slab's codes [block_size, head_dim] per K/V broadcast to every block and head)."""
+    _check(spec, pool)
+    for kv in (0, 1):
+        pool[:, kv, :, : spec.block_size, :] = pack_codes(spec, codes[..., kv, :, :, :] if codes.ndim == 5
+                                                          else codes[kv], kv)
+
+
 def dequantize_pool(spec: AttentionSpec, pool: np.ndarray) -> np.ndarray:
     """float32 [num_blocks, 2, Hkv, block_size, head_dim] values of a quantized pool (NaN scales,
     the tests' poison for unused slots, stay NaN)."""
-    return dequantize_rows(spec, pool[:, :, :, : spec.block_size, :], pool_scales(spec, pool))
+    return dequantize_rows(spec, pool_codes(spec, pool), pool_scales(spec, pool))
 
 
 def quantize_pool(spec: AttentionSpec, values: np.ndarray) -> np.ndarray:
@@ -95,7 +149,7 @@ def quantize_pool(spec: AttentionSpec, values: np.ndarray) -> np.ndarray:
     codes, scales = quantize_rows(spec, np.nan_to_num(values, nan=0.0))
     scales[poisoned] = np.nan
     pool = np.zeros(spec.pool_shape(nb), spec.kv_storage_dtype)
-    pool[:, :, :, : spec.block_size] = codes
+    set_pool_codes(spec, pool, codes)
     set_pool_scales(spec, pool, scales)
     return pool
 

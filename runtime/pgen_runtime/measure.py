@@ -238,9 +238,10 @@ def check_output(spec: AttentionSpec, out, want: np.ndarray | None) -> None:
         return
     got = _as_float(to_numpy(out, spec.dtype), spec.dtype)
     err = float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-6))
-    if not np.isfinite(err) or err > TOLERANCE[spec.dtype]:
-        raise ValueError(f"wrong result: max relative error {err:.3g} > {TOLERANCE[spec.dtype]:g} "
-                         f"against the float64 reference")
+    # An int8 cache's P·V may round its weights to u8 codes (pv_int8): a looser bound.
+    tol = max(TOLERANCE[spec.dtype], reference.INT8_KV_TOLERANCE if spec.kv_dtype == "int8" else 0.0)
+    if not np.isfinite(err) or err > tol:
+        raise ValueError(f"wrong result: max relative error {err:.3g} > {tol:g} against the float64 reference")
 
 
 def device_info(device: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 from .errors import PackageError, ShapeError
 from .kernel_table import KERNEL_NAMES
 from .kernels import PagedKernels
-from .spec import KV_LAYOUT, KV_LAYOUT_QUANTIZED, AttentionSpec
+from .spec import KV_LAYOUT, KV_LAYOUT_INT8, KV_LAYOUT_QUANTIZED, AttentionSpec
 from .target import missing_cpu_features
 from .tensors import parse_device
 
@@ -54,9 +54,10 @@ def read_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
     if version != FORMAT_VERSION:
         raise PackageError(f"{root} has format version {version!r}; this runtime reads version {FORMAT_VERSION}. "
                            "Rebuild the package with a matching pgen, or upgrade pgen-runtime")
-    if manifest.get("kv_layout") not in (KV_LAYOUT, KV_LAYOUT_QUANTIZED):
+    if manifest.get("kv_layout") not in (KV_LAYOUT, KV_LAYOUT_QUANTIZED, KV_LAYOUT_INT8):
         raise PackageError(f"{root} uses KV layout {manifest.get('kv_layout')!r}; this runtime reads {KV_LAYOUT} "
-                           f"(and {KV_LAYOUT_QUANTIZED} for int8/fp8 KV). Rebuild the package with a matching pgen")
+                           f"({KV_LAYOUT_QUANTIZED} for fp8 KV, {KV_LAYOUT_INT8} for int8 KV). Rebuild the "
+                           "package with a matching pgen")
     files = manifest.get("files") or {}
     # NOTE: the manifest is not hashed, so an emptied or edited "files" list must not switch the
     # checks off: every file in the package has to be listed, and every listed file must match.
@@ -112,7 +113,7 @@ def load_package(path: str | Path, device: str = "cpu") -> PagedKernels:
     spec = AttentionSpec.from_dict(manifest["spec"], source=f"{root / MANIFEST}")
     if manifest["kv_layout"] != spec.kv_layout:
         raise PackageError(f"{root}: the manifest's KV layout {manifest['kv_layout']!r} is not that of its spec "
-                           f"(kv_dtype {spec.kv_dtype}: {spec.kv_layout!r}); the package was altered, rebuild it")
+                           f"(kv_dtype {spec.kv_dtype}: {spec.kv_layout!r}); it was altered or built by an older pgen: rebuild it")
     return PagedKernels(spec, functions, device, {n: info["config"] for n, info in kernels.items()})
 
 

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kv_quant import dequantize_pool
+from .kv_quant import dequantize_pool, pool_scales
 from .spec import AttentionSpec
+
+# The largest error of an int8 cache's attention output, relative to its largest value, that a
+# check allows where it does not compute `weight_rounding_allowance`: P·V's u8 weights (pv_int8)
+# add up to half a code of 1/255 per weight (measured: 5e-3 of a row's largest value, random K/V).
+INT8_KV_TOLERANCE = 2e-2
 
 
 def gather_kv(spec: AttentionSpec, pool: np.ndarray, table: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -28,9 +33,14 @@ def gather_kv(spec: AttentionSpec, pool: np.ndarray, table: np.ndarray, length: 
 
 def attend(spec: AttentionSpec, q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """Causal attention of query rows q [n, Hq, D] at `positions` over keys k, v [L, Hkv, D]."""
+    p = weights(spec, q, k, positions)
+    return np.einsum("hnl,lhd->nhd", p, np.repeat(v, spec.group_size, axis=1))
+
+
+def weights(spec: AttentionSpec, q: np.ndarray, k: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """The softmax weights [Hq, n, L] of query rows q [n, Hq, D] at `positions` over keys k."""
     g = spec.group_size
     kk = np.repeat(k, g, axis=1)  # [L, Hq, D]
-    vv = np.repeat(v, g, axis=1)
     logits = np.einsum("nhd,lhd->hnl", q.astype(np.float64), kk) * spec.scale
     if spec.logit_softcap is not None:
         logits = spec.logit_softcap * np.tanh(logits / spec.logit_softcap)
@@ -42,7 +52,40 @@ def attend(spec: AttentionSpec, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos
     logits -= logits.max(axis=-1, keepdims=True)
     p = np.exp(logits)
     p /= p.sum(axis=-1, keepdims=True)
-    return np.einsum("hnl,lhd->nhd", p, vv)
+    return p
+
+
+def weight_rounding_allowance(spec: AttentionSpec, q, pool, tables, seq_lens, q_indptr=None) -> np.ndarray:
+    """Per output value [NT, Hq, D], the most that P·V with u8 weights (an int8 cache's pv_int8) may
+    move decode (q_indptr None) or extend from `decode`/`extend`: each weight times its V row's
+    scale is rounded to a code of 1/255 of the largest such product in its (row, block), so by at
+    most half of that, times the |V codes| it multiplies, summed over the row's blocks (in
+    normalized weights; the running max the kernel uses cancels). Zero for other caches."""
+    q = queries(spec, q)
+    out = np.zeros(q.shape, np.float64)
+    if spec.kv_dtype != "int8":
+        return out
+    bs = spec.block_size
+    for b, length in enumerate(seq_lens):
+        length = int(length)
+        lo, hi = (b, b + 1) if q_indptr is None else (int(q_indptr[b]), int(q_indptr[b + 1]))
+        if hi == lo:
+            continue
+        k, v = gather_kv(spec, pool, tables[b], length)
+        pos = np.arange(length)
+        blocks = tables[b][pos // bs]
+        vs = pool_scales(spec, pool[np.unique(blocks)])[np.unique(blocks, return_inverse=True)[1], 1, :, pos % bs]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            codes = np.abs(np.where(vs[..., None] > 0, v / vs[..., None], 0.0))  # [L, Hkv, D]
+        p = weights(spec, q[lo:hi], k, np.arange(length - (hi - lo), length))  # [Hq, n, L]
+        g = spec.group_size
+        w = p * np.repeat(vs.T, g, axis=0)[:, None, :]  # weight x V scale
+        nblk = -(-length // bs)
+        pad = nblk * bs - length
+        wb = np.pad(w, ((0, 0), (0, 0), (0, pad))).reshape(*w.shape[:2], nblk, bs).max(axis=-1)  # [Hq, n, blocks]
+        cb = np.pad(np.repeat(codes, g, axis=1), ((0, pad), (0, 0), (0, 0))).reshape(nblk, bs, q.shape[1], -1).sum(axis=1)
+        out[lo:hi] = np.einsum("hnb,bhd->nhd", wb / 510.0, cb)
+    return out
 
 
 def int8_queries(spec: AttentionSpec, q: np.ndarray) -> np.ndarray:

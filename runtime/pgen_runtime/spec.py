@@ -29,6 +29,14 @@ KV_LAYOUT = "NB,2,HKV,BS,D"
 # from the first byte of row block_size (value = code * scale). The scales stay with their block, so
 # block copies and swaps move them without knowing of them; decode reads 4 bytes per row beside it.
 KV_LAYOUT_QUANTIZED = "NB,2,HKV,BS+S,D;S=ceil(4*BS/D);scales=f32[BS]@row BS"
+# NOTE: an int8 pool has the same slabs, but the BS x D code bytes of each (block, K/V, head) slab are
+# stored 4-interleaved for integer dot products (AVX-512 VNNI's vpdpbusd sums 4 adjacent byte
+# products per 32-bit lane): K as [D/4][BS][4] (byte j of row t's dims 4i..4i+3 at (i * BS + t) * 4
+# + j: one 64-byte load holds 16 tokens' next 4 dims, so scores come out one lane per token), V as
+# [BS/Q][D][Q] with Q = min(4, BS) (token Q * i + j of dim x at (i * D + x) * Q + j: one load holds
+# 16 dims' next 4 tokens, so P.V sums 4 tokens per lane). kv_quant.pack_codes / unpack_codes convert.
+KV_LAYOUT_INT8 = ("NB,2,HKV,BS+S,D;S=ceil(4*BS/D);scales=f32[BS]@row BS;"
+                  "codes K=[D/4][BS][4],V=[BS/Q][D][Q],Q=min(4,BS)")
 # Block id 0 is reserved: block tables are padded with it and the manager never hands it out.
 NULL_BLOCK_ID = 0
 
@@ -104,6 +112,8 @@ class AttentionSpec:
 
     @property
     def kv_layout(self) -> str:
+        if self.kv_dtype == "int8":
+            return KV_LAYOUT_INT8
         return KV_LAYOUT_QUANTIZED if self.kv_quantized else KV_LAYOUT
 
     @property
