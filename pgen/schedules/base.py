@@ -99,7 +99,7 @@ def elem_bytes(dtype: str) -> int:
     return {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int8": 1, "uint8": 1}[dtype]
 
 
-def attention_func(spec: AttentionSpec, body):
+def attention_func(spec: AttentionSpec, body, index64: bool = False):
     """The PrimFunc every decode and extend rule returns: the runtime's calling convention around
     `body`, a macro (a template's `_body` stage) called with (q, kv_pool, block_tables, q_indptr,
     seq_lens, out, num_splits, max_q_tiles, B, NT), which holds the rule's own workspace and loops.
@@ -110,6 +110,11 @@ def attention_func(spec: AttentionSpec, body):
     runtime chooses per call. The body also sees `kv_scales`, the pool's memory as float32 words,
     where a quantized pool keeps its scales (`kv_codec`), and `kv_bytes`, the pool as one flat
     buffer (an int8 pool's interleaved code vectors may span slab rows).
+
+    `index64`: the pool's block count is int64, so its element offsets are computed in int64 and a
+    pool of more than 2^31 elements is addressed right (the CPU templates). The CUDA templates keep
+    int32 offsets (64-bit addresses cost registers: a tuned kernel spilled) and the runtime refuses a
+    CUDA pool of 2^31 elements or more (`pgen_runtime.kernels.MAX_CUDA_POOL_ELEMENTS`).
     """
     hq, hkv, d, rows = spec.num_q_heads, spec.num_kv_heads, spec.head_dim, spec.pool_rows
     dtype, kv_dtype = spec.dtype, spec.kv_storage_dtype
@@ -129,7 +134,7 @@ def attention_func(spec: AttentionSpec, body):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         B = T.int32()
         NT = T.int32()
-        NB = T.int32()
+        NB = T.int64() if index64 else T.int32()
         MB = T.int32()
         q = T.match_buffer(q_h, (NT, hq, d), dtype, align=elem_bytes(dtype))
         kv_pool = T.match_buffer(pool_h, (NB, 2, hkv, rows, d), kv_dtype, align=elem_bytes(kv_dtype))
@@ -193,10 +198,10 @@ def stage(func, names: dict[str, Any]):
     return lambda *args, **kwargs: macro(*args, **kwargs)
 
 
-def instantiate(spec: AttentionSpec, names: dict[str, Any], stages: dict[str, Any]):
+def instantiate(spec: AttentionSpec, names: dict[str, Any], stages: dict[str, Any], index64: bool = False):
     """The PrimFunc of an attention template written in stages: every stage function of `stages`
     bound (`stage`) to the template's values `names` and to the other stages by name, and
     `stages["body"]` run inside `attention_func`."""
     for name, func in stages.items():
         names[name] = stage(func, names)
-    return attention_func(spec, names["body"])
+    return attention_func(spec, names["body"], index64)

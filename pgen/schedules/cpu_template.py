@@ -37,7 +37,7 @@ NEG = -3.0e38
 
 def attention(spec: AttentionSpec, decode: bool, config: dict[str, Any]):
     """The scheduled decode (`decode`) or extend PrimFunc of `spec` with `config`'s knobs."""
-    return instantiate(spec, _plan(spec, decode, config), _STAGES)
+    return instantiate(spec, _plan(spec, decode, config), _STAGES, index64=True)
 
 
 def _merge(a, b, lanes: int, level: int):
@@ -68,6 +68,11 @@ def _merge_all(vecs, lanes: int):
         vecs = [_merge(vecs[2 * i], vecs[2 * i + 1], lanes, level) for i in range(len(vecs) // 2)]
         level += 1
     return vecs[0]
+
+
+def repeat4(x, lanes: int):
+    """A 4-lane vector x repeated to `lanes` lanes (vbroadcastf32x4 from memory)."""
+    return T.Shuffle([x] * (lanes // 4), [i % 4 for i in range(lanes)])
 
 
 def broadcast4(codes):
@@ -126,12 +131,10 @@ def _plan(spec: AttentionSpec, decode: bool, config: dict[str, Any]) -> dict[str
     # it a runtime choice per task inside one kernel slowed both loops.
     qk_t = bool(config.get("qk_transpose", 0)) and bs % vl == 0
     # int8 KV: scores as integer dot products (AVX-512 VNNI vpdpbusd, 64 byte products per
-    # instruction against 16 FMAs): each query row quantized to int8 once per task, K codes read
-    # as unsigned by flipping their sign bit (code + 128), which adds 128 * sum(q codes) to every
-    # dot; the key-by-key loop of 16-lane vectors only (the other loops score the same int8
+    # instruction against 16 FMAs), one lane per key of the interleaved K (`_qk_int8_lanes`): each
+    # query row quantized to int8 once per task (without it the quads loop scores the same int8
     # queries in float32). See int8_dot_supported.
-    qk_i8 = (bool(config.get("qk_int8", 0)) and vl == 16 and not qk_t and not config.get("qk_key_group", 0)
-             and bs % 16 == 0)
+    qk_i8 = bool(config.get("qk_int8", 0)) and vl == 16 and bs % 16 == 0 and spec.kv_dtype == "int8"
     # int8 KV, P·V as integer dots too (pv_int8): per row and block, the weights P times V's row
     # scales are rounded to u8 codes of the block's largest / 255, and 4 keys' weights (one 32-bit
     # broadcast) times 16 dims' 4 V codes (one load of the interleaved V) are one vpdpbusd; each
@@ -139,6 +142,17 @@ def _plan(spec: AttentionSpec, decode: bool, config: dict[str, Any]) -> dict[str
     # (at most half a code, 1/510 of the block's largest weight, per weight) to the error.
     pv_i8 = bool(config.get("pv_int8", 0)) and vl == 16 and bs % 4 == 0 and spec.kv_dtype == "int8"
     slab = spec.pool_rows * d  # bytes of one (block, K/V, head) slab of a quantized pool
+
+    def slab_start(blk, c, h):
+        """Index in kv_bytes (int64: a pool may hold more than 2^31 bytes) of slab (blk, c, h)."""
+        return ((T.Cast("int64", blk) * 2 + c) * hkv + h) * slab
+    # An int8 pool's interleaved codes without the VNNI loops: QK in vectors of m4 = vl / 4 keys x 4
+    # dims (one load), P·V in vectors of vl / 4 dims x 4 keys (`_qk_quads`, `_pv_quads`). The other
+    # QK loops read rows of contiguous dims, which this layout does not have.
+    m4 = max(vl // 4, 1)
+    qk_q4 = spec.kv_dtype == "int8" and not qk_i8 and bs % m4 == 0
+    pv_q4 = spec.kv_dtype == "int8" and not pv_i8 and bs % 4 == 0
+    q4_level = (vl.bit_length() - 1) - 2  # the _merge level that sums 4 adjacent lanes to 2
     # qk_int8 also requests the scale rows of the block `ahead` on (K's and V's, at its first chunk).
     pf_scales = bool(config.get("prefetch", 1)) and bool(config.get("prefetch_scales", 0))
     i8_step = max(d // 4 // 16, 1)  # qk_int8: dims' steps between two keys' memory requests
@@ -154,6 +168,8 @@ def _plan(spec: AttentionSpec, decode: bool, config: dict[str, Any]) -> dict[str
     # vector is loaded once per group, and all rtile x kq lane sums reduced together into one
     # vector; rtile such vectors (one vector_lanes chunk of keys) are transposed into row vectors.
     qkg = bool(config.get("qk_key_group", 0)) and not qk_t and rtile in (1, 2, 4, 8) and vl >= rtile and bs % vl == 0
+    if spec.kv_dtype == "int8":  # its K has no rows of contiguous dims: qk_int8 or the quads loop
+        qk_t = qkg = False
     kq = vl // rtile
     kh = max(kq // 2, 1)
     kg = min(4 if rtile <= 4 else 2, vl)
@@ -177,6 +193,7 @@ def _plan(spec: AttentionSpec, decode: bool, config: dict[str, Any]) -> dict[str
     # P·V makes nd / cgrp passes over the block's V rows; each requests its share of the lines of
     # the next head's rows (all of them in the first pass when they do not divide evenly).
     passes = nd // cgrp
+    k_lines_q4 = lines // nd if lines % nd == 0 else lines  # _pv_quads' share of the next head's lines per pass
     k_lines = lines // passes if lines % passes == 0 else lines
     locality = config.get("prefetch_locality", 2)
     head_locality = config.get("prefetch_head_locality", locality)
@@ -281,6 +298,8 @@ def _body(q, kv_pool, block_tables, q_indptr, seq_lens, out, num_splits, max_q_t
             run_len = T.sblock_alloc_buffer((1,), "int32")
             qf = T.sblock_alloc_buffer((hpt * rows, d), "float32")
             qw = T.sblock_alloc_buffer((hpt * rows if q_i8 else 1, d), "int8")  # int8 query codes
+            # _qk_quads' query rows: 4 dims at a time, repeated to a vector (one FMA operand each)
+            q4 = T.sblock_alloc_buffer((hpt * rows if qk_q4 else 1, d // 4 * vl if qk_q4 else 1), "float32")
             qsc = T.sblock_alloc_buffer((hpt * rows if q_i8 else 1, 3), "float32")  # their scale, 128 * sum, 1 / scale
             acc = T.sblock_alloc_buffer((hpt * rows, d), "float32")
             mrow = T.sblock_alloc_buffer((hpt * rows,), "float32")
@@ -372,6 +391,9 @@ def _load_queries():
                 )
             if q_i8:
                 quantize_query(hh * rows + r)
+            if qk_q4:
+                for dg in T.serial(d // 4):
+                    q4[hh * rows + r, T.Ramp(dg * vl, 1, vl)] = repeat4(qf[hh * rows + r, T.Ramp(dg * 4, 1, 4)], vl)
 
 def _quantize_query(row):
     """Row `row` of qf as int8 codes (qw), with their scale amax / 127 and 128 * their sum (qsc),
@@ -415,6 +437,8 @@ def _block_loop():
                     wsc = T.sblock_alloc_buffer((rtile, 2), "float32")  # their 255 / largest, largest / 255
                     itile = T.sblock_alloc_buffer((rtile, hc * 16 if pv_i8 else 1), "int32")
                     itile2 = T.sblock_alloc_buffer((rtile, hc * 16 if pv_i8 else 1), "int32")
+                    qa4 = T.sblock_alloc_buffer((rtile, 2 * vl if pv_q4 else 1), "float32")  # _pv_quads' tile
+                    qb4 = T.sblock_alloc_buffer((rtile, 2 * vl if pv_q4 else 1), "float32")
                     part2 = T.sblock_alloc_buffer((rtile, vl), "float32")
                     tree = T.sblock_alloc_buffer((rtile, vl), "float32")
                     tile = T.sblock_alloc_buffer((rtile, hc * vl), "float32")
@@ -456,6 +480,8 @@ def _block_loop():
                         qk_key_group()
                     elif qk_i8:
                         qk_int8_lanes()
+                    elif qk_q4:
+                        qk_quads()
                     else:
                         qk_per_key()
                     if touch_v:
@@ -463,6 +489,8 @@ def _block_loop():
                     softmax()
                     if pv_i8:
                         pv_int8()
+                    elif pv_q4:
+                        pv_quads()
                     else:
                         pv()
 
@@ -602,7 +630,7 @@ def _qk_int8_lanes():
                 for r in T.unroll(rtile):
                     parti[r, T.Ramp(0, 1, 16)] = T.call_llvm_pure_intrin(
                         "int32x16", "llvm.x86.avx512.vpdpbusd.512", parti[r, T.Ramp(0, 1, 16)],
-                        T.bitwise_xor(kv_bytes[T.Ramp(((page[0] * 2) * hkv + h0[0] + hh) * slab + (dg * bs + ch * 16) * 4, 1, 64)],
+                        T.bitwise_xor(kv_bytes[T.Ramp(slab_start(page[0], 0, h0[0] + hh) + (dg * bs + ch * 16) * 4, T.int64(1), 64)],
                                       T.Broadcast(T.int8(-128), 64)),
                         broadcast4(qw[R[0] + r, T.Ramp(dg * 4, 1, 4)]))
             for r in T.unroll(rtile):
@@ -611,6 +639,32 @@ def _qk_int8_lanes():
                         visible(cur[0] * bs + ch * 16 + v, rt * rtile + r, length, n_new, i0, i1),
                         capped(row_scaled((T.cast(parti[r, v], "float32") - qsc[R[0] + r, 1]) * qsc[R[0] + r, 0],
                                           kv_scales, page[0], 0, h0[0] + hh, ch * 16 + v)),
+                        T.float32(NEG))
+
+def _qk_quads():
+    """Scores of an int8 pool's interleaved K in float32 (no qk_int8): per 4 dims, one load of m4
+    keys' codes (vl lanes: key-major, 4 dims each) times the row's 4 query values repeated (`q4`,
+    made once per task), summed over the dims' steps; each key's 4 lanes are then summed."""
+    for ch in T.serial(bs // m4):
+        if ch * m4 < t_hi[0] and ch * m4 + m4 > t_lo[0]:
+            for r in T.unroll(rtile):
+                for v in T.vectorized(vl):
+                    part[r, v] = T.float32(0)
+            for dg in T.serial(d // 4):
+                if dg < m4:
+                    key_loads(ch * m4 + dg, prefetch, ahead, locality, 0, lines)
+                for r in T.unroll(rtile):
+                    part[r, T.Ramp(0, 1, vl)] = part[r, T.Ramp(0, 1, vl)] + q4[R[0] + r, T.Ramp(dg * vl, 1, vl)] * T.Cast(
+                        f"float32x{vl}", kv_bytes[T.Ramp(slab_start(page[0], 0, h0[0] + hh) + (dg * bs + ch * m4) * 4, T.int64(1), vl)])
+            if d // 4 < m4:
+                for kk in T.serial(d // 4, m4):
+                    key_loads(ch * m4 + kk, prefetch, ahead, locality, 0, lines)
+            for r in T.unroll(rtile):
+                tree[r, T.Ramp(0, 1, vl)] = _butterfly(_butterfly(part[r, T.Ramp(0, 1, vl)], vl, 1), vl, 2)
+                for j in T.unroll(m4):
+                    s[r, ch * m4 + j] = T.Select(
+                        visible(cur[0] * bs + ch * m4 + j, rt * rtile + r, length, n_new, i0, i1),
+                        capped(row_scaled(tree[r, j * 4], kv_scales, page[0], 0, h0[0] + hh, ch * m4 + j)),
                         T.float32(NEG))
 
 def _qk_per_key():
@@ -766,12 +820,12 @@ def _pv_int8():
                         itile[r, T.Ramp(c * 16, 1, 16)] = T.call_llvm_pure_intrin(
                             "int32x16", "llvm.x86.avx512.vpdpbusd.512", itile[r, T.Ramp(c * 16, 1, 16)],
                             broadcast4(pw[r, T.Ramp(tq * 4, 1, 4)]),
-                            kv_bytes[T.Ramp(((page[0] * 2 + 1) * hkv + h0[0] + hh) * slab + (tq * d + (cg * cgrp + c) * 16) * 4, 1, 64)])
+                            kv_bytes[T.Ramp(slab_start(page[0], 1, h0[0] + hh) + (tq * d + (cg * cgrp + c) * 16) * 4, T.int64(1), 64)])
                     else:
                         itile2[r, T.Ramp((c - hc) * 16, 1, 16)] = T.call_llvm_pure_intrin(
                             "int32x16", "llvm.x86.avx512.vpdpbusd.512", itile2[r, T.Ramp((c - hc) * 16, 1, 16)],
                             broadcast4(pw[r, T.Ramp(tq * 4, 1, 4)]),
-                            kv_bytes[T.Ramp(((page[0] * 2 + 1) * hkv + h0[0] + hh) * slab + (tq * d + (cg * cgrp + c) * 16) * 4, 1, 64)])
+                            kv_bytes[T.Ramp(slab_start(page[0], 1, h0[0] + hh) + (tq * d + (cg * cgrp + c) * 16) * 4, T.int64(1), 64)])
         for r in T.unroll(rtile):
             for c in T.unroll(cgrp):
                 if c < hc:
@@ -782,6 +836,41 @@ def _pv_int8():
                     for v in T.vectorized(16):
                         acc[R[0] + r, (cg * cgrp + c) * 16 + v] = (acc[R[0] + r, (cg * cgrp + c) * 16 + v] * sca[r, 1]
                                                                    + T.cast(itile2[r, (c - hc) * 16 + v], "float32") * wsc[r, 1])
+
+def _pv_quads():
+    """P·V of an int8 pool's interleaved V in float32 (no pv_int8): per 4 keys, one load of vl / 4
+    dims' codes (vl lanes: dim-major, 4 keys each) times the 4 keys' weights repeated, summed over
+    the block's key quads; four such vectors (vl consecutive dims) are then reduced to one by two
+    _merge levels into the accumulators."""
+    for r in T.serial(rtile):
+        # Weights times V's row scales (a masked key has weight 0, and its scale may be NaN).
+        for t in T.vectorized(bs):
+            s[r, t] = T.Select(s[r, t] > T.float32(0), s[r, t] * kv_scales[scale_index(spec, page[0], 1, h0[0] + hh, t)],
+                               T.float32(0))
+    for cg in T.serial(nd):
+        for r in T.unroll(rtile):
+            for v in T.vectorized(2 * vl):
+                qa4[r, v] = T.float32(0)
+                qb4[r, v] = T.float32(0)
+        for tq in T.serial(bs // 4):
+            if pf_head and rt == 0 and (nd * k_lines_q4 == lines or cg == 0):
+                for tt, kk, ln in T.grid(4, pf_kinds, k_lines_q4):
+                    T.evaluate(T.call_llvm_intrin(
+                        "void", "llvm.prefetch.p0",
+                        T.address_of(kv_pool[nxt[0], kk, nxt[1], tq * 4 + tt, (cg * k_lines_q4 + ln) % lines * per_line]),
+                        T.int32(0), T.int32(head_locality), T.int32(1)))
+            for c4 in T.unroll(4):
+                for r in T.unroll(rtile):
+                    if c4 < 2:
+                        qa4[r, T.Ramp(c4 * vl, 1, vl)] = qa4[r, T.Ramp(c4 * vl, 1, vl)] + repeat4(s[r, T.Ramp(tq * 4, 1, 4)], vl) * T.Cast(
+                            f"float32x{vl}", kv_bytes[T.Ramp(slab_start(page[0], 1, h0[0] + hh) + (tq * d + cg * vl + c4 * m4) * 4, T.int64(1), vl)])
+                    else:
+                        qb4[r, T.Ramp((c4 - 2) * vl, 1, vl)] = qb4[r, T.Ramp((c4 - 2) * vl, 1, vl)] + repeat4(s[r, T.Ramp(tq * 4, 1, 4)], vl) * T.Cast(
+                            f"float32x{vl}", kv_bytes[T.Ramp(slab_start(page[0], 1, h0[0] + hh) + (tq * d + cg * vl + c4 * m4) * 4, T.int64(1), vl)])
+        for r in T.unroll(rtile):
+            acc[R[0] + r, T.Ramp(cg * vl, 1, vl)] = acc[R[0] + r, T.Ramp(cg * vl, 1, vl)] * T.Broadcast(sca[r, 1], vl) + _merge(
+                _merge(qa4[r, T.Ramp(0, 1, vl)], qa4[r, T.Ramp(vl, 1, vl)], vl, q4_level),
+                _merge(qb4[r, T.Ramp(0, 1, vl)], qb4[r, T.Ramp(vl, 1, vl)], vl, q4_level), vl, q4_level + 1)
 
 def _store_rows():
     """The task's rows: normalized into `out`, or its split's partials into the workspace."""
@@ -830,8 +919,8 @@ def _merge_splits():
 # Every stage by the name the others call it by (each sees the plan's values and the other stages).
 _STAGES = {
     "body": _body, "task_range": _task_range, "load_queries": _load_queries, "block_loop": _block_loop,
-    "key_loads": _key_loads, "quantize_query": _quantize_query, "qk_int8_lanes": _qk_int8_lanes, "qk_per_key": _qk_per_key, "qk_transposed": _qk_transposed,
-    "qk_key_group": _qk_key_group, "softmax": _softmax, "pv": _pv, "pv_int8": _pv_int8, "tree_reduce": _tree_reduce,
+    "key_loads": _key_loads, "quantize_query": _quantize_query, "qk_int8_lanes": _qk_int8_lanes, "qk_quads": _qk_quads, "qk_per_key": _qk_per_key, "qk_transposed": _qk_transposed,
+    "qk_key_group": _qk_key_group, "softmax": _softmax, "pv": _pv, "pv_int8": _pv_int8, "pv_quads": _pv_quads, "tree_reduce": _tree_reduce,
     "store_rows": _store_rows, "merge_splits": _merge_splits,
 }
 

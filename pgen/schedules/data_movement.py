@@ -27,10 +27,10 @@ def cache_write(spec: AttentionSpec):
     @T.prim_func(s_tir=True)
     def func(k_h: T.handle, v_h: T.handle, pool_h: T.handle, slots_h: T.handle):
         NT = T.int32()
-        NB = T.int32()
+        NB = T.int64()
         k = T.match_buffer(k_h, (NT, hkv, d), dtype, align=elem_bytes(dtype))
         v = T.match_buffer(v_h, (NT, hkv, d), dtype, align=elem_bytes(dtype))
-        kv_pool = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
+        kv_pool = T.match_buffer(pool_h, (NB, T.int64(2), T.int64(hkv), T.int64(bs), T.int64(d)), kv_dtype, align=elem_bytes(kv_dtype))
         slot_mapping = T.match_buffer(slots_h, (NT,), "int32", align=4)
         for t, c, h, x in T.grid(NT, 2, hkv, d):
             with T.sblock("write"):
@@ -56,10 +56,10 @@ def cache_write_quantized(spec: AttentionSpec, lanes: int):
     def func(k_h: T.handle, v_h: T.handle, pool_h: T.handle, slots_h: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         NT = T.int32()
-        NB = T.int32()
+        NB = T.int64()
         k = T.match_buffer(k_h, (NT, hkv, d), dtype, align=elem_bytes(dtype))
         v = T.match_buffer(v_h, (NT, hkv, d), dtype, align=elem_bytes(dtype))
-        kv_pool = T.match_buffer(pool_h, (NB, 2, hkv, rows, d), code, align=1)
+        kv_pool = T.match_buffer(pool_h, (NB, T.int64(2), T.int64(hkv), T.int64(rows), T.int64(d)), code, align=1)
         slot_mapping = T.match_buffer(slots_h, (NT,), "int32", align=4)
         kv_scales = T.decl_buffer((NB * words,), "float32", data=kv_pool.data)
         for task in T.parallel(NT * 2 * hkv):
@@ -102,9 +102,9 @@ def copy_blocks(spec: AttentionSpec):
 
     @T.prim_func(s_tir=True)
     def func(pool_h: T.handle, pairs_h: T.handle):
-        NB = T.int32()
+        NB = T.int64()
         NP = T.int32()
-        kv_pool = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
+        kv_pool = T.match_buffer(pool_h, (NB, T.int64(2), T.int64(hkv), T.int64(bs), T.int64(d)), kv_dtype, align=elem_bytes(kv_dtype))
         pairs = T.match_buffer(pairs_h, (NP, 2), "int32", align=4)
         for p, c, h, t, x in T.grid(NP, 2, hkv, bs, d):
             with T.sblock("copy"):
@@ -125,9 +125,9 @@ def swap_out(spec: AttentionSpec):
 
     @T.prim_func(s_tir=True)
     def func(pool_h: T.handle, ids_h: T.handle, buf_h: T.handle):
-        NB = T.int32()
+        NB = T.int64()
         N = T.int32()
-        kv_pool = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
+        kv_pool = T.match_buffer(pool_h, (NB, T.int64(2), T.int64(hkv), T.int64(bs), T.int64(d)), kv_dtype, align=elem_bytes(kv_dtype))
         block_ids = T.match_buffer(ids_h, (N,), "int32", align=4)
         buf = T.match_buffer(buf_h, (N, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
         for i, c, h, t, x in T.grid(N, 2, hkv, bs, d):
@@ -144,11 +144,11 @@ def swap_in(spec: AttentionSpec):
 
     @T.prim_func(s_tir=True)
     def func(buf_h: T.handle, ids_h: T.handle, pool_h: T.handle):
-        NB = T.int32()
+        NB = T.int64()
         N = T.int32()
         buf = T.match_buffer(buf_h, (N, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
         block_ids = T.match_buffer(ids_h, (N,), "int32", align=4)
-        kv_pool = T.match_buffer(pool_h, (NB, 2, hkv, bs, d), kv_dtype, align=elem_bytes(kv_dtype))
+        kv_pool = T.match_buffer(pool_h, (NB, T.int64(2), T.int64(hkv), T.int64(bs), T.int64(d)), kv_dtype, align=elem_bytes(kv_dtype))
         for i, c, h, t, x in T.grid(N, 2, hkv, bs, d):
             with T.sblock("scatter"):
                 vi, vc, vh, vt, vx = T.axis.remap("SSSSS", [i, c, h, t, x])

@@ -23,7 +23,9 @@ def scale_words(spec: AttentionSpec) -> int:
 
 
 def scale_index(spec: AttentionSpec, blk, c, h, t):
-    """Index in the float32 alias of the pool of the scale of token row t of (blk, c, h)."""
+    """Index in the float32 alias of the pool of the scale of token row t of (blk, c, h); int64, as
+    a pool may hold more than 2^31 words."""
+    blk = T.Cast("int64", blk)
     return ((blk * 2 + c) * spec.num_kv_heads + h) * scale_words(spec) + spec.block_size * spec.head_dim // 4 + t
 
 

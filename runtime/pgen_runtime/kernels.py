@@ -31,6 +31,9 @@ MIN_KEYS_PER_SPLIT = {"cpu": 128, "cuda": 256}
 # 2 per SM left 8 x 4096 and 8 x 16k tokens at 5 splits: 105 and 302 us, against 86 and 238-259 us
 # with 16-32 splits; from batch 32 up the factor moved times by a few percent.
 CUDA_BLOCKS_PER_SM = 8
+# The most elements a CUDA KV pool may have: its kernels compute offsets in int32 (the CPU kernels
+# in int64, so a CPU pool has no such bound).
+MAX_CUDA_POOL_ELEMENTS = 2**31 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +90,7 @@ class PagedKernels:
             raise ConfigError(f"num_blocks={num_blocks!r} must be an integer >= 2 (block {NULL_BLOCK_ID} is "
                               "reserved as the null block); give the pool more blocks")
         s = self.spec
+        self._check_pool_size(s.pool_shape(int(num_blocks)))
         return zeros(s.pool_shape(int(num_blocks)), s.kv_storage_dtype, parse_device(self.device))
 
     # ---- plans ---------------------------------------------------------------------------
@@ -223,6 +227,15 @@ class PagedKernels:
     def _check_pool(self, pool) -> None:
         s = self.spec
         self._check("kv_pool", pool, s.pool_shape(), s.kv_storage_dtype)
+        self._check_pool_size(tuple(_meta(pool, "kv_pool")[0]))
+
+    def _check_pool_size(self, shape: tuple) -> None:
+        """CUDA kernels compute pool offsets in int32 (the CPU's in int64): refuse a bigger pool."""
+        if self._kind == "cuda" and math.prod(shape) > MAX_CUDA_POOL_ELEMENTS:
+            most = MAX_CUDA_POOL_ELEMENTS // math.prod(shape[1:])
+            raise ConfigError(f"kv_pool of {shape[0]} blocks has {math.prod(shape)} elements; a CUDA pool holds at "
+                              f"most {MAX_CUDA_POOL_ELEMENTS} (2^31 - 1): give it at most {most} blocks (one pool "
+                              "per layer)")
 
     def _to_device(self, array):
         """A host index array (numpy) copied to the kernels' GPU; anything else as it is."""

@@ -185,3 +185,17 @@ def test_real_kernels_leave_everything_unchanged_on_bad_input(build_kernels, arg
         real.decode(args["q"], args["kv_pool"], _with(args, "block_tables", 0), args["seq_lens"], args["out"])
     reference.assert_same_bytes(args["kv_pool"], pool, "kv_pool")
     assert not args["out"].any()
+
+
+def test_a_cuda_pool_of_2_31_elements_or_more_is_refused_naming_the_most_blocks(calls):
+    # The CUDA kernels compute pool offsets in int32: a bigger pool would be read out of bounds.
+    # (No GPU is needed: the check runs before anything is allocated or launched.)
+    from pgen_runtime.errors import ConfigError
+    from pgen_runtime.kernels import MAX_CUDA_POOL_ELEMENTS
+
+    gpu = PagedKernels(SPEC, {n: _spy(n, calls) for n in KERNELS}, "cuda:0", {})
+    per_block = int(np.prod(SPEC.pool_shape(1)))
+    most = MAX_CUDA_POOL_ELEMENTS // per_block
+    with pytest.raises(ConfigError, match=f"at most {most} blocks"):
+        gpu.new_pool(most + 1)
+    assert calls == []

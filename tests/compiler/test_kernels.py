@@ -105,6 +105,39 @@ def test_int8_dot_scores_are_those_of_int8_queries(spec):
         reference.assert_attention_close(spec, out, want_ext, f"extend, {what}", allowance_ext if rounded else None)
 
 
+@pytest.mark.parametrize("lanes", [4, 8, 16])
+@pytest.mark.parametrize("spec", [
+    pytest.param(pgen.AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=96, block_size=16, dtype="float32",
+                                    kv_dtype="int8", sliding_window=37, logit_softcap=10.0, scale=0.4), id="int8-window-softcap"),
+    pytest.param(pgen.AttentionSpec(num_q_heads=14, num_kv_heads=2, head_dim=64, block_size=8, dtype="float16",
+                                    kv_dtype="int8"), id="int8-bs8")])
+def test_int8_float_loops_of_every_vector_width_match_the_reference(spec, lanes):
+    # Without VNNI (or with its loops off) an int8 pool's interleaved codes are read by the quads
+    # loops: QK vectors of lanes/4 keys x 4 dims, P·V vectors of lanes/4 dims x 4 keys. 8 lanes is
+    # an AVX2 host's width, 4 an SSE one's; every width must score and sum exactly.
+    from pgen.target import parse_targets
+
+    info = parse_targets("llvm")[0].info
+
+    def off(name):  # the VNNI loops this host and spec offer, switched off
+        return {k: 0 for k in ("qk_int8", "pv_int8") if k in schedules.default_config(name, spec, info)}
+
+    kernels = pgen.build_kernels(spec, overrides={name: {**off(name), "vector_lanes": lanes, "max_splits": 8}
+                                                  for name in ("decode", "extend")})
+    case = reference.paged_case(spec, lengths(spec), _extend_tokens(spec), seed=lanes)
+    pool, tables, lens = case["pool"], case["block_tables"], case["seq_lens"]
+    for splits in (1, 3):
+        out = np.full_like(case["q_decode"], np.nan)
+        plan = DecodePlan(num_splits=splits, batch=len(lens), indptr=np.arange(len(lens) + 1, dtype=np.int32))
+        kernels.decode(case["q_decode"], pool, tables, lens, out, plan=plan)
+        reference.assert_attention_close(spec, out, reference.decode(spec, case["q_decode"], pool, tables, lens),
+                                         f"decode, {lanes} lanes, {splits} splits")
+    out = np.full_like(case["q_extend"], np.nan)
+    kernels.extend(case["q_extend"], pool, tables, case["q_indptr"], lens, out)
+    reference.assert_attention_close(spec, out, reference.extend(spec, case["q_extend"], pool, tables, case["q_indptr"], lens),
+                                     f"extend, {lanes} lanes")
+
+
 def test_int8_dot_is_refused_where_it_cannot_build():
     from pgen.target import parse_targets
 
@@ -491,3 +524,49 @@ def test_cuda_extend_tensor_core_knobs_and_plan():
     # The launch plan counts query tiles of `q_tile` tokens, in either kernel.
     assert extend_q_tiles(mma, np.array([100, 1]), "cuda") == 7
     assert extend_q_tiles(default, np.array([100, 1]), "cuda") == 25
+
+
+@pytest.mark.parametrize("spec", [
+    pytest.param(pgen.AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float16"), id="f16"),
+    pytest.param(pgen.AttentionSpec(num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float16",
+                                    kv_dtype="int8"), id="int8")])
+def test_all_six_kernels_address_pools_of_more_than_2_31_elements(spec):
+    # A server's KV pool easily holds more than 2^31 elements (4 GiB of fp16, 2 GiB of int8): the
+    # kernels index it in int64 (with int32 offsets these blocks were out of bounds: a segfault).
+    # The case's blocks move past element 2^31 of a pool that is mostly never touched.
+    kernels = pgen.build_kernels(spec)
+    case = reference.paged_case(spec, [37, 300, 1], [1, 17, 1], seed=11)
+    small = case["pool"]
+    base = (1 << 31) // int(np.prod(spec.pool_shape(1)))
+    big = kernels.new_pool(base + len(small))
+    assert big.size > 1 << 31 and (base + 1) * big[0].size >= 1 << 31
+    big[0] = small[0]
+    big[base + 1:] = small[1:]
+
+    def moved(ids):
+        return np.where(ids == 0, 0, ids + base).astype(np.int32)
+
+    want = reference.expected(spec, case)
+    tables, lens = moved(case["block_tables"]), case["seq_lens"]
+    out = np.full_like(case["q_decode"], np.nan)
+    kernels.decode(case["q_decode"], big, tables, lens, out)
+    reference.assert_attention_close(spec, out, want["decode"], "decode", want["decode_allowance"])
+    out = np.full_like(case["q_extend"], np.nan)
+    kernels.extend(case["q_extend"], big, tables, case["q_indptr"], lens, out)
+    reference.assert_attention_close(spec, out, want["extend"], "extend", want["extend_allowance"])
+
+    slots = np.where(case["slot_mapping"] < 0, -1, case["slot_mapping"] + base * spec.block_size).astype(np.int32)
+    kernels.cache_write(case["k"], case["v"], big, slots)
+    reference.assert_same_bytes(big[base + 1:], want["cache_write"][1:], "cache_write")
+    big[base + 1:] = small[1:]
+    kernels.copy_blocks(big, moved(case["pairs"]))
+    reference.assert_same_bytes(big[base + 1:], want["copy_blocks"][1:], "copy_blocks")
+    big[base + 1:] = small[1:]
+    ids = moved(case["swap_ids"])
+    buf = np.zeros((len(ids), *big.shape[1:]), big.dtype)
+    kernels.swap_out(big, ids, buf)
+    reference.assert_same_bytes(buf, want["swap_out"], "swap_out")
+    big[ids] = 0
+    kernels.swap_in(buf, ids, big)
+    reference.assert_same_bytes(big[base + 1:], small[1:], "swap_in")
+    reference.assert_same_bytes(big[0], small[0], "the null block")
