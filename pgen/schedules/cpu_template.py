@@ -788,13 +788,28 @@ def _pv():
                     for v in T.vectorized(vl):
                         acc[R[0] + r, (cg * cgrp + c) * vl + v] = tile2[r, (c - hc) * vl + v]
 
+def _scaled_weights(r):
+    """Row r's block of weights times V's row scales, in place (the quantized P·V loops apply
+    them per weight): a masked key keeps weight 0, and its scale (maybe NaN) is not used."""
+    for t in T.vectorized(bs):
+        s[r, t] = T.Select(s[r, t] > T.float32(0), s[r, t] * kv_scales[scale_index(spec, page[0], 1, h0[0] + hh, t)],
+                           T.float32(0))
+
+def _next_head_quad(tq, cg, share, npass):
+    """The quantized P·V loops' requests for the next head's rows (prefetch_next_head) beside key
+    quad tq of pass cg of npass: `share` lines of each row per pass (all of them in the first pass
+    when they do not divide evenly)."""
+    if pf_head and rt == 0 and (npass * share == lines or cg == 0):
+        for tt, kk, ln in T.grid(4, pf_kinds, share):
+            T.evaluate(T.call_llvm_intrin(
+                "void", "llvm.prefetch.p0",
+                T.address_of(kv_pool[nxt[0], kk, nxt[1], tq * 4 + tt, (cg * share + ln) % lines * per_line]),
+                T.int32(0), T.int32(head_locality), T.int32(1)))
+
 def _pv_int8():
     """P·V of the block as integer dots (pv_int8) into the rows' accumulators."""
     for r in T.serial(rtile):
-        # Weights times V's row scales (a masked key has weight 0, and its scale may be NaN).
-        for t in T.vectorized(bs):
-            s[r, t] = T.Select(s[r, t] > T.float32(0), s[r, t] * kv_scales[scale_index(spec, page[0], 1, h0[0] + hh, t)],
-                               T.float32(0))
+        scaled_weights(r)
         for t in T.vectorized(bs):
             red[r, t] = s[r, t]
         tree_reduce(red, r, True, bs)
@@ -808,12 +823,7 @@ def _pv_int8():
                 itile[r, v] = T.int32(0)
                 itile2[r, v] = T.int32(0)
         for tq in T.serial(bs // 4):
-            if pf_head and rt == 0 and (passes * k_lines == lines or cg == 0):
-                for tt, kk, ln in T.grid(4, pf_kinds, k_lines):
-                    T.evaluate(T.call_llvm_intrin(
-                        "void", "llvm.prefetch.p0",
-                        T.address_of(kv_pool[nxt[0], kk, nxt[1], tq * 4 + tt, (cg * k_lines + ln) % lines * per_line]),
-                        T.int32(0), T.int32(head_locality), T.int32(1)))
+            next_head_quad(tq, cg, k_lines, passes)
             for c in T.unroll(cgrp):
                 for r in T.unroll(rtile):
                     if c < hc:
@@ -843,22 +853,14 @@ def _pv_quads():
     the block's key quads; four such vectors (vl consecutive dims) are then reduced to one by two
     _merge levels into the accumulators."""
     for r in T.serial(rtile):
-        # Weights times V's row scales (a masked key has weight 0, and its scale may be NaN).
-        for t in T.vectorized(bs):
-            s[r, t] = T.Select(s[r, t] > T.float32(0), s[r, t] * kv_scales[scale_index(spec, page[0], 1, h0[0] + hh, t)],
-                               T.float32(0))
+        scaled_weights(r)
     for cg in T.serial(nd):
         for r in T.unroll(rtile):
             for v in T.vectorized(2 * vl):
                 qa4[r, v] = T.float32(0)
                 qb4[r, v] = T.float32(0)
         for tq in T.serial(bs // 4):
-            if pf_head and rt == 0 and (nd * k_lines_q4 == lines or cg == 0):
-                for tt, kk, ln in T.grid(4, pf_kinds, k_lines_q4):
-                    T.evaluate(T.call_llvm_intrin(
-                        "void", "llvm.prefetch.p0",
-                        T.address_of(kv_pool[nxt[0], kk, nxt[1], tq * 4 + tt, (cg * k_lines_q4 + ln) % lines * per_line]),
-                        T.int32(0), T.int32(head_locality), T.int32(1)))
+            next_head_quad(tq, cg, k_lines_q4, nd)
             for c4 in T.unroll(4):
                 for r in T.unroll(rtile):
                     if c4 < 2:
@@ -920,7 +922,8 @@ def _merge_splits():
 _STAGES = {
     "body": _body, "task_range": _task_range, "load_queries": _load_queries, "block_loop": _block_loop,
     "key_loads": _key_loads, "quantize_query": _quantize_query, "qk_int8_lanes": _qk_int8_lanes, "qk_quads": _qk_quads, "qk_per_key": _qk_per_key, "qk_transposed": _qk_transposed,
-    "qk_key_group": _qk_key_group, "softmax": _softmax, "pv": _pv, "pv_int8": _pv_int8, "pv_quads": _pv_quads, "tree_reduce": _tree_reduce,
+    "qk_key_group": _qk_key_group, "softmax": _softmax, "pv": _pv, "pv_int8": _pv_int8, "pv_quads": _pv_quads,
+    "scaled_weights": _scaled_weights, "next_head_quad": _next_head_quad, "tree_reduce": _tree_reduce,
     "store_rows": _store_rows, "merge_splits": _merge_splits,
 }
 
