@@ -86,6 +86,10 @@ def load_package(path: str | Path, device: str = "cpu") -> PagedKernels:
         PackageError: the package fails a check, or has no target that runs on this device.
     """
     root, manifest = read_manifest(path)
+    spec = AttentionSpec.from_dict(manifest["spec"], source=f"{root / MANIFEST}")
+    if manifest["kv_layout"] != spec.kv_layout:
+        raise PackageError(f"{root}: the manifest's KV layout {manifest['kv_layout']!r} is not that of its spec "
+                           f"(kv_dtype {spec.kv_dtype}: {spec.kv_layout!r}); it was altered or built by an older pgen: rebuild it")
     try:
         dev = parse_device(device)
     except ShapeError as err:
@@ -110,10 +114,6 @@ def load_package(path: str | Path, device: str = "cpu") -> PagedKernels:
         raise PackageError(f"{root / MANIFEST} lists no {missing} for target {target.get('name')}; rebuild the "
                            "package with this pgen (pgen build)")
     functions = {name: module[info["symbol"]] for name, info in kernels.items()}
-    spec = AttentionSpec.from_dict(manifest["spec"], source=f"{root / MANIFEST}")
-    if manifest["kv_layout"] != spec.kv_layout:
-        raise PackageError(f"{root}: the manifest's KV layout {manifest['kv_layout']!r} is not that of its spec "
-                           f"(kv_dtype {spec.kv_dtype}: {spec.kv_layout!r}); it was altered or built by an older pgen: rebuild it")
     return PagedKernels(spec, functions, device, {n: info["config"] for n, info in kernels.items()})
 
 

@@ -165,3 +165,28 @@ def test_missing_or_unreadable_spec_file(tmp_path):
         load_spec(tmp_path / "absent.toml")
     with pytest.raises(SpecError, match="cannot be read"):
         load_spec(tmp_path)  # a folder
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 4, 16, 32])
+@pytest.mark.parametrize("head_dim", [32, 96])
+def test_an_int8_pool_stores_codes_at_the_documented_interleaved_offsets(block_size, head_dim):
+    # KV_LAYOUT_INT8 (docs/package-format.md): K at (x/4 * BS + t) * 4 + x%4, V at (t/Q * D + x) * Q
+    # + t%Q with Q = min(4, BS); NumPy's pack_codes and the kernels' kv_codec.code_offset agree.
+    import numpy as np
+
+    from pgen.schedules import kv_codec
+    from pgen_runtime import kv_quant
+    from pgen_runtime.spec import KV_LAYOUT_INT8
+
+    spec = AttentionSpec(num_q_heads=4, num_kv_heads=2, head_dim=head_dim, block_size=block_size, kv_dtype="int8")
+    assert spec.kv_layout == KV_LAYOUT_INT8
+    codes = np.random.default_rng(block_size).integers(-127, 128, (block_size, head_dim)).astype(np.int8)
+    q = min(4, block_size)
+    for kv, offset in ((0, lambda t, x: (x // 4 * block_size + t) * 4 + x % 4),
+                       (1, lambda t, x: (t // q * head_dim + x) * q + t % q)):
+        stored = kv_quant.pack_codes(spec, codes, kv).reshape(-1)
+        for t in range(block_size):
+            for x in range(head_dim):
+                assert stored[offset(t, x)] == codes[t, x]
+                assert kv_codec.code_offset(spec, kv, t, x) == offset(t, x)
+        assert (kv_quant.unpack_codes(spec, stored.reshape(block_size, head_dim), kv) == codes).all()

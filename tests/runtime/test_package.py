@@ -21,6 +21,7 @@ from pgen_runtime import _tvm_libs, load_package
 from pgen_runtime import target as runtime_target
 from pgen_runtime.errors import ConfigError
 from pgen_runtime.package import FORMAT_VERSION, MANIFEST
+from pgen_runtime.spec import KV_LAYOUT_QUANTIZED
 from pgen_runtime import tensors
 from pgen_runtime.tensors import HUGE_PAGE_BYTES, huge_page_eligible
 
@@ -179,6 +180,10 @@ DAMAGE = {
                      f"format version {FORMAT_VERSION + 1}.*Rebuild the package with a matching pgen"),
     "no format": (lambda p: _edit_manifest(p, lambda m: m.pop("format_version")), "format version None"),
     "other KV layout": (lambda p: _edit_manifest(p, lambda m: m.update(kv_layout="NB,HKV,2,BS,D")), "KV layout"),
+    # An int8 package built before int8 codes were interleaved: its kernels read another layout.
+    "int8 codes in token-row order": (lambda p: _edit_manifest(p, lambda m: [m["spec"].update(kv_dtype="int8"),
+                                                                              m.update(kv_layout=KV_LAYOUT_QUANTIZED)]),
+                                      "built by an older pgen: rebuild it"),
     "other machine": (lambda p: _edit_manifest(p, lambda m: m["targets"][0].update(machine="riscv64")),
                       "machine riscv64"),
     "emptied file list": (lambda p: _edit_manifest(p, lambda m: m.update(files={})), "is not listed in the manifest"),
