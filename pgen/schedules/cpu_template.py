@@ -959,13 +959,15 @@ def memory_knobs(spec: AttentionSpec, target: TargetInfo) -> tuple[Knob, ...]:
 def qk_knobs(spec: AttentionSpec, target: TargetInfo, rtile: int, row_merge: bool) -> tuple[Knob, ...]:
     """The knobs of the QK loop for row tiles of `rtile` rows; `row_merge`: whether the row-merged
     lane sums are offered."""
-    knobs = [
-        Knob("qk_transpose", (0, 1), 0),  # scores of vector_lanes keys at once: faster from cache only
-        Knob("qk_chains", (1, 2), 2 if rtile <= 4 else 1),  # two FMA chains per row where tiles are short
-    ]
+    # An int8 pool's interleaved K has no rows of contiguous dims: its QK loop is qk_int8 or the
+    # quads loop (the key-by-key one only for blocks of fewer keys than a quads vector holds), so
+    # the two loops over such rows are not offered.
+    rows_of_dims = spec.kv_dtype != "int8"
+    knobs = [Knob("qk_transpose", (0, 1), 0)] if rows_of_dims else []  # vector_lanes keys at once: faster from cache only
+    knobs.append(Knob("qk_chains", (1, 2), 2 if rtile <= 4 else 1))  # two FMA chains per row where tiles are short
     if row_merge:
         knobs.append(Knob("qk_row_merge", (0, 1), 1))  # the tile rows' lane sums reduced together
-    if rtile in (1, 2, 4, 8) and spec.block_size % lane_choices(spec, target)[-1] == 0:
+    if rows_of_dims and rtile in (1, 2, 4, 8) and spec.block_size % lane_choices(spec, target)[-1] == 0:
         knobs.append(Knob("qk_key_group", (0, 1), 0))  # keys x rows per group: faster from cache only
     if int8_dot_supported(spec, target):
         knobs.append(Knob("qk_int8", (0, 1), 1))  # int8 KV: scores as VNNI integer dots (4x fewer operations)
