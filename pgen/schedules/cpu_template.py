@@ -2,14 +2,15 @@
 
 A task owns `q_tile` query rows of one sequence times the `group` query heads that share one KV
 head, so every K/V row it reads from the pool serves the whole GQA group. Keys are visited one
-pool block at a time: scores for the block (one of three QK loops), an online-softmax update, then
+pool block at a time: scores for the block (one of the QK loops), an online-softmax update, then
 P·V. Long contexts are split across tasks (flash-decoding) and merged through a float32 workspace.
 
 The stages read top to bottom: `_body` (the parallel task loop) -> `_task_range` -> `_load_queries`
--> `_block_loop` (-> `_qk_per_key` | `_qk_transposed` | `_qk_key_group` | `_qk_int8_lanes`,
-`_softmax`, `_pv` | `_pv_int8`) -> `_store_rows`, then `_merge_splits`. The int8 loops read an
-int8 pool's interleaved codes (spec.KV_LAYOUT_INT8) with VNNI dots; every other loop reads any
-pool through `kv_codec.code_loader`. Each is TVMScript expanded in place (`base.stage`): it uses
+-> `_block_loop` (-> `_qk_per_key` | `_qk_transposed` | `_qk_key_group` | `_qk_int8_lanes` |
+`_qk_quads`, `_softmax`, `_pv` | `_pv_int8` | `_pv_quads`) -> `_store_rows`, then `_merge_splits`.
+An int8 pool's interleaved codes (spec.KV_LAYOUT_INT8) are read by the int8 loops (VNNI dots) or
+the quads loops (float32); the others read rows of contiguous dims through `kv_codec.code_loader`.
+Each is TVMScript expanded in place (`base.stage`): it uses
 the buffers of the block it is expanded in and the values `_plan` computes.
 
 NOTE: rows past a sequence's length, and slots of unused blocks, may hold anything (tests poison
@@ -614,8 +615,6 @@ def _qk_int8_lanes():
                 for v in T.vectorized(16):
                     parti[r, v] = T.int32(0)
             for dg in T.serial(d // 4):
-                # The 16 keys' memory requests spread over the dims' steps (a burst of them at
-                # the chunk's start was slower from DRAM).
                 if pf_scales:
                     if dg == 0 and ch == 0 and rt == 0 and cur[0] + ahead < cur[1]:
                         for kv, ln in T.grid(2, spec.kv_scale_rows):
@@ -623,6 +622,8 @@ def _qk_int8_lanes():
                                 "void", "llvm.prefetch.p0",
                                 T.address_of(kv_pool[block_tables[b[0], cur[0] + ahead], kv, h0[0] + hh, bs + ln, 0]),
                                 T.int32(0), T.int32(locality), T.int32(1)))
+                # The 16 keys' memory requests spread over the dims' steps (a burst of them at
+                # the chunk's start was slower).
                 if dg % i8_step == 0:
                     for kk in T.unroll(i8_kps):
                         if dg // i8_step * i8_kps + kk < 16:
@@ -651,14 +652,11 @@ def _qk_quads():
                 for v in T.vectorized(vl):
                     part[r, v] = T.float32(0)
             for dg in T.serial(d // 4):
-                if dg < m4:
+                if dg < m4:  # head_dim >= 32: at least 8 steps for at most 4 keys
                     key_loads(ch * m4 + dg, prefetch, ahead, locality, 0, lines)
                 for r in T.unroll(rtile):
                     part[r, T.Ramp(0, 1, vl)] = part[r, T.Ramp(0, 1, vl)] + q4[R[0] + r, T.Ramp(dg * vl, 1, vl)] * T.Cast(
                         f"float32x{vl}", kv_bytes[T.Ramp(slab_start(page[0], 0, h0[0] + hh) + (dg * bs + ch * m4) * 4, T.int64(1), vl)])
-            if d // 4 < m4:
-                for kk in T.serial(d // 4, m4):
-                    key_loads(ch * m4 + kk, prefetch, ahead, locality, 0, lines)
             for r in T.unroll(rtile):
                 tree[r, T.Ramp(0, 1, vl)] = _butterfly(_butterfly(part[r, T.Ramp(0, 1, vl)], vl, 1), vl, 2)
                 for j in T.unroll(m4):
