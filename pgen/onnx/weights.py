@@ -81,13 +81,16 @@ def _constant_weight_pass(name: str, convert_input, dense, k_multiple: int | Non
     """
     matmul = tvm.ir.Op.get("relax.matmul")
 
-    def eligible(x, w, call) -> bool:
+    def eligible_weight(x, w, call) -> np.ndarray | None:
+        """W as numpy (one copy of it) where the matmul is one to rewrite, else None."""
         if not isinstance(w, tvm.ir.expr.GenericConst):
-            return False
+            return None
+        if getattr(x.ty, "dtype", None) != "float32" or getattr(call.ty, "dtype", None) != "float32":
+            return None
         data = w.value.numpy()
         if data.dtype != np.float32 or (k_multiple is not None and (data.ndim != 2 or data.shape[0] % k_multiple)):
-            return False
-        return getattr(x.ty, "dtype", None) == "float32" and getattr(call.ty, "dtype", None) == "float32"
+            return None
+        return data
 
     @relax.expr_functor.mutator
     class _Mutator(relax.PyExprMutator):
@@ -98,16 +101,19 @@ def _constant_weight_pass(name: str, convert_input, dense, k_multiple: int | Non
 
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            if not call.op.same_as(matmul) or len(call.args) != 2 or not eligible(*call.args, call):
+            if not call.op.same_as(matmul) or len(call.args) != 2:
                 return call
             x, w = call.args
+            data = eligible_weight(x, w, call)
+            if data is None:
+                return call
             key = x if isinstance(x, relax.Var) else None
             converted = self.converted.get(key) if key is not None else None
             if converted is None:
                 converted = convert_input(self.builder_, x)
                 if key is not None:
                     self.converted[key] = converted
-            return dense(self.builder_, converted, w.value.numpy())
+            return dense(self.builder_, converted, data)
 
         def transform(self) -> tvm.IRModule:
             for gvar, func in self.mod_.functions_items():

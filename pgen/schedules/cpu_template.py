@@ -614,14 +614,14 @@ def _qk_int8_lanes():
             for r in T.unroll(rtile):
                 for v in T.vectorized(16):
                     parti[r, v] = T.int32(0)
+            if pf_scales:
+                if ch == 0 and rt == 0 and cur[0] + ahead < cur[1]:
+                    for kv, ln in T.grid(2, spec.kv_scale_rows):
+                        T.evaluate(T.call_llvm_intrin(
+                            "void", "llvm.prefetch.p0",
+                            T.address_of(kv_pool[block_tables[b[0], cur[0] + ahead], kv, h0[0] + hh, bs + ln, 0]),
+                            T.int32(0), T.int32(locality), T.int32(1)))
             for dg in T.serial(d // 4):
-                if pf_scales:
-                    if dg == 0 and ch == 0 and rt == 0 and cur[0] + ahead < cur[1]:
-                        for kv, ln in T.grid(2, spec.kv_scale_rows):
-                            T.evaluate(T.call_llvm_intrin(
-                                "void", "llvm.prefetch.p0",
-                                T.address_of(kv_pool[block_tables[b[0], cur[0] + ahead], kv, h0[0] + hh, bs + ln, 0]),
-                                T.int32(0), T.int32(locality), T.int32(1)))
                 # The 16 keys' memory requests spread over the dims' steps (a burst of them at
                 # the chunk's start was slower).
                 if dg % i8_step == 0:

@@ -90,8 +90,10 @@ class PagedKernels:
             raise ConfigError(f"num_blocks={num_blocks!r} must be an integer >= 2 (block {NULL_BLOCK_ID} is "
                               "reserved as the null block); give the pool more blocks")
         s = self.spec
-        self._check_pool_size(s.pool_shape(int(num_blocks)))
-        return zeros(s.pool_shape(int(num_blocks)), s.kv_storage_dtype, parse_device(self.device))
+        shape = s.pool_shape(int(num_blocks))
+        if self._kind == "cuda":
+            self._check_cuda_pool_size(shape)
+        return zeros(shape, s.kv_storage_dtype, parse_device(self.device))
 
     # ---- plans ---------------------------------------------------------------------------
 
@@ -227,11 +229,13 @@ class PagedKernels:
     def _check_pool(self, pool) -> None:
         s = self.spec
         self._check("kv_pool", pool, s.pool_shape(), s.kv_storage_dtype)
-        self._check_pool_size(tuple(_meta(pool, "kv_pool")[0]))
+        if self._kind == "cuda":
+            self._check_cuda_pool_size(tuple(_meta(pool, "kv_pool")[0]))
 
-    def _check_pool_size(self, shape: tuple) -> None:
+    @staticmethod
+    def _check_cuda_pool_size(shape: tuple) -> None:
         """CUDA kernels compute pool offsets in int32 (the CPU's in int64): refuse a bigger pool."""
-        if self._kind == "cuda" and math.prod(shape) > MAX_CUDA_POOL_ELEMENTS:
+        if math.prod(shape) > MAX_CUDA_POOL_ELEMENTS:
             most = MAX_CUDA_POOL_ELEMENTS // math.prod(shape[1:])
             raise ConfigError(f"kv_pool of {shape[0]} blocks has {math.prod(shape)} elements; a CUDA pool holds at "
                               f"most {MAX_CUDA_POOL_ELEMENTS} (2^31 - 1): give it at most {most} blocks (one pool "

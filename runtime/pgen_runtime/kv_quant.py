@@ -129,8 +129,7 @@ def set_pool_codes(spec: AttentionSpec, pool: np.ndarray, codes: np.ndarray) -> 
     place (a single slab's codes [block_size, head_dim] per K/V broadcast to every block and head)."""
     _check(spec, pool)
     for kv in (0, 1):
-        pool[:, kv, :, : spec.block_size, :] = pack_codes(spec, codes[..., kv, :, :, :] if codes.ndim == 5
-                                                          else codes[kv], kv)
+        pool[:, kv, :, : spec.block_size, :] = pack_codes(spec, codes[:, kv] if codes.ndim == 5 else codes[kv], kv)
 
 
 def dequantize_pool(spec: AttentionSpec, pool: np.ndarray) -> np.ndarray:

@@ -75,12 +75,10 @@ class HostPool:
         # there), then one copy moves them to or from these host buffers.
         self._device = None if kv is None else parse_device(kv.kernels.device)
         self._on_gpu = self._device is not None and self._device.dlpack_device_type() != 1
-        if self._on_gpu:  # host copies of device tensors: numpy dtypes, bfloat16 as its uint16 bits
-            storage = kv.kernels.spec.kv_storage_dtype
-            dtype = "uint16" if storage == "bfloat16" else storage
-            self.buffers = [np.empty((num_blocks, *tuple(pool.shape)[1:]), dtype=dtype) for pool in pools]
-        else:
-            self.buffers = [np.empty((num_blocks, *pool.shape[1:]), dtype=pool.dtype) for pool in pools]
+        # Host copies of device tensors take numpy dtypes from the spec (bfloat16 as its uint16 bits).
+        storage = kv.kernels.spec.kv_storage_dtype if self._on_gpu else None
+        gpu_dtype = "uint16" if storage == "bfloat16" else storage
+        self.buffers = [np.empty((num_blocks, *tuple(pool.shape)[1:]), dtype=gpu_dtype or pool.dtype) for pool in pools]
 
     @property
     def num_free(self) -> int:

@@ -73,8 +73,8 @@ def weight_rounding_allowance(spec: AttentionSpec, q, pool, tables, seq_lens, q_
             continue
         k, v = gather_kv(spec, pool, tables[b], length)
         pos = np.arange(length)
-        blocks = tables[b][pos // bs]
-        vs = pool_scales(spec, pool[np.unique(blocks)])[np.unique(blocks, return_inverse=True)[1], 1, :, pos % bs]
+        used, inverse = np.unique(tables[b][pos // bs], return_inverse=True)
+        vs = pool_scales(spec, pool[used])[inverse, 1, :, pos % bs]  # [L, Hkv]
         with np.errstate(invalid="ignore", divide="ignore"):
             codes = np.abs(np.where(vs[..., None] > 0, v / vs[..., None], 0.0))  # [L, Hkv, D]
         p = weights(spec, q[lo:hi], k, np.arange(length - (hi - lo), length))  # [Hq, n, L]
